@@ -1,0 +1,136 @@
+"""Generating many images from any bloodgen pipeline and writing them as a PNG folder or one .npz.
+
+Every image i is drawn with its own torch.Generator seeded `seed + i`, so an image can be
+regenerated alone from the manifest, whatever batch size made it.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from bloodgen_hf.data import CLASS_COUNTS, CLASS_NAMES, NUM_CLASSES
+from bloodgen_hf.io import atomic_path
+
+FORMATS = ("png", "npz")
+
+
+def plan_labels(n: int, classes: Sequence[int] | None = None, distribution: str = "balanced") -> np.ndarray:
+    """The label of each of n images.
+
+    balanced: the chosen classes (default all) in turn, so counts differ by at most one.
+    real: proportional to BloodMNIST's class counts (largest-remainder rounding), in class order.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"--n must be a positive number of images, got {n}")
+    classes = list(classes) if classes else list(range(NUM_CLASSES))
+    if distribution == "balanced":
+        return np.asarray(classes, dtype=np.int64)[np.arange(n) % len(classes)]
+    if distribution == "real":
+        weights = np.asarray([CLASS_COUNTS[c] for c in classes], dtype=np.float64)
+        exact = n * weights / weights.sum()
+        counts = np.floor(exact).astype(np.int64)
+        counts[np.argsort(counts - exact)[: n - counts.sum()]] += 1
+        return np.repeat(np.asarray(classes, dtype=np.int64), counts)
+    raise ValueError(f"unknown class distribution {distribution!r}; use 'balanced' or 'real'")
+
+
+def configure_sampling(pipe, options: dict) -> tuple[object, dict]:
+    """Split CLI sampling options into a configured pipeline and keyword arguments for its __call__.
+
+    `scheduler` swaps the pipeline's scheduler (pipelines that have one define `with_scheduler`);
+    every other option must be a parameter of the pipeline's __call__, else it is refused by name.
+    """
+    options = dict(options)
+    scheduler = options.pop("scheduler", None)
+    if scheduler is not None:
+        if not hasattr(pipe, "with_scheduler"):
+            raise ValueError(f"--scheduler does not apply to {type(pipe).__name__}")
+        pipe = pipe.with_scheduler(scheduler)
+    accepted = inspect.signature(pipe.__call__).parameters
+    for name in options:
+        if name not in accepted:
+            flag = {"num_inference_steps": "steps", "guidance_scale": "guidance"}.get(name, name).replace("_", "-")
+            raise ValueError(f"--{flag} does not apply to {type(pipe).__name__}")
+    return pipe, options
+
+
+def generate(
+    pipe, labels: np.ndarray, seed: int = 0, batch_size: int = 256, progress: bool = True, **pipeline_kwargs
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield (uint8 images [B,H,W,3], labels [B], seeds [B]) batch by batch."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    device = pipe.device
+    with tqdm(total=len(labels), unit="img", desc="sample", disable=not progress) as bar:
+        for start in range(0, len(labels), batch_size):
+            batch = labels[start : start + batch_size]
+            seeds = np.arange(start, start + len(batch), dtype=np.int64) + seed
+            generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+            images = pipe(
+                num_images=len(batch),
+                class_labels=batch.tolist(),
+                generator=generators,
+                output_type="pt",
+                **pipeline_kwargs,
+            ).images
+            yield (images.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy(), batch, seeds
+            bar.update(len(batch))
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if not out.parent.exists():
+        raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
+
+
+def write_png_folder(batches, out: Path, info: dict) -> Path:
+    """<out>/<class name>/<index>.png, manifest.csv (file,label,class_name,seed) and info.json.
+
+    Written to a hidden temporary folder renamed into place at the end: an interrupted run
+    leaves nothing behind, and an old output is replaced only by a complete new one.
+    """
+    with atomic_path(out, is_dir=True) as tmp, ThreadPoolExecutor(max_workers=2) as pool:
+        for name in CLASS_NAMES:
+            (tmp / name).mkdir()
+        rows, index, pending = [], 0, []
+        for images, labels, seeds in batches:
+            for image, label, s in zip(images, labels, seeds):
+                rel = f"{CLASS_NAMES[label]}/{index:06d}.png"
+                pending.append(pool.submit(Image.fromarray(image).save, tmp / rel, format="PNG", compress_level=1))
+                rows.append((rel, int(label), CLASS_NAMES[label], int(s)))
+                index += 1
+        for job in pending:
+            job.result()
+        with open(tmp / "manifest.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "label", "class_name", "seed"])
+            writer.writerows(rows)
+        (tmp / "info.json").write_text(json.dumps({**info, "num_images": index}, indent=2) + "\n")
+    return out
+
+
+def write_npz(batches, out: Path, info: dict) -> Path:
+    """One .npz: images uint8 [N,H,W,3], labels int64 [N], seeds int64 [N], class_names, info (JSON)."""
+    parts = list(batches)
+    arrays = {
+        "images": np.concatenate([p[0] for p in parts]),
+        "labels": np.concatenate([p[1] for p in parts]).astype(np.int64),
+        "seeds": np.concatenate([p[2] for p in parts]),
+        "class_names": np.asarray(CLASS_NAMES),
+        "info": np.asarray(json.dumps(info)),
+    }
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return out

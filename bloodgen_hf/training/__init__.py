@@ -1,0 +1,13 @@
+"""Training: one shared loop (`core`) and a TrainTask per model family."""
+
+from __future__ import annotations
+
+
+def _gan_main(argv: list[str]):
+    from bloodgen_hf.training.gan import main
+
+    return main(argv)
+
+
+# family name -> main(argv); used by `bloodgen-hf train <family>`
+TRAIN_ENTRY_POINTS = {"gan": _gan_main}

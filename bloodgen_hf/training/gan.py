@@ -1,0 +1,152 @@
+"""The conditional DCGAN as a TrainTask: one discriminator update, then one generator update."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+
+from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, to_uint8
+from bloodgen_hf.io import make_grid
+from bloodgen_hf.models.gan import ConditionalDiscriminator, ConditionalGenerator
+from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training
+from bloodgen_hf.training.gan_losses import (
+    GAN_LOSSES,
+    diff_augment,
+    discriminator_loss,
+    generator_loss,
+    gradient_penalty,
+)
+
+
+def add_gan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--loss", choices=GAN_LOSSES, default="hinge")
+    parser.add_argument("--latent-dim", type=int, default=128)
+    parser.add_argument("--base-channels", type=int, default=64)
+    parser.add_argument("--lr-g", type=float, default=2e-4, help="TTUR: generator learning rate")
+    parser.add_argument("--lr-d", type=float, default=4e-4, help="TTUR: discriminator learning rate")
+    parser.add_argument("--beta1", type=float, default=0.0)
+    parser.add_argument("--beta2", type=float, default=0.9)
+    parser.add_argument("--spectral-norm", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--diffaugment", default="color,translation,cutout", help="'' disables it")
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--gp-weight", type=float, default=10.0, help="WGAN-GP penalty weight")
+    return parser
+
+
+@dataclass
+class GANTask(TrainTask):
+    ema: EMAModel | None = None
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, config: TrainConfig) -> GANTask:
+        o = config.extra
+        generator = ConditionalGenerator(
+            resolution=config.resolution,
+            latent_dim=o["latent_dim"],
+            num_classes=NUM_CLASSES,
+            base_channels=o["base_channels"],
+            class_names=list(CLASS_NAMES),
+        )
+        discriminator = ConditionalDiscriminator(
+            resolution=config.resolution,
+            num_classes=NUM_CLASSES,
+            base_channels=o["base_channels"],
+            use_spectral_norm=o["spectral_norm"],
+        )
+        betas = (o["beta1"], o["beta2"])
+        return cls(
+            models={"generator": generator, "discriminator": discriminator},
+            optimizers={
+                "generator": torch.optim.Adam(generator.parameters(), lr=o["lr_g"], betas=betas),
+                "discriminator": torch.optim.Adam(discriminator.parameters(), lr=o["lr_d"], betas=betas),
+            },
+            ema=EMAModel(generator.parameters(), decay=o["ema_decay"]),
+            options=o,
+        )
+
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
+        """One D update on real + fake (a single forward, which DDP needs), then one G update."""
+        g, d = self.models["generator"], self.models["discriminator"]
+        opt_g, opt_d = self.optimizers["generator"], self.optimizers["discriminator"]
+        loss, policy, n = self.options["loss"], self.options["diffaugment"], images.shape[0]
+        z = torch.randn(n, self.options["latent_dim"], device=images.device)
+        fake = g(z, labels)
+
+        d_inputs, d_labels = [images, fake.detach()], [labels, labels]
+        if loss == "wgan-gp":
+            alpha = torch.rand(n, 1, 1, 1, device=images.device)
+            mixed = (alpha * images + (1 - alpha) * fake.detach()).requires_grad_(True)
+            d_inputs, d_labels = d_inputs + [mixed], d_labels + [labels]
+        scores = d(torch.cat([diff_augment(x, policy) for x in d_inputs]), torch.cat(d_labels))
+        real_scores, fake_scores = scores[:n], scores[n : 2 * n]
+        d_loss = discriminator_loss(loss, real_scores, fake_scores)
+        if loss == "wgan-gp":
+            d_loss = d_loss + self.options["gp_weight"] * gradient_penalty(scores[2 * n :], mixed)
+        accelerator.backward(d_loss)
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+
+        # The generator's loss goes through the bare D (no DDP bookkeeping) with D frozen, so it
+        # neither leaves gradients in D nor counts as a second D forward.
+        critic = accelerator.unwrap_model(d).requires_grad_(False)
+        g_loss = generator_loss(loss, critic(diff_augment(fake, policy), labels))
+        accelerator.backward(g_loss)
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        critic.requires_grad_(True)
+        return {
+            "loss_d": d_loss.item(),
+            "loss_g": g_loss.item(),
+            "score_real": real_scores.mean().item(),
+            "score_fake": fake_scores.mean().item(),
+        }
+
+    def after_optimizer_step(self) -> None:
+        self.ema.step(self.models["generator"].parameters())
+
+    def extra_state(self) -> dict:
+        return {"ema": self.ema.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.ema.load_state_dict(state["ema"])
+
+    def ema_generator(self, accelerator: Accelerator) -> ConditionalGenerator:
+        """A copy of the generator carrying the EMA weights (and the live batch-norm statistics)."""
+        live = accelerator.unwrap_model(self.models["generator"])
+        copy = ConditionalGenerator.from_config(live.config).to(accelerator.device)
+        copy.load_state_dict(live.state_dict())
+        self.ema.copy_to(copy.parameters())
+        return copy.eval()
+
+    def sample_grid(self, accelerator: Accelerator) -> torch.Tensor:
+        g = self.ema_generator(accelerator)
+        per_class = 10
+        labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class).to(accelerator.device)
+        z = torch.randn(len(labels), g.config.latent_dim, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            images = to_uint8(g(z.to(accelerator.device), labels)).cpu().numpy()
+        return make_grid(images, nrow=per_class)
+
+    def save_pipeline(self, accelerator: Accelerator, path: Path) -> None:
+        from bloodgen_hf.hub import save_pipeline
+        from pipelines import BloodGANPipeline
+
+        save_pipeline(BloodGANPipeline(gan=self.ema_generator(accelerator)), path)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Entry point of `train_scripts/train_gan.py` and `bloodgen-hf train gan`."""
+    return run_training(
+        "Train the conditional DCGAN on BloodMNIST.",
+        GANTask.build,
+        add_gan_arguments,
+        argv,
+        output_dir="runs/gan",
+        epochs=15,
+    )

@@ -1,0 +1,6 @@
+"""Custom diffusers pipelines, one per file. Each file imports only torch/diffusers (and the shared
+`blood_pipeline_utils`), because it is also shipped as remote code next to saved weights."""
+
+from .pipeline_bloodgen_gan import BloodGANPipeline
+
+__all__ = ["BloodGANPipeline"]

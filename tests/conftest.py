@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny synthetic BloodMNIST archive and a tiny saved GAN pipeline.
+
+Unit tests never read ../shared/data; tests that want the real archives are marked `real_data`
+and skip when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SPLIT_SIZES = {"train": 48, "val": 16, "test": 16}
+
+
+def write_fake_bloodmnist(folder: Path, size: int = 28, seed: int = 0) -> Path:
+    """A MedMNIST-layout archive whose classes differ in colour, so models can learn something."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in SPLIT_SIZES.items():
+        labels = np.arange(n) % NUM_CLASSES
+        base = (labels[:, None] * np.array([31, 17, 23]) % 256)[:, None, None, :]
+        noise = rng.integers(0, 40, size=(n, size, size, 3))
+        arrays[f"{split}_images"] = np.clip(base + noise, 0, 255).astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+    name = "bloodmnist.npz" if size == 28 else f"bloodmnist_{size}.npz"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / name, **arrays)
+    return folder
+
+
+@pytest.fixture
+def fake_data_dir(tmp_path: Path) -> Path:
+    write_fake_bloodmnist(tmp_path / "data", 28)
+    return write_fake_bloodmnist(tmp_path / "data", 64)
+
+
+@pytest.fixture
+def real_data_dir() -> Path:
+    if not (SHARED_DATA / "bloodmnist.npz").is_file():
+        pytest.skip("real BloodMNIST archives not found in ../shared/data")
+    return SHARED_DATA
+
+
+def tiny_gan_pipeline(seed: int = 0):
+    from bloodgen_hf.models.gan import ConditionalGenerator
+    from pipelines import BloodGANPipeline
+
+    torch.manual_seed(seed)
+    gan = ConditionalGenerator(resolution=28, latent_dim=16, base_channels=8, embed_dim=8, class_names=list(CLASS_NAMES))
+    for m in gan.modules():  # non-trivial batch-norm statistics and class gains
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        for p in gan.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return BloodGANPipeline(gan=gan)
+
+
+@pytest.fixture
+def tiny_gan_dir(tmp_path: Path) -> Path:
+    from bloodgen_hf.hub import save_pipeline
+
+    return save_pipeline(tiny_gan_pipeline(), tmp_path / "tiny_gan")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_small(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.delenv("BLOODGEN_DATA_DIR", raising=False)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
