@@ -17,6 +17,7 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
 DEFAULT_MODEL = "gan"
+DEFAULT_VAE_MODEL = "vae"
 
 
 class Distribution(str, Enum):
@@ -27,6 +28,7 @@ class Distribution(str, Enum):
 class OutputFormat(str, Enum):
     png = "png"
     npz = "npz"
+    hf_dataset = "hf-dataset"
 
 
 def fail(message: str) -> None:
@@ -40,11 +42,11 @@ def clean_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from bloodgen_hf.data import DataError
-        from bloodgen_hf.hub import ModelLoadError
+        from bloodgen_hf.hub import HubError, ModelLoadError
 
         try:
             return command(*args, **kwargs)
-        except (ValueError, FileExistsError, FileNotFoundError, ModelLoadError, DataError) as err:
+        except (ValueError, FileExistsError, FileNotFoundError, ModelLoadError, DataError, HubError) as err:
             fail(str(err))
 
     return wrapper
@@ -74,10 +76,17 @@ def sample(
     ),
     seed: int = typer.Option(0, help="Image i uses seed+i, recorded in the manifest."),
     batch_size: int = typer.Option(250, help="Images per forward pass."),
-    out: Path = typer.Option(None, help="Output folder (png) or file (npz). Default: samples / samples.npz."),
-    output_format: OutputFormat = typer.Option(
-        OutputFormat.png, "--format", help="png: one folder per class + manifest.csv; npz: one archive."
+    out: Path = typer.Option(
+        None, help="Output folder (png, hf-dataset) or file (npz). Default: samples, samples.npz, samples_hf."
     ),
+    output_format: OutputFormat = typer.Option(
+        OutputFormat.png,
+        "--format",
+        help="png: one folder per class + manifest.csv; npz: one archive; hf-dataset: a `datasets` folder.",
+    ),
+    push_to_hub: str = typer.Option(None, help="hf-dataset: also publish it as this Hub dataset repo (org/name)."),
+    token: str = typer.Option(None, help="Hugging Face token for --push-to-hub; default $HF_TOKEN or the login."),
+    private: bool = typer.Option(False, help="Create the --push-to-hub repo private."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     temperature: float = typer.Option(None, help="VAE: scale of the prior noise (1 = the prior)."),
@@ -88,19 +97,25 @@ def sample(
 ):
     """Generate N class-conditional images with a bundled or saved model."""
     from bloodgen_hf.data import class_index
-    from bloodgen_hf.hub import load_pipeline
+    from bloodgen_hf.hub import check_repo_id, load_pipeline, push_dataset, resolve_token
     from bloodgen_hf.sampling import (
         check_output,
         configure_sampling,
         generate,
         plan_labels,
+        write_hf_dataset,
         write_npz,
         write_png_folder,
     )
 
     if balanced and real_distribution:
         raise ValueError("choose one of --balanced and --real-distribution")
-    out = out or Path("samples.npz" if output_format is OutputFormat.npz else "samples")
+    if push_to_hub:  # fail before generating, not after
+        if output_format is not OutputFormat.hf_dataset:
+            raise ValueError("--push-to-hub needs --format hf-dataset")
+        check_repo_id(push_to_hub)
+        token = resolve_token(token)
+    out = out or Path({"png": "samples", "npz": "samples.npz", "hf-dataset": "samples_hf"}[output_format.value])
     labels = plan_labels(n, [class_index(c) for c in classes or []], "real" if real_distribution else "balanced")
     check_output(out, overwrite)
     pipe = load_pipeline(model, pick_device(device))
@@ -115,10 +130,117 @@ def sample(
     info = {"model": model, "seed": seed, "distribution": "real" if real_distribution else "balanced", "n": n, **kwargs}
     started = time.time()
     batches = generate(pipe, labels, seed=seed, batch_size=batch_size, **kwargs)
-    writer = write_npz if output_format is OutputFormat.npz else write_png_folder
+    writer = {"png": write_png_folder, "npz": write_npz, "hf-dataset": write_hf_dataset}[output_format.value]
     writer(batches, out, info)
     elapsed = time.time() - started
     typer.echo(f"wrote {n} images to {out} in {elapsed:.1f} s ({n / elapsed:.0f} images/s)")
+    if push_to_hub:
+        typer.echo(f"pushed {out} to {push_dataset(out, push_to_hub, private=private, token=token).url}")
+
+
+@app.command()
+@clean_errors
+def push(
+    model: str = typer.Option(..., help="A bundled model name or a saved pipeline folder."),
+    repo_id: str = typer.Option(..., help="The Hub model repo to publish to, org/name (created if missing)."),
+    private: bool = typer.Option(False, help="Create the repo private."),
+    revision: str = typer.Option(None, help="Branch to commit to (created if missing); default main."),
+    token: str = typer.Option(None, help="Hugging Face token; default $HF_TOKEN or the stored login."),
+    device: str = typer.Option("auto", help="Where to draw the card's sample grid: auto, cpu or cuda."),
+):
+    """Publish a model to the Hugging Face Hub: weights, remote code, sample grid and a model card.
+
+    The repo then loads without bloodgen-hf: DiffusionPipeline.from_pretrained(repo, trust_remote_code=True).
+    """
+    from bloodgen_hf.hub import push_to_hub
+
+    result = push_to_hub(model, repo_id, private=private, revision=revision, token=token, device=pick_device(device))
+    typer.echo(f"pushed {model} to {result.url} (weights and code at commit {result.commit})")
+
+
+@app.command()
+@clean_errors
+def reconstruct(
+    input_path: Path = typer.Option(..., "--input", help="An image file (PNG) at the model's resolution."),
+    model: str = typer.Option(DEFAULT_VAE_MODEL, help="A bundled VAE name or a saved VAE pipeline folder."),
+    out: Path = typer.Option(None, help="Output PNG. Default: <input name>_reconstruction.png."),
+    class_name: str = typer.Option(None, "--class", help="The input's class (name or index); default: inferred."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+):
+    """Encode an image with a VAE and decode its posterior mean."""
+    from bloodgen_hf.data import CLASS_NAMES
+    from bloodgen_hf.img2img import reconstruct_file
+    from bloodgen_hf.sampling import check_output
+
+    out = out or Path(f"{input_path.stem}_reconstruction.png")
+    check_output(out, overwrite)
+    label, inferred, psnr = reconstruct_file(input_path, out, model, pick_device(device), class_name)
+    how = "inferred" if inferred else "given"
+    typer.echo(f"wrote {out}: reconstruction of {input_path} as {CLASS_NAMES[label]} ({how}), PSNR {psnr:.1f} dB")
+
+
+@app.command()
+@clean_errors
+def variations(
+    input_path: Path = typer.Option(..., "--input", help="An image file (PNG) at the model's resolution."),
+    n: int = typer.Option(8, "--n", help="How many variations."),
+    temperature: float = typer.Option(1.0, help="Scale of the resampling around the posterior (0 = its mean)."),
+    model: str = typer.Option(DEFAULT_VAE_MODEL, help="A bundled VAE name or a saved VAE pipeline folder."),
+    out: Path = typer.Option(None, help="Output folder. Default: <input name>_variations."),
+    class_name: str = typer.Option(None, "--class", help="The input's class (name or index); default: inferred."),
+    seed: int = typer.Option(0, help="Variation i uses seed+i."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+):
+    """Image-to-image: resample a VAE's posterior around an image, N times."""
+    from bloodgen_hf.data import CLASS_NAMES
+    from bloodgen_hf.img2img import variations_folder
+    from bloodgen_hf.sampling import check_output
+
+    out = out or Path(f"{input_path.stem}_variations")
+    check_output(out, overwrite)
+    label, inferred = variations_folder(input_path, out, model, pick_device(device), n, temperature, seed, class_name)
+    how = "inferred" if inferred else "given"
+    typer.echo(f"wrote {n} variations of {input_path} ({CLASS_NAMES[label]}, {how}) to {out}")
+
+
+@app.command()
+@clean_errors
+def grid(
+    model: str = typer.Option(DEFAULT_MODEL, help="A bundled model name or a pipeline folder; 'real' for real images."),
+    per_class: int = typer.Option(10, help="Images per class (one row per class)."),
+    seed: int = typer.Option(0, help="Image i uses seed+i."),
+    scale: int = typer.Option(3, help="Nearest-neighbour enlargement."),
+    out: Path = typer.Option(Path("grid.png"), help="Output PNG."),
+    data_dir: Path = typer.Option(None, help="With --model real: folder holding bloodmnist.npz."),
+    size: int = typer.Option(28, help="With --model real: 28 or 64."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output."),
+):
+    """Save a picture with one labelled row per class, from a model or from the real data."""
+    import numpy as np
+
+    from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, load_arrays
+    from bloodgen_hf.hub import load_pipeline
+    from bloodgen_hf.io import atomic_path, labelled_class_grid
+    from bloodgen_hf.sampling import check_output, generate
+
+    if per_class < 1 or scale < 1:
+        raise ValueError("--per-class and --scale must be at least 1")
+    check_output(out, overwrite)
+    labels = np.repeat(np.arange(NUM_CLASSES), per_class)
+    if model == "real":
+        images, real_labels = load_arrays("all", size, data_dir)
+        rng = np.random.default_rng(seed)
+        picks = [rng.choice(np.flatnonzero(real_labels == c), per_class, replace=False) for c in range(NUM_CLASSES)]
+        images = images[np.concatenate(picks)]
+    else:
+        pipe = load_pipeline(model, pick_device("auto"))
+        images = np.concatenate([b[0] for b in generate(pipe, labels, seed=seed, progress=False)])
+    picture = labelled_class_grid(images.reshape(NUM_CLASSES, per_class, *images.shape[1:]), list(CLASS_NAMES), scale)
+    with atomic_path(out) as tmp:
+        picture.save(tmp, format="PNG")
+    typer.echo(f"wrote {out}")
 
 
 @app.command()
@@ -166,6 +288,193 @@ def info(model: str = typer.Argument(DEFAULT_MODEL, help="A bundled model name o
         report["components"][name] = entry
     json.dump(report, sys.stdout, indent=2, default=str)
     typer.echo()
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+EXTRACTOR_HELP = "inception: clean-fid FID (needs its weights); bloodnet: domain features, works offline."
+METRICS_HELP = "Repeatable or comma-separated: fd,kid,is,pr,dc,1nn,memorization,class-fd,accuracy (default: all)."
+
+
+def _log(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _default_out(out: Path | None, default: Path) -> Path:
+    """An explicit --out is used as given; the default folder's parent is created."""
+    if out is not None:
+        return out
+    default.parent.mkdir(parents=True, exist_ok=True)
+    return default
+
+
+def _protocol(runs, n, seed, balanced, metrics, no_floor, memorization_n, batch_size):
+    from bloodgen_hf.evaluation.protocol import Protocol, parse_metrics
+
+    return Protocol(
+        runs=runs,
+        n=n,
+        seed=seed,
+        distribution="balanced" if balanced else "real",
+        metrics=parse_metrics(metrics),
+        with_floor=not no_floor,
+        memorization_n=memorization_n,
+        batch_size=batch_size,
+    )
+
+
+@app.command()
+@clean_errors
+def evaluate(
+    model: str = typer.Option(DEFAULT_MODEL, help="A bundled model name or a pipeline folder."),
+    runs: int = typer.Option(5, help="Independent runs; run r uses seed+r."),
+    n: int = typer.Option(10_000, "--n", help="Real and generated images per run."),
+    extractor: str = typer.Option("inception", help=EXTRACTOR_HELP),
+    metrics: list[str] = typer.Option(None, "--metrics", help=METRICS_HELP),
+    balanced: bool = typer.Option(False, "--balanced", help="Generate equal counts per class, not the real mix."),
+    seed: int = typer.Option(0, help="Seed of the first run."),
+    split: str = typer.Option("all", help="Draw real images from this split (all: the whole dataset)."),
+    data_dir: Path = typer.Option(None, help="Folder holding the BloodMNIST archives."),
+    out: Path = typer.Option(None, help="Results folder. Default: eval/<model>."),
+    overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
+    record: bool = typer.Option(False, help="Also write eval_results.json into the model folder, for `push`."),
+    inception_weights: Path = typer.Option(None, help="Local inception-2015-12-05.pt ($BLOODGEN_INCEPTION_WEIGHTS)."),
+    bloodnet: Path = typer.Option(None, help="BloodNet folder; default the bundled one ($BLOODGEN_BLOODNET)."),
+    cache_dir: Path = typer.Option(None, help="Real-feature cache; default ~/.cache/bloodgen_hf/features."),
+    no_floor: bool = typer.Option(False, "--no-floor", help="Skip the real-vs-real floor."),
+    memorization_n: int = typer.Option(2000, help="Generated images per run checked for near-copies (0: all)."),
+    batch_size: int = typer.Option(250, help="Images per generation batch."),
+    num_workers: int = typer.Option(0, help="Resize workers for Inception (clean-fid would use 12)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    temperature: float = typer.Option(None, help="VAE: scale of the prior noise."),
+    latent_bias: float = typer.Option(None, help="VAE: shift added to the prior noise."),
+    steps: int = typer.Option(None, help="DDPM: number of denoising steps."),
+    guidance: float = typer.Option(None, help="DDPM: classifier-free guidance scale."),
+    scheduler: str = typer.Option(None, help="DDPM: ddpm, ddim, dpm++, unipc or euler."),
+):
+    """The standard protocol: --runs x (--n real vs --n generated images), every metric, mean ± std."""
+    from bloodgen_hf.evaluation.report import metric_table, write_hub_results
+    from bloodgen_hf.evaluation.runner import build_tools, evaluate_to_folder, model_label
+    from bloodgen_hf.hub import load_pipeline, resolve_model
+    from bloodgen_hf.sampling import check_output, configure_sampling
+
+    protocol = _protocol(runs, n, seed, balanced, metrics, no_floor, memorization_n, batch_size)
+    out = _default_out(out, Path("eval") / model_label(model))
+    check_output(out, overwrite)
+    device = pick_device(device)
+    tools = build_tools(extractor, protocol.metrics, device, inception_weights, bloodnet, num_workers)
+    options = {
+        "temperature": temperature,
+        "latent_bias": latent_bias,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "scheduler": scheduler,
+    }
+    pipe, kwargs = configure_sampling(load_pipeline(model, device), {k: v for k, v in options.items() if v is not None})
+    results = evaluate_to_folder(pipe, model, out, *tools, protocol, data_dir, split, cache_dir, kwargs, log=_log)
+    typer.echo("\n".join(metric_table(results)))
+    typer.echo(f"wrote {out}/results.json, eval_results.json and summary.md")
+    if record:
+        typer.echo(f"wrote {write_hub_results(results, resolve_model(model))}")
+
+
+@app.command(context_settings={"allow_extra_args": True})
+@clean_errors
+def compare(
+    ctx: typer.Context,
+    models: list[str] = typer.Option(..., "--models", help="Models to compare: --models gan vae ddpm."),
+    runs: int = typer.Option(5, help="Independent runs per model."),
+    n: int = typer.Option(10_000, "--n", help="Real and generated images per run."),
+    extractor: str = typer.Option("inception", help=EXTRACTOR_HELP),
+    metrics: list[str] = typer.Option(None, "--metrics", help=METRICS_HELP),
+    balanced: bool = typer.Option(False, "--balanced", help="Generate equal counts per class, not the real mix."),
+    seed: int = typer.Option(0, help="Seed of the first run."),
+    split: str = typer.Option("all", help="Draw real images from this split."),
+    data_dir: Path = typer.Option(None, help="Folder holding the BloodMNIST archives."),
+    out: Path = typer.Option(None, help="Report folder. Default: reports/compare."),
+    overwrite: bool = typer.Option(False, help="Write into an existing report folder."),
+    reuse: bool = typer.Option(False, help="Keep per-model results already in --out made with the same protocol."),
+    inception_weights: Path = typer.Option(None, help="Local inception-2015-12-05.pt ($BLOODGEN_INCEPTION_WEIGHTS)."),
+    bloodnet: Path = typer.Option(None, help="BloodNet folder; default the bundled one."),
+    cache_dir: Path = typer.Option(None, help="Real-feature cache; default ~/.cache/bloodgen_hf/features."),
+    no_floor: bool = typer.Option(False, "--no-floor", help="Skip the real-vs-real floor."),
+    memorization_n: int = typer.Option(2000, help="Generated images per run checked for near-copies (0: all)."),
+    batch_size: int = typer.Option(250, help="Images per generation batch."),
+    num_workers: int = typer.Option(0, help="Resize workers for Inception."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+):
+    """Evaluate several models with one protocol; write a markdown report with table, charts and grids."""
+    from functools import partial
+
+    from bloodgen_hf.evaluation.compare import compare as run_compare
+    from bloodgen_hf.evaluation.runner import build_tools
+    from bloodgen_hf.hub import load_pipeline
+    from bloodgen_hf.sampling import check_output
+
+    names = [m for item in [*models, *ctx.args] for m in item.split(",") if m]
+    protocol = _protocol(runs, n, seed, balanced, metrics, no_floor, memorization_n, batch_size)
+    out = _default_out(out, Path("reports") / "compare")
+    check_output(out, overwrite or reuse)
+    device = pick_device(device)
+    tools = build_tools(extractor, protocol.metrics, device, inception_weights, bloodnet, num_workers)
+    report = run_compare(
+        names,
+        out,
+        *tools,
+        protocol,
+        load_pipeline=partial(load_pipeline, device=device),
+        data_dir=data_dir,
+        split=split,
+        cache_dir=cache_dir,
+        reuse=reuse,
+        log=_log,
+    )
+    typer.echo(f"wrote {report}")
+
+
+def _numbers(text: str, kind, flag: str) -> tuple:
+    try:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{flag} wants comma-separated numbers, got {text!r}") from None
+
+
+@app.command("augment-study")
+@clean_errors
+def augment_study(
+    model: str = typer.Option(DEFAULT_MODEL, help="The generator of the synthetic images."),
+    fractions: str = typer.Option("0.01,0.1,0.5,1", help="Fractions of the real train split."),
+    seeds: str = typer.Option("0,1,2", help="Seeds (real subsets, classifier initialisation)."),
+    settings: str = typer.Option("real,real+synthetic,synthetic", help="Training sets to compare."),
+    synthetic_ratio: float = typer.Option(1.0, help="real+synthetic: synthetic images per real image."),
+    balance: bool = typer.Option(False, help="Top minority classes up with synthetic images (synthetic: equal)."),
+    steps: int = typer.Option(300, help="Optimizer steps per classifier."),
+    batch_size: int = typer.Option(128, help="Classifier batch size (and generation batch)."),
+    data_dir: Path = typer.Option(None, help="Folder holding the BloodMNIST archives."),
+    out: Path = typer.Option(None, help="Study folder. Default: reports/augment-<model>."),
+    overwrite: bool = typer.Option(False, help="Write into an existing study folder."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+):
+    """Train small classifiers on real, real+synthetic and synthetic data at several real-data sizes."""
+    from bloodgen_hf.evaluation.augment_study import StudyConfig, run_study
+    from bloodgen_hf.evaluation.runner import model_label
+    from bloodgen_hf.hub import load_pipeline
+    from bloodgen_hf.sampling import check_output
+
+    config = StudyConfig(
+        fractions=_numbers(fractions, float, "--fractions"),
+        seeds=_numbers(seeds, int, "--seeds"),
+        settings=tuple(s.strip() for s in settings.split(",") if s.strip()),
+        synthetic_ratio=synthetic_ratio,
+        balance=balance,
+        steps=steps,
+        batch_size=batch_size,
+    )
+    config.check()
+    out = _default_out(out, Path("reports") / f"augment-{model_label(model)}")
+    check_output(out, overwrite)
+    run_study(load_pipeline(model, pick_device(device)), out, config, data_dir, log=_log)
+    typer.echo(f"wrote {out}/report.md")
 
 
 if __name__ == "__main__":

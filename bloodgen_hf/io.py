@@ -65,3 +65,20 @@ def make_grid(images: np.ndarray, nrow: int, pad: int = 2, fill: int = 255) -> n
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
     """Nearest-neighbour enlargement, so 28x28 grids are readable in a README."""
     return image.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def labelled_class_grid(images: np.ndarray, row_names: list[str], scale: int = 3, pad: int = 2) -> Image.Image:
+    """uint8 [rows, cols, H, W, 3] -> a picture with one row per class, its name on the left."""
+    from PIL import ImageDraw, ImageFont
+
+    rows, cols = images.shape[:2]
+    grid = upscale(make_grid(images.reshape(rows * cols, *images.shape[2:]), nrow=cols, pad=pad), scale)
+    font = ImageFont.load_default()
+    margin = 8 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=font)) for n in row_names)
+    canvas = Image.new("RGB", (grid.shape[1] + margin, grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    cell = (images.shape[2] + pad) * scale
+    for r, name in enumerate(row_names):
+        draw.text((4, pad * scale + r * cell + cell // 2 - 6), name, fill="black", font=font)
+    return canvas

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from bloodgen_hf.data import CLASS_COUNTS, CLASS_NAMES, NUM_CLASSES
 from bloodgen_hf.io import atomic_path
 
-FORMATS = ("png", "npz")
+FORMATS = ("png", "npz", "hf-dataset")
+INFO_NAME = "info.json"
 
 
 def plan_labels(n: int, classes: Sequence[int] | None = None, distribution: str = "balanced") -> np.ndarray:
@@ -71,6 +72,8 @@ def generate(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     device = pipe.device
+    if hasattr(pipe, "set_progress_bar_config"):  # one bar over all images, not one per batch's denoising loop
+        pipe.set_progress_bar_config(disable=True)
     with tqdm(total=len(labels), unit="img", desc="sample", disable=not progress) as bar:
         for start in range(0, len(labels), batch_size):
             batch = labels[start : start + batch_size]
@@ -134,3 +137,46 @@ def write_npz(batches, out: Path, info: dict) -> Path:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     return out
+
+
+def hf_dataset_features():
+    """image (PNG, lossless), label (ClassLabel with the 8 names), model (name or path) and seed."""
+    from datasets import ClassLabel, Features, Image, Value
+
+    labels = ClassLabel(names=list(CLASS_NAMES))
+    return Features({"image": Image(), "label": labels, "model": Value("string"), "seed": Value("int64")})
+
+
+def write_hf_dataset(batches, out: Path, info: dict) -> Path:
+    """A `datasets.Dataset` (see hf_dataset_features) saved with save_to_disk, plus info.json.
+
+    Batches are PNG-encoded as they come, so memory holds compressed images only; the folder is
+    written to a temporary sibling and renamed into place, like the other writers.
+    """
+    from datasets import Dataset, concatenate_datasets
+
+    features = hf_dataset_features()
+    parts = [
+        Dataset.from_dict(
+            {"image": list(images), "label": labels, "model": [str(info["model"])] * len(labels), "seed": seeds},
+            features=features,
+        )
+        for images, labels, seeds in batches
+    ]
+    dataset = concatenate_datasets(parts)
+    with atomic_path(out, is_dir=True) as tmp:
+        dataset.save_to_disk(str(tmp))
+        (tmp / INFO_NAME).write_text(json.dumps({**info, "num_images": len(dataset)}, indent=2) + "\n")
+    return out
+
+
+def read_hf_dataset(folder: Path):
+    """(Dataset, info) from a folder written by write_hf_dataset; a clear error for anything else."""
+    from datasets import load_from_disk
+
+    if not (folder / INFO_NAME).is_file() or not (folder / "dataset_info.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a dataset written by `bloodgen-hf sample --format hf-dataset`")
+    dataset = load_from_disk(str(folder))
+    if dataset.features != hf_dataset_features():
+        raise ValueError(f"{folder}: unexpected columns {dataset.features}; expected {hf_dataset_features()}")
+    return dataset, json.loads((folder / INFO_NAME).read_text())

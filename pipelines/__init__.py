@@ -1,6 +1,8 @@
 """Custom diffusers pipelines, one per file. Each file imports only torch/diffusers (and the shared
 `blood_pipeline_utils`), because it is also shipped as remote code next to saved weights."""
 
+from .pipeline_bloodgen_ddpm import BloodDDPMPipeline
 from .pipeline_bloodgen_gan import BloodGANPipeline
+from .pipeline_bloodgen_vae import BloodVAEPipeline
 
-__all__ = ["BloodGANPipeline"]
+__all__ = ["BloodDDPMPipeline", "BloodGANPipeline", "BloodVAEPipeline"]

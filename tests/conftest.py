@@ -53,7 +53,9 @@ def tiny_gan_pipeline(seed: int = 0):
     from pipelines import BloodGANPipeline
 
     torch.manual_seed(seed)
-    gan = ConditionalGenerator(resolution=28, latent_dim=16, base_channels=8, embed_dim=8, class_names=list(CLASS_NAMES))
+    gan = ConditionalGenerator(
+        resolution=28, latent_dim=16, base_channels=8, embed_dim=8, class_names=list(CLASS_NAMES)
+    )
     for m in gan.modules():  # non-trivial batch-norm statistics and class gains
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_()
@@ -62,6 +64,41 @@ def tiny_gan_pipeline(seed: int = 0):
         for p in gan.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return BloodGANPipeline(gan=gan)
+
+
+def tiny_ddpm_pipeline(seed: int = 0, resolution: int = 28, scheduler: str = "dpm++"):
+    from bloodgen_hf.training.ddpm import build_noise_scheduler, build_unet
+    from pipelines import BloodDDPMPipeline
+    from pipelines.pipeline_bloodgen_ddpm import make_scheduler
+
+    torch.manual_seed(seed)
+    unet = build_unet("tiny", resolution)
+    noise_scheduler = build_noise_scheduler("squaredcos_cap_v2", "v_prediction")
+    return BloodDDPMPipeline(
+        unet=unet, scheduler=make_scheduler(scheduler, noise_scheduler.config), class_names=list(CLASS_NAMES)
+    )
+
+
+def tiny_vae_pipeline(seed: int = 0, resolution: int = 28, latent_dim: int | None = 8):
+    from bloodgen_hf.models.vae import ConditionalAutoencoderKL
+    from pipelines import BloodVAEPipeline
+
+    torch.manual_seed(seed)
+    vae = ConditionalAutoencoderKL(
+        resolution=resolution,
+        class_embed_dim=4,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        latent_channels=2,
+        latent_dim=latent_dim,
+        decoder_sigma=0.2,
+        class_names=list(CLASS_NAMES),
+    )
+    with torch.no_grad():  # livelier than the initialisation: larger class embeddings and posterior spread
+        vae.class_embedding.weight.mul_(3.0)
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return BloodVAEPipeline(vae=vae)
 
 
 @pytest.fixture

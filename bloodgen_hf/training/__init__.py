@@ -9,5 +9,23 @@ def _gan_main(argv: list[str]):
     return main(argv)
 
 
+def _ddpm_main(argv: list[str]):
+    from bloodgen_hf.training.ddpm import main
+
+    return main(argv)
+
+
+def _vae_main(argv: list[str]):
+    from bloodgen_hf.training.vae import main
+
+    return main(argv)
+
+
+def _bloodnet_main(argv: list[str]):
+    from bloodgen_hf.evaluation.bloodnet_train import main
+
+    return main(argv)
+
+
 # family name -> main(argv); used by `bloodgen-hf train <family>`
-TRAIN_ENTRY_POINTS = {"gan": _gan_main}
+TRAIN_ENTRY_POINTS = {"gan": _gan_main, "ddpm": _ddpm_main, "vae": _vae_main, "bloodnet": _bloodnet_main}

@@ -73,7 +73,7 @@ def load_state(path_stem: Path) -> Any:
         tensors = load_file(str(path_stem.with_suffix(".safetensors")))
         skeleton = json.loads(path_stem.with_suffix(".json").read_text())
         return unflatten_state(skeleton, tensors)
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # safetensors raises its own error type for damaged files
         raise RuntimeError(f"corrupt or incomplete checkpoint file {path_stem}.*: {err}") from err
 
 

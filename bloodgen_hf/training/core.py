@@ -197,7 +197,7 @@ def train(task: TrainTask, config: TrainConfig, accelerator: Accelerator, datase
                 save_checkpoint(task, accelerator, out, step, epoch, batch_in_epoch, config.keep_checkpoints)
             if step >= total_steps:
                 break
-        else:
+        if batch_in_epoch == len(order):  # the epoch is complete
             epoch, batch_in_epoch = epoch + 1, 0
             if not config.sample_every:
                 save_sample_grid(task, accelerator, out / "samples" / f"epoch_{epoch:04d}.png")

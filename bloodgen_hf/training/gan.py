@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from diffusers.training_utils import EMAModel
 
 from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, to_uint8
@@ -60,13 +60,15 @@ class GANTask(TrainTask):
             use_spectral_norm=o["spectral_norm"],
         )
         betas = (o["beta1"], o["beta2"])
+        ema = EMAModel(generator.parameters(), decay=o["ema_decay"])
+        ema.to(PartialState().device)  # the live weights move there in accelerator.prepare
         return cls(
             models={"generator": generator, "discriminator": discriminator},
             optimizers={
                 "generator": torch.optim.Adam(generator.parameters(), lr=o["lr_g"], betas=betas),
                 "discriminator": torch.optim.Adam(discriminator.parameters(), lr=o["lr_d"], betas=betas),
             },
-            ema=EMAModel(generator.parameters(), decay=o["ema_decay"]),
+            ema=ema,
             options=o,
         )
 
@@ -115,6 +117,7 @@ class GANTask(TrainTask):
 
     def load_extra_state(self, state: dict) -> None:
         self.ema.load_state_dict(state["ema"])
+        self.ema.to(next(self.models["generator"].parameters()).device)
 
     def ema_generator(self, accelerator: Accelerator) -> ConditionalGenerator:
         """A copy of the generator carrying the EMA weights (and the live batch-norm statistics)."""

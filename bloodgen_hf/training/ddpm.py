@@ -1,0 +1,270 @@
+"""The class-conditional DDPM as a TrainTask: a diffusers UNet2DModel, classifier-free guidance, EMA.
+
+One training step: noise the images at random timesteps (DDPMScheduler.add_noise), replace a
+fraction `--cfg-dropout` of the labels by the null class (so one network learns the conditional
+and the unconditional model, which classifier-free guidance mixes), regress the noise (epsilon)
+or the velocity (v_prediction) with MSE, clip gradients, step AdamW and the warmup/cosine LR.
+An EMA of the weights (diffusers EMAModel, with warmup) is what samples and what is saved.
+
+Size presets (`--preset`), parameters at 28x28 / 64x64 (checked by tests/test_ddpm.py):
+
+    tiny   0.30M / 0.33M   channels (16, 32, 32) / (16, 16, 32, 32), 1 resnet per level: tests
+    small  1.19M / 1.32M   channels (32, 64, 64) / (32, 32, 64, 64), 1 resnet per level: CPU
+    base  16.77M / 27.66M  channels (64, 128, 256) / (64, 128, 256, 256), 2 resnets per level,
+                           attention at the two lowest levels: GPU
+
+28x28 images use three levels (28 -> 14 -> 7) and 64x64 four (64 -> 32 -> 16 -> 8), so both
+train at their native size; self-attention runs at the lowest level (and the mid block).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+
+from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, load_arrays, to_uint8
+from bloodgen_hf.io import make_grid
+from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training
+from pipelines.pipeline_bloodgen_ddpm import SCHEDULERS, BloodDDPMPipeline, make_scheduler
+
+
+@dataclass(frozen=True)
+class UNetPreset:
+    channels: dict[int, tuple[int, ...]]  # resolution -> channels per level, highest resolution first
+    layers_per_block: int
+    attention_levels: int  # how many of the lowest-resolution levels have self-attention
+    norm_num_groups: int
+    attention_head_dim: int
+
+
+PRESETS = {
+    "tiny": UNetPreset({28: (16, 32, 32), 64: (16, 16, 32, 32)}, 1, 1, 8, 8),
+    "small": UNetPreset({28: (32, 64, 64), 64: (32, 32, 64, 64)}, 1, 1, 8, 32),
+    "base": UNetPreset({28: (64, 128, 256), 64: (64, 128, 256, 256)}, 2, 2, 32, 32),
+}
+BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def build_unet(preset: str, resolution: int, num_classes: int = NUM_CLASSES, dropout: float = 0.0) -> UNet2DModel:
+    """A UNet2DModel with one class-embedding row per class plus the null class of guidance."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown UNet preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    if resolution not in p.channels:
+        raise ValueError(f"the UNet presets are defined for resolutions {sorted(p.channels)}, not {resolution}")
+    channels = p.channels[resolution]
+    attention = [i >= len(channels) - p.attention_levels for i in range(len(channels))]
+    unet = UNet2DModel(
+        sample_size=resolution,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=channels,
+        layers_per_block=p.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        norm_num_groups=p.norm_num_groups,
+        attention_head_dim=p.attention_head_dim,
+        resnet_time_scale_shift="scale_shift",
+        dropout=dropout,
+        num_class_embeds=num_classes + 1,
+    )
+    # diffusers would silently drop class_labels in a UNet without class embeddings.
+    assert unet.class_embedding is not None and unet.class_embedding.num_embeddings == num_classes + 1
+    return unet
+
+
+def build_noise_scheduler(beta_schedule: str, prediction_type: str, num_train_timesteps: int = 1000) -> DDPMScheduler:
+    """The training noise schedule; "trailing" spacing makes few-step samplers start at pure noise (t = T-1)."""
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"unknown beta schedule {beta_schedule!r}; choose from: {', '.join(BETA_SCHEDULES)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {prediction_type!r}; choose from: {', '.join(PREDICTION_TYPES)}")
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        timestep_spacing="trailing",
+    )
+
+
+def add_ddpm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "--preset", choices=PRESETS, default="small", help="UNet size at 28x28: tiny 0.30M (tests), small 1.19M "
+        "parameters (CPU), base 16.77M (GPU); see bloodgen_hf/training/ddpm.py"
+    )  # fmt: skip
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout inside the UNet's resnets")
+    parser.add_argument("--cfg-dropout", type=float, default=0.1, help="share of labels replaced by the null class")
+    parser.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default="squaredcos_cap_v2")
+    parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="v_prediction")
+    parser.add_argument("--num-train-timesteps", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--adam-beta1", type=float, default=0.9)
+    parser.add_argument("--adam-beta2", type=float, default=0.999)
+    parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
+    parser.add_argument("--lr-warmup-steps", type=int, default=200)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
+    parser.add_argument("--ema-max-decay", type=float, default=0.9999)
+    parser.add_argument("--ema-power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step)^-power")
+    parser.add_argument("--sampler", choices=SCHEDULERS, default="dpm++", help="saved pipeline's scheduler")
+    parser.add_argument(
+        "--sampler-steps",
+        type=int,
+        default=15,
+        help="saved pipeline's default steps (sized for 10k CPU images in 20 min; bench_ddpm.py measures it)",
+    )
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="saved pipeline's default guidance")
+    parser.add_argument("--grid-per-class", type=int, default=8, help="images per class row in sample grids")
+    return parser
+
+
+def planned_steps(config: TrainConfig) -> int:
+    """The optimizer steps `core.train` will run, which the cosine schedule spans.
+
+    The core builds the task before it knows the dataset, so the images are counted here.
+    """
+    n = len(load_arrays(config.split, config.resolution, config.data_dir)[1])
+    per_step = config.batch_size * PartialState().num_processes
+    steps_per_epoch = n // per_step // config.gradient_accumulation_steps
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{n} images cannot fill one optimizer step of {per_step} x {config.gradient_accumulation_steps}"
+        )
+    return min(config.max_steps or 10**12, steps_per_epoch * config.epochs)
+
+
+@dataclass
+class DDPMTask(TrainTask):
+    noise_scheduler: DDPMScheduler | None = None
+    ema: EMAModel | None = None
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, config: TrainConfig) -> DDPMTask:
+        o = config.extra
+        check_options(o)
+        unet = build_unet(o["preset"], config.resolution, dropout=o["dropout"])
+        optimizer = torch.optim.AdamW(
+            unet.parameters(), lr=o["lr"], betas=(o["adam_beta1"], o["adam_beta2"]), weight_decay=o["weight_decay"]
+        )
+        if o["lr_schedule"] == "cosine":
+            lr_scheduler = get_cosine_schedule_with_warmup(optimizer, o["lr_warmup_steps"], planned_steps(config))
+        else:
+            lr_scheduler = get_constant_schedule_with_warmup(optimizer, o["lr_warmup_steps"])
+        ema = EMAModel(unet.parameters(), decay=o["ema_max_decay"], use_ema_warmup=True, power=o["ema_power"])
+        ema.to(PartialState().device)  # the live weights move there in accelerator.prepare
+        return cls(
+            models={"unet": unet},
+            optimizers={"unet": optimizer},
+            schedulers={"lr": lr_scheduler},
+            noise_scheduler=build_noise_scheduler(o["beta_schedule"], o["prediction_type"], o["num_train_timesteps"]),
+            ema=ema,
+            options=o,
+        )
+
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
+        unet, optimizer = self.models["unet"], self.optimizers["unet"]
+        n, device = images.shape[0], images.device
+        noise = torch.randn_like(images)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), device=device)
+        noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
+        dropped = torch.rand(n, device=device) < self.options["cfg_dropout"]
+        labels = torch.where(dropped, torch.full_like(labels, NUM_CLASSES), labels)
+        prediction = unet(noisy, timesteps, class_labels=labels).sample
+        if self.noise_scheduler.config.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(images, noise, timesteps)
+        loss = F.mse_loss(prediction.float(), target.float())
+        accelerator.backward(loss)
+        metrics = {"loss": loss.item(), "lr": self.schedulers["lr"].get_last_lr()[0]}
+        if accelerator.sync_gradients and self.options["max_grad_norm"] > 0:
+            norm = accelerator.clip_grad_norm_(unet.parameters(), self.options["max_grad_norm"])
+            metrics["grad_norm"] = float(norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return metrics
+
+    def after_optimizer_step(self) -> None:
+        self.schedulers["lr"].step()
+        self.ema.step(self.models["unet"].parameters())
+
+    def extra_state(self) -> dict:
+        return {"ema": self.ema.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.ema.load_state_dict(state["ema"])
+        self.ema.to(next(self.models["unet"].parameters()).device)
+
+    def ema_unet(self, accelerator: Accelerator) -> UNet2DModel:
+        """A copy of the UNet carrying the EMA weights."""
+        live = accelerator.unwrap_model(self.models["unet"])
+        copy = UNet2DModel.from_config(live.config).to(accelerator.device)
+        copy.load_state_dict(live.state_dict())
+        self.ema.copy_to(copy.parameters())
+        return copy.eval()
+
+    def pipeline(self, accelerator: Accelerator) -> BloodDDPMPipeline:
+        """The EMA UNet with the chosen sampler and defaults: what is saved, and what draws the grids."""
+        pipe = BloodDDPMPipeline(
+            unet=self.ema_unet(accelerator),
+            scheduler=make_scheduler(self.options["sampler"], self.noise_scheduler.config),
+            class_names=list(CLASS_NAMES),
+            default_guidance_scale=self.options["guidance_scale"],
+            default_num_inference_steps=self.options["sampler_steps"],
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def sample_grid(self, accelerator: Accelerator) -> torch.Tensor:
+        """One row per class, from fixed per-image seeds (so grids of successive epochs compare, and the
+        global RNG, which exact resume depends on, is left alone)."""
+        per_class = self.options["grid_per_class"]
+        labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+        generators = [torch.Generator(accelerator.device).manual_seed(i) for i in range(len(labels))]
+        images = self.pipeline(accelerator)(
+            len(labels), class_labels=labels.tolist(), generator=generators, output_type="pt"
+        ).images
+        return make_grid(to_uint8(images * 2 - 1).numpy(), nrow=per_class)
+
+    def save_pipeline(self, accelerator: Accelerator, path: Path) -> None:
+        from bloodgen_hf.hub import save_pipeline
+
+        save_pipeline(self.pipeline(accelerator), path)
+
+
+def check_options(o: dict) -> None:
+    """Refuse nonsensical settings before any work is done."""
+    if not 0 <= o["cfg_dropout"] < 1:
+        raise ValueError(f"--cfg-dropout must be in [0, 1), got {o['cfg_dropout']}")
+    if o["sampler_steps"] < 1:
+        raise ValueError(f"--sampler-steps must be at least 1, got {o['sampler_steps']}")
+    if not (math.isfinite(o["guidance_scale"]) and o["guidance_scale"] >= 0):
+        raise ValueError(f"--guidance-scale must be >= 0, got {o['guidance_scale']}")
+    if o["guidance_scale"] != 1 and o["cfg_dropout"] == 0:
+        raise ValueError("--guidance-scale other than 1 needs a trained null class: set --cfg-dropout above 0")
+    if o["grid_per_class"] < 1:
+        raise ValueError(f"--grid-per-class must be at least 1, got {o['grid_per_class']}")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Entry point of `train_scripts/train_ddpm.py` and `bloodgen-hf train ddpm`."""
+    return run_training(
+        "Train the class-conditional DDPM (UNet2DModel + classifier-free guidance) on BloodMNIST.",
+        DDPMTask.build,
+        add_ddpm_arguments,
+        argv,
+        output_dir="runs/ddpm",
+        epochs=10,
+        batch_size=64,
+    )

@@ -1,0 +1,244 @@
+"""The conditional VAE as a TrainTask: maximise the ELBO, log p(x | z, y) - beta * KL(q(z | x, y) || N(0, I)).
+
+Both terms are in nats per image. The reconstruction term is a per-pixel Gaussian likelihood whose
+standard deviation is either fixed (`--recon mse`: squared error / 2 sigma^2) or the batch's
+maximum-likelihood value (`--recon gaussian`, a calibrated decoder as in sigma-VAE, Rybkin et al.
+2021), which balances the two terms without tuning. `beta` ramps up linearly over
+`--kl-warmup-steps` (KL annealing, Bowman et al. 2016); `--free-bits` stops pushing a latent number's
+KL below that many nats (Kingma et al. 2016), two standard guards against posterior collapse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, load_arrays, to_model_range, to_uint8
+from bloodgen_hf.io import atomic_path, labelled_class_grid, make_grid, save_image
+from bloodgen_hf.models.vae import ConditionalAutoencoderKL, gaussian_nll, kl_per_dimension
+from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training
+
+RECON_LOSSES = ("gaussian", "mse")
+# Encoder/decoder widths per resolution: the image is halved between blocks, down to 7x7 or 8x8.
+DEFAULT_BLOCKS = {28: (16, 32, 64), 64: (16, 32, 64, 64)}
+SIGMA_EMA_DECAY = 0.99
+
+
+def add_vae_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--block-out-channels", default=None, help="e.g. '16,32,64' (default: by resolution)")
+    parser.add_argument("--layers-per-block", type=int, default=1)
+    parser.add_argument("--norm-num-groups", type=int, default=8)
+    parser.add_argument("--class-embed-dim", type=int, default=16)
+    parser.add_argument(
+        "--attention", action=argparse.BooleanOptionalAction, default=False, help="self-attention in the mid blocks"
+    )
+    parser.add_argument("--latent-dim", type=int, default=64, help="vector latent size; 0 = spatial latent")
+    parser.add_argument("--latent-channels", type=int, default=4)
+    parser.add_argument("--recon", choices=RECON_LOSSES, default="gaussian")
+    parser.add_argument("--recon-sigma", type=float, default=0.1, help="--recon mse: fixed sigma, [-1, 1] units")
+    parser.add_argument("--beta", type=float, default=1.0, help="KL weight after warm-up")
+    parser.add_argument("--kl-warmup-steps", type=int, default=500, help="linear beta ramp; 0 = none")
+    parser.add_argument("--free-bits", type=float, default=0.0, help="nats per latent number; 0 = off")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="0 = no clipping")
+    return parser
+
+
+def parse_blocks(text: str | None, resolution: int) -> tuple[int, ...]:
+    if not text:
+        if resolution not in DEFAULT_BLOCKS:
+            raise ValueError(f"no default --block-out-channels for resolution {resolution}; pass them")
+        return DEFAULT_BLOCKS[resolution]
+    try:
+        blocks = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise ValueError(f"--block-out-channels must be comma-separated integers, got {text!r}") from None
+    if not blocks or min(blocks) < 1:
+        raise ValueError(f"--block-out-channels must be positive, got {text!r}")
+    return blocks
+
+
+def check_options(o: dict) -> None:
+    for name in ("beta", "free_bits", "kl_warmup_steps", "max_grad_norm"):
+        if o[name] < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {o[name]}")
+    for name in ("lr", "recon_sigma"):
+        if not o[name] > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {o[name]}")
+
+
+def kl_term(kl_dims: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """Sum of the batch-mean KL of each latent number, each floored at `free_bits` nats when > 0."""
+    return kl_dims.clamp(min=free_bits).sum() if free_bits > 0 else kl_dims.sum()
+
+
+def beta_at(step: int, beta: float, warmup_steps: int) -> float:
+    """KL weight for optimizer step `step` (0-based): a linear ramp reaching `beta` after warm-up."""
+    return beta if warmup_steps <= 0 else beta * min(1.0, (step + 1) / warmup_steps)
+
+
+@dataclass
+class VAETask(TrainTask):
+    options: dict = field(default_factory=dict)
+    step: int = 0  # optimizer steps taken: drives the KL warm-up
+    sigma_ema: float | None = None  # running maximum-likelihood decoder sigma (--recon gaussian)
+
+    @classmethod
+    def build(cls, config: TrainConfig) -> VAETask:
+        o = config.extra
+        check_options(o)
+        vae = ConditionalAutoencoderKL(
+            resolution=config.resolution,
+            num_classes=NUM_CLASSES,
+            class_embed_dim=o["class_embed_dim"],
+            block_out_channels=parse_blocks(o["block_out_channels"], config.resolution),
+            layers_per_block=o["layers_per_block"],
+            norm_num_groups=o["norm_num_groups"],
+            mid_block_add_attention=o["attention"],
+            latent_channels=o["latent_channels"],
+            latent_dim=o["latent_dim"] or None,
+            decoder_sigma=o["recon_sigma"],
+            class_names=list(CLASS_NAMES),
+        )
+        return cls(models={"vae": vae}, optimizers={"vae": torch.optim.Adam(vae.parameters(), lr=o["lr"])}, options=o)
+
+    def recon_sigma(self, images: torch.Tensor, decoded: torch.Tensor) -> float:
+        """The likelihood's sigma for this batch: fixed, or the maximum-likelihood sqrt(mean squared error)."""
+        if self.options["recon"] == "mse":
+            return self.options["recon_sigma"]
+        sigma = max(math.sqrt((images - decoded).detach().pow(2).mean().item()), 1e-3)
+        decay = SIGMA_EMA_DECAY if self.sigma_ema is not None else 0.0
+        self.sigma_ema = decay * (self.sigma_ema or 0.0) + (1 - decay) * sigma
+        return sigma
+
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
+        vae, optimizer, o = self.models["vae"], self.optimizers["vae"], self.options
+        out = vae(images, labels, sample_posterior=True)
+        sigma = self.recon_sigma(images, out.sample)
+        recon = gaussian_nll(images, out.sample, sigma).mean()
+        kl_dims = kl_per_dimension(out.latent_dist).mean(dim=0)
+        beta = beta_at(self.step, o["beta"], o["kl_warmup_steps"])
+        loss = recon + beta * kl_term(kl_dims, o["free_bits"])
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and o["max_grad_norm"] > 0:
+            accelerator.clip_grad_norm_(vae.parameters(), o["max_grad_norm"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss": loss.item(),
+            "loss_recon": recon.item(),
+            "loss_kl": kl_dims.sum().item(),
+            "beta": beta,
+            "mse": (images - out.sample).detach().pow(2).mean().item(),
+            "recon_sigma": sigma,
+        }
+
+    def after_optimizer_step(self) -> None:
+        self.step += 1
+
+    def extra_state(self) -> dict:
+        return {"step": self.step, "sigma_ema": self.sigma_ema}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.step, self.sigma_ema = state["step"], state["sigma_ema"]
+
+    def pipeline(self, accelerator: Accelerator):
+        """The live model in a BloodVAEPipeline, its likelihood sigma set to what training used."""
+        from pipelines import BloodVAEPipeline
+
+        vae = accelerator.unwrap_model(self.models["vae"])
+        if self.options["recon"] == "gaussian" and self.sigma_ema is not None:
+            vae.register_to_config(decoder_sigma=self.sigma_ema)
+        return BloodVAEPipeline(vae=vae)
+
+    def sample_grid(self, accelerator: Accelerator) -> torch.Tensor:
+        """One row per class of prior samples at temperature 1, from fixed noise (no global RNG use)."""
+        per_class = 10
+        labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class).tolist()
+        pipe = self.pipeline(accelerator)
+        images = pipe(len(labels), labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        pipe.vae.train()  # the pipeline switched the live model to eval mode
+        return make_grid(to_uint8(images * 2 - 1).numpy(), nrow=per_class)
+
+    def save_pipeline(self, accelerator: Accelerator, path: Path) -> None:
+        from bloodgen_hf.hub import save_pipeline
+
+        save_pipeline(self.pipeline(accelerator), path)
+
+
+SWEEP_TEMPERATURES = (0.0, 0.5, 0.8, 1.0, 1.2)
+
+
+@torch.no_grad()
+def write_model_figures(
+    model: str, data_dir: str | None, out: str | Path, split: str = "test", per_class: int = 2, seed: int = 0
+) -> dict[str, float]:
+    """Model-card material for a trained VAE, written atomically into `out`.
+
+    reconstructions.png (real `split` images over their reconstructions), samples.png (one row
+    per class, temperature 1), temperature_sweep.png (one row per temperature in
+    SWEEP_TEMPERATURES, the same noise in each column), and metrics.json: the whole split's
+    -ELBO, KL and reconstruction error, with one seeded posterior sample per image.
+    """
+    from bloodgen_hf.hub import load_pipeline
+
+    pipe = load_pipeline(model)
+    vae, size = pipe.vae.eval(), pipe.vae.config.resolution
+    images, labels = load_arrays(split, size, data_dir)
+    x_all, y_all = to_model_range(torch.from_numpy(images)), torch.from_numpy(labels)
+    scale = max(1, 96 // size)
+    out = Path(out)
+
+    picks = torch.cat([torch.nonzero(y_all == c).flatten()[:per_class] for c in range(NUM_CLASSES)])
+    recon = pipe.reconstruct(x_all[picks], class_labels=y_all[picks].tolist(), output_type="pt").images
+    pairs = np.stack([images[picks.numpy()], to_uint8(recon * 2 - 1).numpy()])
+    save_image(labelled_class_grid(pairs, ["real", "reconstruction"], scale), out / "reconstructions.png")
+
+    classes = torch.arange(NUM_CLASSES).repeat_interleave(10).tolist()
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(classes))]
+    samples = to_uint8(pipe(len(classes), classes, generator=generators, output_type="pt").images * 2 - 1)
+    grid = labelled_class_grid(samples.numpy().reshape(NUM_CLASSES, 10, size, size, 3), list(CLASS_NAMES), scale)
+    save_image(grid, out / "samples.png")
+
+    sweep_classes = torch.arange(NUM_CLASSES).repeat_interleave(per_class).tolist()
+    rows = []
+    for temperature in SWEEP_TEMPERATURES:
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(sweep_classes))]
+        row = pipe(len(sweep_classes), sweep_classes, generator=generators, temperature=temperature, output_type="pt")
+        rows.append(to_uint8(row.images * 2 - 1).numpy())
+    names = [f"T = {t}" for t in SWEEP_TEMPERATURES]
+    save_image(labelled_class_grid(np.stack(rows), names, scale), out / "temperature_sweep.png")
+
+    totals, generator = {"neg_elbo": 0.0, "kl": 0.0, "mse": 0.0}, torch.Generator().manual_seed(seed)
+    for start in range(0, len(x_all), 256):
+        x, y = x_all[start : start + 256], y_all[start : start + 256]
+        result = vae(x, y, sample_posterior=True, generator=generator)
+        kl = result.latent_dist.kl()
+        totals["neg_elbo"] += (gaussian_nll(x, result.sample, vae.config.decoder_sigma) + kl).sum().item()
+        totals["kl"] += kl.sum().item()
+        totals["mse"] += (x - result.sample).pow(2).flatten(1).mean(1).sum().item()
+    metrics = {f"{split}_{k}": v / len(x_all) for k, v in totals.items()}
+    metrics[f"{split}_psnr_db"] = 10 * math.log10(4.0 / metrics[f"{split}_mse"])  # [-1, 1] range: peak-to-peak 2
+    metrics |= {"decoder_sigma": vae.config.decoder_sigma, "num_images": len(x_all)}
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Entry point of `train_scripts/train_vae.py` and `bloodgen-hf train vae`."""
+    return run_training(
+        "Train the class-conditional VAE (AutoencoderKL-style CVAE) on BloodMNIST.",
+        VAETask.build,
+        add_vae_arguments,
+        argv,
+        output_dir="runs/vae",
+        epochs=7,
+    )
