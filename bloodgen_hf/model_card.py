@@ -105,8 +105,12 @@ def find_train_config(folder: Path) -> dict | None:
 
 
 def training_command(family: str, config: dict) -> str:
-    """`bloodgen-hf train <family> --flag value ...` rebuilt from a saved TrainConfig (resume left out)."""
-    options = {k: v for k, v in config.items() if k not in ("extra", "resume")} | dict(config.get("extra") or {})
+    """The recorded command line of the run; for older runs, `bloodgen-hf train <family> ...` rebuilt from
+    the saved TrainConfig (resume left out)."""
+    if config.get("command"):
+        return config["command"]
+    skip = ("extra", "resume", "command", "num_processes")
+    options = {k: v for k, v in config.items() if k not in skip} | dict(config.get("extra") or {})
     words = ["bloodgen-hf", "train", family]
     for key, value in options.items():
         flag = key.replace("_", "-")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -165,7 +167,8 @@ def train(task: TrainTask, config: TrainConfig, accelerator: Accelerator, datase
         step, epoch, batch_in_epoch = load_checkpoint(task, accelerator, resolve_resume(out, config.resume))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(config.__dict__, indent=2, default=str))
+        launch = {"command": launch_command(accelerator.num_processes), "num_processes": accelerator.num_processes}
+        (out / "train_config.json").write_text(json.dumps({**config.__dict__, **launch}, indent=2, default=str))
     if config.log_with != "none":
         accelerator.init_trackers("logs", config={k: str(v) for k, v in config.__dict__.items()})
 
@@ -209,6 +212,15 @@ def train(task: TrainTask, config: TrainConfig, accelerator: Accelerator, datase
             task.save_pipeline(accelerator, tmp)
     accelerator.end_training()
     return pipeline_dir
+
+
+def launch_command(num_processes: int) -> str:
+    """The command line that started this run, as a user would type it (recorded for model cards)."""
+    program, *args = sys.argv
+    if program.endswith(".py"):
+        processes = f"--multi_gpu --num_processes {num_processes} " if num_processes > 1 else ""
+        return f"accelerate launch {processes}{shlex.join([program, *args])}"
+    return shlex.join([Path(program).name, *args])
 
 
 def log_metrics(accelerator: Accelerator, out: Path, step: int, metrics: dict, trackers: bool) -> None:

@@ -1,0 +1,141 @@
+"""`bloodgen-hf compare`: the protocol for several models, and one folder with a markdown report.
+
+<out>/report.md        metric table (mean ± std, real-vs-real floor), model facts, per-class grids
+<out>/metrics.png      one bar chart per metric with std error bars
+<out>/curves.png       training curves, for models whose folder (or its parent) has metrics.jsonl
+<out>/grids/*.png      8 images per class (rows) for the real data and every model
+<out>/models/<name>/   each model's results.json, eval_results.json, summary.md
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES
+from bloodgen_hf.evaluation.protocol import Protocol, RealData
+from bloodgen_hf.evaluation.report import bar_chart, comparison_table, curves_chart, protocol_line
+from bloodgen_hf.evaluation.runner import evaluate_to_folder, image_size, model_label, parameter_count
+from bloodgen_hf.io import atomic_path, labelled_class_grid, save_image
+from bloodgen_hf.sampling import generate
+
+GRID_PER_CLASS = 8
+PROTOCOL_KEYS = ("runs", "n", "seed", "distribution", "metrics", "split", "extractor", "classifier", "sampling")
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray, per_class: int = GRID_PER_CLASS, seed: int = 0):
+    """`per_class` random images of every class, one labelled row per class."""
+    rng = np.random.default_rng(seed)
+    rows = [images[rng.choice(np.flatnonzero(labels == c), per_class, replace=False)] for c in range(NUM_CLASSES)]
+    return labelled_class_grid(np.stack(rows), list(CLASS_NAMES), scale=2)
+
+
+def model_grid(pipe, sampling_kwargs: dict, per_class: int = GRID_PER_CLASS, seed: int = 0):
+    labels = np.repeat(np.arange(NUM_CLASSES), per_class)
+    images = np.concatenate([b[0] for b in generate(pipe, labels, seed=seed, progress=False, **sampling_kwargs)])
+    return labelled_class_grid(images.reshape(NUM_CLASSES, per_class, *images.shape[1:]), list(CLASS_NAMES), scale=2)
+
+
+def training_curves(folder: Path) -> list[dict]:
+    """Rows of metrics.jsonl from a model folder or its parent (runs/<name>/pipeline -> runs/<name>)."""
+    for candidate in (folder / "metrics.jsonl", folder.parent / "metrics.jsonl"):
+        if candidate.is_file():
+            rows = [json.loads(line) for line in candidate.read_text().splitlines() if line.strip()]
+            return [r for r in rows if "step" in r]
+    return []
+
+
+def reusable(folder: Path, protocol: dict) -> dict | None:
+    """Earlier results in `folder` made with the same protocol (so an interrupted compare can go on)."""
+    file = folder / "results.json"
+    if not file.is_file():
+        return None
+    results = json.loads(file.read_text())
+    old = results.get("protocol", {})
+    same = all(old.get(k) == protocol.get(k) for k in PROTOCOL_KEYS if k in protocol)
+    return results if same else None
+
+
+def expected_protocol(protocol: Protocol, extractor, classifier, split: str, sampling: dict) -> dict:
+    return {
+        "runs": protocol.runs,
+        "n": protocol.n,
+        "seed": protocol.seed,
+        "distribution": protocol.distribution,
+        "metrics": list(protocol.metrics),
+        "split": split,
+        "extractor": {"name": extractor.name, "identity": extractor.identity},
+        "classifier": None if classifier is None else {"name": "bloodnet", "identity": classifier.identity},
+        "sampling": sampling,
+    }
+
+
+def compare(
+    models: list[str],
+    out: Path,
+    extractor,
+    classifier,
+    protocol: Protocol,
+    *,
+    load_pipeline,
+    data_dir=None,
+    split: str = "all",
+    cache_dir=None,
+    sampling_kwargs: dict | None = None,
+    reuse: bool = False,
+    log=print,
+) -> Path:
+    from bloodgen_hf.hub import resolve_model
+
+    sampling_kwargs = sampling_kwargs or {}
+    labels = [model_label(m) for m in models]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"two models share a name ({', '.join(labels)}); give their folders distinct names")
+    out.mkdir(parents=True, exist_ok=True)
+    entries, facts, grids, curves = {}, {}, {}, {}
+    expected = expected_protocol(protocol, extractor, classifier, split, sampling_kwargs)
+    for model, label in zip(models, labels):
+        pipe = load_pipeline(model)
+        folder = out / "models" / label
+        results = reusable(folder, expected) if reuse else None
+        if results is None:
+            log(f"== {label}: evaluating")
+            results = evaluate_to_folder(
+                pipe, model, folder, extractor, classifier, protocol, data_dir, split, cache_dir, sampling_kwargs, log
+            )
+        else:
+            log(f"== {label}: reusing {folder / 'results.json'}")
+        entries[label] = results
+        timing = results["timing"]["images_per_s"]
+        facts[label] = {"parameters": parameter_count(pipe)["total"], "images_per_s": timing}
+        grids[label] = model_grid(pipe, sampling_kwargs, seed=protocol.seed)
+        curves[label] = training_curves(resolve_model(model))
+        size = image_size(pipe, sampling_kwargs)
+    real = RealData.load(split, size, data_dir)
+    grids = {"real": class_grid(real.images, real.labels, seed=protocol.seed), **grids}
+    write_report(out, entries, facts, grids, curves)
+    return out / "report.md"
+
+
+def write_report(out: Path, entries: dict, facts: dict, grids: dict, curves: dict) -> None:
+    for name, grid in grids.items():
+        save_image(grid, out / "grids" / f"{name}.png")
+    bar_chart(entries, out / "metrics.png")
+    curves_file = curves_chart(curves, out / "curves.png")
+    first = next(iter(entries.values()))
+    lines = ["# Model comparison", "", protocol_line(first["protocol"]), "", *comparison_table(entries), ""]
+    lines += ["![metrics](metrics.png)", "", "## Models", "", "| model | parameters | sampling (images/s) | ms/image |"]
+    lines.append("|---|---|---|---|")
+    for name, fact in facts.items():
+        speed = fact["images_per_s"]["mean"]
+        lines.append(f"| {name} | {fact['parameters']:,} | {speed:.1f} | {1000 / speed:.2f} |")
+    lines += ["", "## Samples per class", ""]
+    lines.append("| " + " | ".join(grids) + " |")
+    lines.append("|---" * len(grids) + "|")
+    lines.append("| " + " | ".join(f"![{n}](grids/{n}.png)" for n in grids) + " |")
+    if curves_file is not None:
+        lines += ["", "## Training curves", "", "![training curves](curves.png)"]
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,86 @@
+"""What `evaluate` and `compare` share: building the extractor/classifier, reading a model's image size,
+naming models, and evaluating one model into a results folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bloodgen_hf.evaluation.features import BloodNetExtractor, FeatureExtractor, build_extractor
+from bloodgen_hf.evaluation.protocol import Protocol, RealData, evaluate
+from bloodgen_hf.evaluation.report import write_evaluation
+from bloodgen_hf.sampling import generate
+
+
+def build_tools(
+    extractor_name: str,
+    metrics: tuple[str, ...],
+    device: str = "cpu",
+    inception_weights: str | None = None,
+    bloodnet: str | None = None,
+    num_workers: int = 0,
+) -> tuple[FeatureExtractor, BloodNetExtractor | None]:
+    """The feature extractor, and BloodNet as classifier when class accuracy is asked for (the same
+    object when BloodNet is also the extractor)."""
+    extractor = build_extractor(
+        extractor_name, device, inception_weights=inception_weights, bloodnet=bloodnet, num_workers=num_workers
+    )
+    classifier = None
+    if "accuracy" in metrics:
+        classifier = extractor if extractor.name == "bloodnet" else BloodNetExtractor.load(bloodnet, device)
+    return extractor, classifier
+
+
+def image_size(pipe, sampling_kwargs: dict) -> int:
+    """The side of the images a pipeline makes, from one generated image (works for every family)."""
+    images, _, _ = next(
+        generate(pipe, np.zeros(1, dtype=np.int64), seed=0, batch_size=1, progress=False, **sampling_kwargs)
+    )
+    return int(images.shape[1])
+
+
+def model_label(name_or_path: str) -> str:
+    """A short name for a bundled model or a folder (runs/gan-28/pipeline -> gan-28)."""
+    path = Path(name_or_path)
+    if len(path.parts) == 1:
+        return name_or_path
+    return path.parent.name if path.name == "pipeline" else path.name
+
+
+def parameter_count(pipe) -> dict[str, int]:
+    counts = {
+        name: sum(p.numel() for p in c.parameters()) for name, c in pipe.components.items() if hasattr(c, "parameters")
+    }
+    return {**counts, "total": sum(counts.values())}
+
+
+def evaluate_to_folder(
+    pipe,
+    model: str,
+    out: Path,
+    extractor: FeatureExtractor,
+    classifier,
+    protocol: Protocol,
+    data_dir=None,
+    split: str = "all",
+    cache_dir=None,
+    sampling_kwargs: dict | None = None,
+    log=print,
+) -> dict:
+    """Run the protocol for one pipeline against the real data at its image size; write `out`."""
+    sampling_kwargs = sampling_kwargs or {}
+    real = RealData.load(split, image_size(pipe, sampling_kwargs), data_dir)
+    evaluation = evaluate(
+        pipe,
+        extractor,
+        real,
+        protocol,
+        classifier=classifier,
+        cache_dir=cache_dir,
+        sampling_kwargs=sampling_kwargs,
+        log=log,
+    )
+    evaluation.results["parameters"] = parameter_count(pipe)
+    write_evaluation(evaluation, out, model)
+    return {"model": model, **evaluation.results}

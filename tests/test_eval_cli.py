@@ -1,0 +1,179 @@
+"""`evaluate`, `compare` and `augment-study` end to end on tiny fixtures (a tiny GAN, tiny BloodNet, fake data)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bloodgen_hf.cli import app
+from bloodgen_hf.data import CLASS_NAMES
+from bloodgen_hf.evaluation import features as F
+from bloodgen_hf.evaluation.bloodnet import BloodNet
+from bloodgen_hf.model_card import read_eval_results
+from tests.conftest import tiny_gan_pipeline
+
+SMALL = ["--runs", "2", "--n", "20", "--memorization-n", "10", "--batch-size", "8"]
+
+
+@pytest.fixture
+def tiny_bloodnet_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path / "bloodnet"
+    BloodNet(channels=[4, 8], blocks_per_stage=1, class_names=list(CLASS_NAMES)).save_pretrained(folder / "classifier")
+    return folder
+
+
+@pytest.fixture
+def common(fake_data_dir, tiny_bloodnet_dir, tmp_path) -> list[str]:
+    return [
+        "--extractor",
+        "bloodnet",
+        "--bloodnet",
+        str(tiny_bloodnet_dir),
+        "--data-dir",
+        str(fake_data_dir),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--device",
+        "cpu",
+    ]
+
+
+def invoke(*args) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_evaluate_writes_results_hub_file_summary_and_pairs(tiny_gan_dir, common, tmp_path):
+    out = tmp_path / "eval"
+    result = invoke("evaluate", "--model", tiny_gan_dir, *SMALL, *common, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "fd_bloodnet" in result.stdout and "real vs real" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 2 and results["protocol"]["n"] == 20
+    assert results["parameters"]["total"] == sum(p.numel() for p in tiny_gan_pipeline().gan.parameters())
+    hub = read_eval_results(out)  # the Hub helper's reader and checks
+    assert hub["split"] == "all" and hub["num_generated"] == 20
+    entries = {m["type"]: m for m in hub["metrics"]}
+    fd = results["metrics"]["fd_bloodnet"]
+    assert entries["fd_bloodnet"]["value"] == fd["mean"] and entries["fd_bloodnet"]["runs"] == fd["runs"]
+    assert entries["fd_bloodnet"]["floor"] == results["floor"]["fd_bloodnet"]["mean"]
+    assert "bloodnet features" in entries["fd_bloodnet"]["name"]
+    assert "fid" not in entries  # BloodNet distances are never reported as FID
+    assert (out / "memorization_pairs.png").is_file() and "| fd_bloodnet |" in (out / "summary.md").read_text()
+    assert not (tiny_gan_dir / "eval_results.json").exists()  # only with --record
+
+
+def test_evaluate_record_puts_results_where_push_reads_them(tiny_gan_dir, common, tmp_path):
+    result = invoke("evaluate", "--model", tiny_gan_dir, *SMALL, *common, "--out", tmp_path / "e", "--record")
+    assert result.exit_code == 0, result.output
+    assert read_eval_results(tiny_gan_dir) == read_eval_results(tmp_path / "e")
+
+
+def test_evaluate_does_not_overwrite_without_the_flag(tiny_gan_dir, common, tmp_path):
+    out = tmp_path / "eval"
+    out.mkdir()
+    result = invoke("evaluate", "--model", tiny_gan_dir, *SMALL, *common, "--out", out)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+
+
+def test_evaluate_without_inception_weights_fails_in_one_line(tiny_gan_dir, monkeypatch, tmp_path, fake_data_dir):
+    import cleanfid.downloads_helper
+
+    def no_network(fpath="./"):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(F, "CLEANFID_DOWNLOAD_DIR", tmp_path / "cleanfid")
+    monkeypatch.setattr(cleanfid.downloads_helper, "check_download_inception", no_network)
+    monkeypatch.delenv(F.INCEPTION_ENV, raising=False)
+    result = invoke("evaluate", "--model", tiny_gan_dir, "--data-dir", fake_data_dir, "--out", tmp_path / "e")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Inception-v3 weights for FID are unavailable")
+    assert "--inception-weights" in lines[0] and "--extractor bloodnet" in lines[0]
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--metrics", "fid,lpips"], "unknown metric 'lpips'"),
+        (["--n", "500"], "--n must be between 2 and the 80 real images"),
+        (["--steps", "5"], "--steps does not apply to BloodGANPipeline"),
+    ],
+)
+def test_evaluate_bad_input_is_one_error_line(tiny_gan_dir, common, tmp_path, extra, message):
+    result = invoke("evaluate", "--model", tiny_gan_dir, *SMALL, *common, "--out", tmp_path / "e", *extra)
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_compare_writes_one_report_folder(tiny_gan_dir, common, tmp_path):
+    from bloodgen_hf.hub import save_pipeline
+
+    other = save_pipeline(tiny_gan_pipeline(seed=1), tmp_path / "other_gan")
+    (other / "metrics.jsonl").write_text('{"step": 1, "loss_g": 2.0}\n{"step": 2, "loss_g": 1.5}\n')
+    out = tmp_path / "report"
+    result = invoke("compare", "--models", tiny_gan_dir, other, *SMALL, *common, "--metrics", "fd,1nn", "--out", out)
+    assert result.exit_code == 0, result.output
+    report = (out / "report.md").read_text()
+    assert "| fd_bloodnet | ↓ |" in report and "tiny_gan" in report and "other_gan" in report
+    for name in ("metrics.png", "curves.png", "grids/real.png", "grids/tiny_gan.png", "grids/other_gan.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "models" / "other_gan" / "results.json").read_text())["protocol"]["runs"] == 2
+    again = invoke(
+        "compare",
+        "--models",
+        f"{tiny_gan_dir},{other}",
+        *SMALL,
+        *common,
+        "--metrics",
+        "fd,1nn",
+        "--out",
+        out,
+        "--reuse",
+    )
+    assert again.exit_code == 0 and again.output.count("reusing") == 2
+
+
+def test_augment_study_trains_every_setting_and_fraction(tiny_gan_dir, fake_data_dir, tmp_path):
+    out = tmp_path / "study"
+    args = ["--model", tiny_gan_dir, "--data-dir", fake_data_dir, "--fractions", "0.5,1", "--seeds", "0"]
+    result = invoke("augment-study", *args, "--steps", "2", "--batch-size", "8", "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["setting"], r["fraction"]): r for r in results["runs"]}
+    assert set(runs) == {(s, f) for s in ("real", "real+synthetic", "synthetic") for f in (0.5, 1.0)}
+    assert runs["real", 0.5]["num_real"] == 24 and runs["real", 0.5]["num_synthetic"] == 0
+    assert runs["real+synthetic", 1.0]["num_synthetic"] == 48 and runs["synthetic", 0.5]["num_synthetic"] == 24
+    assert sum(map(sum, runs["synthetic", 1.0]["confusion"])) == 16  # the real test split
+    for name in ("report.md", "accuracy.png", "confusion.png", "synthetic_pool.npz"):
+        assert (out / name).is_file(), name
+
+
+def test_synthetic_counts_per_setting():
+    from bloodgen_hf.evaluation.augment_study import StudyConfig, synthetic_counts
+
+    counts = np.array([10, 4, 6, 10, 1, 2, 3, 10])
+    assert synthetic_counts(counts, "real+synthetic", StudyConfig(balance=True)).tolist() == [0, 6, 4, 0, 9, 8, 7, 0]
+    assert synthetic_counts(counts, "synthetic", StudyConfig(balance=True)).tolist() == [6, 6, 6, 6, 6, 6, 5, 5]
+    assert synthetic_counts(counts, "real+synthetic", StudyConfig(synthetic_ratio=0.5)).tolist() == [
+        5,
+        2,
+        3,
+        5,
+        0,
+        1,
+        2,
+        5,
+    ]
+
+
+def test_augment_study_rejects_bad_fractions(tiny_gan_dir, tmp_path):
+    result = invoke("augment-study", "--model", tiny_gan_dir, "--fractions", "0,2", "--out", tmp_path / "s")
+    assert result.exit_code == 2 and "--fractions must be in (0, 1]" in result.output
