@@ -146,4 +146,4 @@ def test_two_process_cpu_training(fake_data_dir, tmp_path):
 def test_cpu_flag_with_two_processes_is_a_clear_error(fake_data_dir, tmp_path):
     result = launch(tmp_path, fake_data_dir, "--cpu", "--num_processes", "2")
     assert result.returncode != 0
-    assert "use `accelerate launch --multi_gpu --num_processes N`" in result.stderr
+    assert "on CPU launch with `accelerate launch --multi_gpu --num_processes N`" in result.stderr

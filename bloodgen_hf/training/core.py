@@ -109,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator that also works multi-process on CPU, and refuses a broken launch."""
+    check_launch_environment()  # before Accelerator(), which would wait for ranks that never come
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
@@ -120,14 +121,20 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def check_launch(accelerator: Accelerator) -> None:
+def check_launch_environment() -> None:
+    """`accelerate launch --cpu --num_processes N` starts ONE process with MASTER_ADDR set but no
+    WORLD_SIZE; catch that instead of silently training on one process."""
     env = os.environ
     if "MASTER_ADDR" in env and "WORLD_SIZE" not in env and env.get("ACCELERATE_USE_CPU") is not None:
         raise LaunchError(
             "accelerate started 1 process although more were asked for: on CPU launch with "
             "`accelerate launch --multi_gpu --num_processes N` (not `--cpu --num_processes N`)"
         )
-    expected = int(env.get("WORLD_SIZE", "1"))
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Every rank must see the same world: WORLD_SIZE processes, ranks 0..N-1."""
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
     if expected != accelerator.num_processes:
         raise LaunchError(
             f"launched {expected} processes but each sees {accelerator.num_processes}: the ranks "
