@@ -1,0 +1,129 @@
+"""End-to-end tests of `bloodgen-hf sample`, `grid`, `models` and `info` through typer's runner."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from bloodgen_hf.cli import app
+from bloodgen_hf.data import CLASS_NAMES
+from bloodgen_hf.hub import bundled_models, load_pipeline
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_sample_png_writes_class_folders_manifest_and_info(tiny_gan_dir, tmp_path):
+    out = tmp_path / "samples"
+    result = invoke("sample", "--n", 20, "--model", tiny_gan_dir, "--out", out, "--seed", 5, "--batch-size", 7)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert len(rows) == 20
+    assert [int(r["seed"]) for r in rows] == list(range(5, 25))
+    counts = np.bincount([int(r["label"]) for r in rows], minlength=8)
+    assert counts.max() - counts.min() <= 1  # balanced by default
+    for row in rows:
+        assert row["file"].startswith(CLASS_NAMES[int(row["label"])] + "/")
+        assert Image.open(out / row["file"]).size == (28, 28)
+    info = json.loads((out / "info.json").read_text())
+    assert info["num_images"] == 20 and info["seed"] == 5
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_sample_npz_matches_png_and_is_reproducible_per_image(tiny_gan_dir, tmp_path):
+    args = ("--model", tiny_gan_dir, "--class", "eosinophil", "--class", "7", "--seed", 3)
+    assert invoke("sample", "--n", 6, "--format", "npz", "--out", tmp_path / "a.npz", *args).exit_code == 0
+    data = np.load(tmp_path / "a.npz")
+    assert data["images"].shape == (6, 28, 28, 3) and data["images"].dtype == np.uint8
+    assert data["labels"].tolist() == [1, 7, 1, 7, 1, 7]
+    assert invoke("sample", "--n", 6, "--batch-size", 1, "--out", tmp_path / "b", *args).exit_code == 0
+    rows = list(csv.DictReader(open(tmp_path / "b" / "manifest.csv")))
+    for i, row in enumerate(rows):  # another batch size, another format: the same images
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "b" / row["file"])), data["images"][i])
+
+
+def test_real_distribution_follows_bloodmnist_proportions(tiny_gan_dir, tmp_path):
+    result = invoke(
+        "sample",
+        "--n",
+        100,
+        "--model",
+        tiny_gan_dir,
+        "--real-distribution",
+        "--format",
+        "npz",
+        "--out",
+        tmp_path / "r.npz",
+    )
+    assert result.exit_code == 0, result.output
+    counts = np.bincount(np.load(tmp_path / "r.npz")["labels"], minlength=8)
+    assert counts.sum() == 100 and counts.tolist() == [7, 18, 9, 17, 7, 8, 20, 14]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--n", 0), "--n must be a positive number"),
+        (("--n", -3), "--n must be a positive number"),
+        (("--n", 2, "--class", "blast"), "unknown class 'blast'"),
+        (("--n", 2, "--model", "/no/such/model"), "not a bundled model"),
+        (("--n", 2, "--out", "/no/such/dir/out"), "does not exist"),
+        (("--n", 2, "--balanced", "--real-distribution"), "choose one of"),
+        (("--n", 2, "--temperature", "0.5"), "--temperature does not apply to BloodGANPipeline"),
+    ],
+)
+def test_bad_input_gives_one_error_line_and_exit_2(tiny_gan_dir, tmp_path, args, message):
+    if "--model" not in args:
+        args = (*args, "--model", tiny_gan_dir)
+    if "--out" not in args:
+        args = (*args, "--out", tmp_path / "o")
+    result = invoke("sample", *args)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_kept_without_overwrite(tiny_gan_dir, tmp_path):
+    out = tmp_path / "s"
+    assert invoke("sample", "--n", 3, "--model", tiny_gan_dir, "--out", out).exit_code == 0
+    before = (out / "manifest.csv").read_text()
+    result = invoke("sample", "--n", 5, "--model", tiny_gan_dir, "--out", out)
+    assert result.exit_code == 2 and "already exists; pass --overwrite" in result.output
+    assert (out / "manifest.csv").read_text() == before
+    assert invoke("sample", "--n", 5, "--model", tiny_gan_dir, "--out", out, "--overwrite").exit_code == 0
+    assert len((out / "manifest.csv").read_text().splitlines()) == 6
+
+
+def test_corrupt_weights_exit_2_naming_the_file(tiny_gan_dir, tmp_path):
+    weights = tiny_gan_dir / "gan" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"\x00" * 64)
+    result = invoke("sample", "--n", 2, "--model", tiny_gan_dir, "--out", tmp_path / "o")
+    assert result.exit_code == 2 and str(weights) in result.output
+
+
+def test_grid_has_one_row_per_class(tiny_gan_dir, tmp_path):
+    out = tmp_path / "g.png"
+    result = invoke("grid", "--model", tiny_gan_dir, "--per-class", 3, "--scale", 1, "--out", out)
+    assert result.exit_code == 0, result.output
+    width, height = Image.open(out).size
+    assert height == 8 * (28 + 2) + 2 and width > 3 * (28 + 2)
+
+
+def test_bundled_models_load_and_generate_each_class():
+    bundled = bundled_models()
+    assert {"gan", "vae"} <= bundled.keys()
+    for name in ("gan", "vae"):
+        pipe = load_pipeline(name)
+        images = pipe(8, class_labels=list(range(8)), output_type="np").images
+        assert images.shape == (8, 28, 28, 3) and 0 <= images.min() and images.max() <= 1
+    result = invoke("models")
+    assert result.exit_code == 0 and "gan (default)" in result.output
+    info = invoke("info", "gan")
+    assert info.exit_code == 0 and json.loads(info.output)["components"]["gan"]["parameters"] > 1_000_000
