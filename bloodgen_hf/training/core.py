@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -83,6 +84,32 @@ class TrainTask:
 
     def save_pipeline(self, accelerator: Accelerator, path: Path) -> None:
         raise NotImplementedError
+
+
+@dataclass
+class EMATask(TrainTask):
+    """A TrainTask that samples and saves an EMA (diffusers EMAModel) of `models[ema_of]`."""
+
+    ema: EMAModel | None = None
+    ema_of: str = ""
+
+    def after_optimizer_step(self) -> None:
+        self.ema.step(self.models[self.ema_of].parameters())
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state["ema"])
+        self.ema.to(next(self.models[self.ema_of].parameters()).device)
+
+    def ema_model(self, accelerator: Accelerator) -> torch.nn.Module:
+        """A copy of the live model (buffers such as batch-norm statistics included) with the EMA weights."""
+        live = accelerator.unwrap_model(self.models[self.ema_of])
+        copy = type(live).from_config(live.config).to(accelerator.device)
+        copy.load_state_dict(live.state_dict())
+        self.ema.copy_to(copy.parameters())
+        return copy.eval()
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from diffusers.training_utils import EMAModel
 
 from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, load_arrays, to_uint8
 from bloodgen_hf.io import make_grid
-from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training
+from bloodgen_hf.training.core import EMATask, TrainConfig, run_training
 from pipelines.pipeline_bloodgen_ddpm import SCHEDULERS, BloodDDPMPipeline, make_scheduler
 
 
@@ -144,9 +144,8 @@ def planned_steps(config: TrainConfig) -> int:
 
 
 @dataclass
-class DDPMTask(TrainTask):
+class DDPMTask(EMATask):
     noise_scheduler: DDPMScheduler | None = None
-    ema: EMAModel | None = None
     options: dict = field(default_factory=dict)
 
     @classmethod
@@ -169,6 +168,7 @@ class DDPMTask(TrainTask):
             schedulers={"lr": lr_scheduler},
             noise_scheduler=build_noise_scheduler(o["beta_schedule"], o["prediction_type"], o["num_train_timesteps"]),
             ema=ema,
+            ema_of="unet",
             options=o,
         )
 
@@ -197,22 +197,10 @@ class DDPMTask(TrainTask):
 
     def after_optimizer_step(self) -> None:
         self.schedulers["lr"].step()
-        self.ema.step(self.models["unet"].parameters())
-
-    def extra_state(self) -> dict:
-        return {"ema": self.ema.state_dict()}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.ema.load_state_dict(state["ema"])
-        self.ema.to(next(self.models["unet"].parameters()).device)
+        super().after_optimizer_step()
 
     def ema_unet(self, accelerator: Accelerator) -> UNet2DModel:
-        """A copy of the UNet carrying the EMA weights."""
-        live = accelerator.unwrap_model(self.models["unet"])
-        copy = UNet2DModel.from_config(live.config).to(accelerator.device)
-        copy.load_state_dict(live.state_dict())
-        self.ema.copy_to(copy.parameters())
-        return copy.eval()
+        return self.ema_model(accelerator)
 
     def pipeline(self, accelerator: Accelerator) -> BloodDDPMPipeline:
         """The EMA UNet with the chosen sampler and defaults: what is saved, and what draws the grids."""

@@ -13,7 +13,7 @@ from diffusers.training_utils import EMAModel
 from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, to_uint8
 from bloodgen_hf.io import make_grid
 from bloodgen_hf.models.gan import ConditionalDiscriminator, ConditionalGenerator
-from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training
+from bloodgen_hf.training.core import EMATask, TrainConfig, run_training
 from bloodgen_hf.training.gan_losses import (
     GAN_LOSSES,
     diff_augment,
@@ -39,8 +39,7 @@ def add_gan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 @dataclass
-class GANTask(TrainTask):
-    ema: EMAModel | None = None
+class GANTask(EMATask):
     options: dict = field(default_factory=dict)
 
     @classmethod
@@ -69,6 +68,7 @@ class GANTask(TrainTask):
                 "discriminator": torch.optim.Adam(discriminator.parameters(), lr=o["lr_d"], betas=betas),
             },
             ema=ema,
+            ema_of="generator",
             options=o,
         )
 
@@ -109,23 +109,8 @@ class GANTask(TrainTask):
             "score_fake": fake_scores.mean().item(),
         }
 
-    def after_optimizer_step(self) -> None:
-        self.ema.step(self.models["generator"].parameters())
-
-    def extra_state(self) -> dict:
-        return {"ema": self.ema.state_dict()}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.ema.load_state_dict(state["ema"])
-        self.ema.to(next(self.models["generator"].parameters()).device)
-
     def ema_generator(self, accelerator: Accelerator) -> ConditionalGenerator:
-        """A copy of the generator carrying the EMA weights (and the live batch-norm statistics)."""
-        live = accelerator.unwrap_model(self.models["generator"])
-        copy = ConditionalGenerator.from_config(live.config).to(accelerator.device)
-        copy.load_state_dict(live.state_dict())
-        self.ema.copy_to(copy.parameters())
-        return copy.eval()
+        return self.ema_model(accelerator)
 
     def sample_grid(self, accelerator: Accelerator) -> torch.Tensor:
         g = self.ema_generator(accelerator)
