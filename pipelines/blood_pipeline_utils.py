@@ -60,3 +60,15 @@ def postprocess(images: torch.Tensor, output_type: str):
     if output_type == "np":
         return array
     return [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]
+
+
+class BloodPipelineMixin:
+    """`pipe.push_to_hub(repo_id)` publishes the remote-code layout, a sample grid and a model card
+    (diffusers' own push would point model_index.json at bloodgen_hf's modules)."""
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        try:
+            from bloodgen_hf.hub import push_to_hub
+        except ImportError as err:
+            raise ImportError("pushing a bloodgen pipeline needs the bloodgen-hf package installed") from err
+        return push_to_hub(self, repo_id, **kwargs)

@@ -18,7 +18,7 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from .blood_pipeline_utils import postprocess, resolve_class_labels
+from .blood_pipeline_utils import BloodPipelineMixin, postprocess, resolve_class_labels
 
 # name -> (scheduler class, settings that differ from the class defaults); any of them can sample
 # a UNet trained with DDPMScheduler, because they all read the same betas and prediction type.
@@ -53,7 +53,7 @@ def check_class_conditional(unet: UNet2DModel) -> int:
     return n - 1
 
 
-class BloodDDPMPipeline(DiffusionPipeline):
+class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
     """Denoise Gaussian noise into images of the asked classes.
 
     Guidance: eps = eps(null) + guidance_scale * (eps(class) - eps(null)). guidance_scale 1 is the

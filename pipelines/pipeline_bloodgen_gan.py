@@ -6,10 +6,10 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .blood_pipeline_utils import postprocess, resolve_class_labels
+from .blood_pipeline_utils import BloodPipelineMixin, postprocess, resolve_class_labels
 
 
-class BloodGANPipeline(DiffusionPipeline):
+class BloodGANPipeline(BloodPipelineMixin, DiffusionPipeline):
     """One generator forward pass per batch: z ~ N(0, I), label -> image.
 
     `generator` may be one torch.Generator or a list with one per image (then every image is

@@ -11,7 +11,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .blood_pipeline_utils import postprocess, resolve_class_labels
+from .blood_pipeline_utils import BloodPipelineMixin, postprocess, resolve_class_labels
 
 
 def inference(method):
@@ -26,7 +26,7 @@ def inference(method):
     return wrapper
 
 
-class BloodVAEPipeline(DiffusionPipeline):
+class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
     """Decode z = latent_bias + temperature * eps, eps ~ N(0, I), with the requested class.
 
     `temperature` scales the prior noise (0 gives the decoded prior mean, < 1 trades variety for

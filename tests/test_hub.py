@@ -492,3 +492,14 @@ def test_cli_push_reports_hub_and_network_failures_in_one_line(failure, message,
     result = CliRunner().invoke(app, ["push", "--model", str(tiny_gan_dir), "--repo-id", "org/name", "--token", TOKEN])
     assert result.exit_code == 2
     assert result.output.startswith(f"error: {message}") and result.output.count("\n") == 1
+
+
+def test_pipeline_push_to_hub_uses_the_bloodgen_publisher(monkeypatch):
+    import bloodgen_hf.hub as hub
+    from tests.conftest import tiny_gan_pipeline
+
+    calls = []
+    monkeypatch.setattr(hub, "push_to_hub", lambda pipe, repo_id, **kw: calls.append((pipe, repo_id, kw)) or "ok")
+    pipe = tiny_gan_pipeline()
+    assert pipe.push_to_hub("org/name", private=True) == "ok"
+    assert calls == [(pipe, "org/name", {"private": True})]
