@@ -62,6 +62,18 @@ def pick_device(device: str) -> str:
     return device
 
 
+def sampling_options(temperature, latent_bias, steps, guidance, scheduler) -> dict:
+    """The model-specific sampling flags the user set, named as the pipelines' arguments."""
+    options = {
+        "temperature": temperature,
+        "latent_bias": latent_bias,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "scheduler": scheduler,
+    }
+    return {k: v for k, v in options.items() if v is not None}
+
+
 @app.command()
 @clean_errors
 def sample(
@@ -119,14 +131,8 @@ def sample(
     labels = plan_labels(n, [class_index(c) for c in classes or []], "real" if real_distribution else "balanced")
     check_output(out, overwrite)
     pipe = load_pipeline(model, pick_device(device))
-    options = {
-        "temperature": temperature,
-        "latent_bias": latent_bias,
-        "num_inference_steps": steps,
-        "guidance_scale": guidance,
-        "scheduler": scheduler,
-    }
-    pipe, kwargs = configure_sampling(pipe, {k: v for k, v in options.items() if v is not None})
+    options = sampling_options(temperature, latent_bias, steps, guidance, scheduler)
+    pipe, kwargs = configure_sampling(pipe, options)
     info = {"model": model, "seed": seed, "distribution": "real" if real_distribution else "balanced", "n": n, **kwargs}
     started = time.time()
     batches = generate(pipe, labels, seed=seed, batch_size=batch_size, **kwargs)
@@ -363,14 +369,8 @@ def evaluate(
     check_output(out, overwrite)
     device = pick_device(device)
     tools = build_tools(extractor, protocol.metrics, device, inception_weights, bloodnet, num_workers)
-    options = {
-        "temperature": temperature,
-        "latent_bias": latent_bias,
-        "num_inference_steps": steps,
-        "guidance_scale": guidance,
-        "scheduler": scheduler,
-    }
-    pipe, kwargs = configure_sampling(load_pipeline(model, device), {k: v for k, v in options.items() if v is not None})
+    options = sampling_options(temperature, latent_bias, steps, guidance, scheduler)
+    pipe, kwargs = configure_sampling(load_pipeline(model, device), options)
     results = evaluate_to_folder(pipe, model, out, *tools, protocol, data_dir, split, cache_dir, kwargs, log=_log)
     typer.echo("\n".join(metric_table(results)))
     typer.echo(f"wrote {out}/results.json, eval_results.json and summary.md")
