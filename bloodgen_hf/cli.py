@@ -11,6 +11,7 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -29,6 +30,39 @@ class OutputFormat(str, Enum):
     png = "png"
     npz = "npz"
     hf_dataset = "hf-dataset"
+
+
+# Options that several commands share, declared once (defaults stay in each signature).
+DataDir = Annotated[Path, typer.Option(help="Folder holding the BloodMNIST archives (else $BLOODGEN_DATA_DIR).")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace or write into an existing output.")]
+Temperature = Annotated[float, typer.Option(help="VAE: scale of the prior noise (1 = the prior).")]
+LatentBias = Annotated[float, typer.Option(help="VAE: shift added to the prior noise.")]
+Steps = Annotated[int, typer.Option(help="DDPM: number of denoising steps.")]
+Guidance = Annotated[float, typer.Option(help="DDPM: classifier-free guidance scale.")]
+Scheduler = Annotated[str, typer.Option(help="DDPM: ddpm, ddim, dpm++, unipc or euler.")]
+Runs = Annotated[int, typer.Option(help="Independent runs; run r uses seed+r.")]
+Count = Annotated[int, typer.Option("--n", help="Real and generated images per run.")]
+Extractor = Annotated[
+    str, typer.Option(help="inception: clean-fid FID (needs its weights); bloodnet: domain features, works offline.")
+]
+Metrics = Annotated[
+    list[str],
+    typer.Option(
+        "--metrics",
+        help="Repeatable or comma-separated: fd,kid,is,pr,dc,1nn,memorization,class-fd,accuracy (default: all).",
+    ),
+]
+Balanced = Annotated[bool, typer.Option("--balanced", help="Generate equal counts per class, not the real mix.")]
+Seed = Annotated[int, typer.Option(help="Seed of the first run.")]
+Split = Annotated[str, typer.Option(help="Draw real images from this split (all: the whole dataset).")]
+InceptionWeights = Annotated[Path, typer.Option(help="Local inception-2015-12-05.pt ($BLOODGEN_INCEPTION_WEIGHTS).")]
+BloodNetFolder = Annotated[Path, typer.Option(help="BloodNet folder; default the bundled one ($BLOODGEN_BLOODNET).")]
+CacheDir = Annotated[Path, typer.Option(help="Real-feature cache; default ~/.cache/bloodgen_hf/features.")]
+NoFloor = Annotated[bool, typer.Option("--no-floor", help="Skip the real-vs-real floor.")]
+MemorizationN = Annotated[int, typer.Option(help="Generated images per run checked for near-copies (0: all).")]
+GenerationBatch = Annotated[int, typer.Option(help="Images per generation batch.")]
+NumWorkers = Annotated[int, typer.Option(help="Resize workers for Inception (clean-fid would use 12).")]
 
 
 def fail(message: str) -> None:
@@ -99,13 +133,13 @@ def sample(
     push_to_hub: str = typer.Option(None, help="hf-dataset: also publish it as this Hub dataset repo (org/name)."),
     token: str = typer.Option(None, help="Hugging Face token for --push-to-hub; default $HF_TOKEN or the login."),
     private: bool = typer.Option(False, help="Create the --push-to-hub repo private."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    temperature: float = typer.Option(None, help="VAE: scale of the prior noise (1 = the prior)."),
-    latent_bias: float = typer.Option(None, help="VAE: shift added to the prior noise."),
-    steps: int = typer.Option(None, help="DDPM: number of denoising steps."),
-    guidance: float = typer.Option(None, help="DDPM: classifier-free guidance scale."),
-    scheduler: str = typer.Option(None, help="DDPM: ddpm, ddim, dpm++, unipc or euler."),
+    overwrite: Overwrite = False,
+    device: Device = "auto",
+    temperature: Temperature = None,
+    latent_bias: LatentBias = None,
+    steps: Steps = None,
+    guidance: Guidance = None,
+    scheduler: Scheduler = None,
 ):
     """Generate N class-conditional images with a bundled or saved model."""
     from bloodgen_hf.data import class_index
@@ -171,8 +205,8 @@ def reconstruct(
     model: str = typer.Option(DEFAULT_VAE_MODEL, help="A bundled VAE name or a saved VAE pipeline folder."),
     out: Path = typer.Option(None, help="Output PNG. Default: <input name>_reconstruction.png."),
     class_name: str = typer.Option(None, "--class", help="The input's class (name or index); default: inferred."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    overwrite: Overwrite = False,
+    device: Device = "auto",
 ):
     """Encode an image with a VAE and decode its posterior mean."""
     from bloodgen_hf.data import CLASS_NAMES
@@ -196,8 +230,8 @@ def variations(
     out: Path = typer.Option(None, help="Output folder. Default: <input name>_variations."),
     class_name: str = typer.Option(None, "--class", help="The input's class (name or index); default: inferred."),
     seed: int = typer.Option(0, help="Variation i uses seed+i."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    overwrite: Overwrite = False,
+    device: Device = "auto",
 ):
     """Image-to-image: resample a VAE's posterior around an image, N times."""
     from bloodgen_hf.data import CLASS_NAMES
@@ -298,9 +332,6 @@ def info(model: str = typer.Argument(DEFAULT_MODEL, help="A bundled model name o
 
 # --- evaluation -------------------------------------------------------------------------------------
 
-EXTRACTOR_HELP = "inception: clean-fid FID (needs its weights); bloodnet: domain features, works offline."
-METRICS_HELP = "Repeatable or comma-separated: fd,kid,is,pr,dc,1nn,memorization,class-fd,accuracy (default: all)."
-
 
 def _log(message: str) -> None:
     typer.echo(message, err=True)
@@ -333,30 +364,30 @@ def _protocol(runs, n, seed, balanced, metrics, no_floor, memorization_n, batch_
 @clean_errors
 def evaluate(
     model: str = typer.Option(DEFAULT_MODEL, help="A bundled model name or a pipeline folder."),
-    runs: int = typer.Option(5, help="Independent runs; run r uses seed+r."),
-    n: int = typer.Option(10_000, "--n", help="Real and generated images per run."),
-    extractor: str = typer.Option("inception", help=EXTRACTOR_HELP),
-    metrics: list[str] = typer.Option(None, "--metrics", help=METRICS_HELP),
-    balanced: bool = typer.Option(False, "--balanced", help="Generate equal counts per class, not the real mix."),
-    seed: int = typer.Option(0, help="Seed of the first run."),
-    split: str = typer.Option("all", help="Draw real images from this split (all: the whole dataset)."),
-    data_dir: Path = typer.Option(None, help="Folder holding the BloodMNIST archives."),
+    runs: Runs = 5,
+    n: Count = 10_000,
+    extractor: Extractor = "inception",
+    metrics: Metrics = None,
+    balanced: Balanced = False,
+    seed: Seed = 0,
+    split: Split = "all",
+    data_dir: DataDir = None,
     out: Path = typer.Option(None, help="Results folder. Default: eval/<model>."),
     overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
     record: bool = typer.Option(False, help="Also write eval_results.json into the model folder, for `push`."),
-    inception_weights: Path = typer.Option(None, help="Local inception-2015-12-05.pt ($BLOODGEN_INCEPTION_WEIGHTS)."),
-    bloodnet: Path = typer.Option(None, help="BloodNet folder; default the bundled one ($BLOODGEN_BLOODNET)."),
-    cache_dir: Path = typer.Option(None, help="Real-feature cache; default ~/.cache/bloodgen_hf/features."),
-    no_floor: bool = typer.Option(False, "--no-floor", help="Skip the real-vs-real floor."),
-    memorization_n: int = typer.Option(2000, help="Generated images per run checked for near-copies (0: all)."),
-    batch_size: int = typer.Option(250, help="Images per generation batch."),
-    num_workers: int = typer.Option(0, help="Resize workers for Inception (clean-fid would use 12)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    temperature: float = typer.Option(None, help="VAE: scale of the prior noise."),
-    latent_bias: float = typer.Option(None, help="VAE: shift added to the prior noise."),
-    steps: int = typer.Option(None, help="DDPM: number of denoising steps."),
-    guidance: float = typer.Option(None, help="DDPM: classifier-free guidance scale."),
-    scheduler: str = typer.Option(None, help="DDPM: ddpm, ddim, dpm++, unipc or euler."),
+    inception_weights: InceptionWeights = None,
+    bloodnet: BloodNetFolder = None,
+    cache_dir: CacheDir = None,
+    no_floor: NoFloor = False,
+    memorization_n: MemorizationN = 2000,
+    batch_size: GenerationBatch = 250,
+    num_workers: NumWorkers = 0,
+    device: Device = "auto",
+    temperature: Temperature = None,
+    latent_bias: LatentBias = None,
+    steps: Steps = None,
+    guidance: Guidance = None,
+    scheduler: Scheduler = None,
 ):
     """The standard protocol: --runs x (--n real vs --n generated images), every metric, mean ± std."""
     from bloodgen_hf.evaluation.report import metric_table, write_hub_results
@@ -383,25 +414,25 @@ def evaluate(
 def compare(
     ctx: typer.Context,
     models: list[str] = typer.Option(..., "--models", help="Models to compare: --models gan vae ddpm."),
-    runs: int = typer.Option(5, help="Independent runs per model."),
-    n: int = typer.Option(10_000, "--n", help="Real and generated images per run."),
-    extractor: str = typer.Option("inception", help=EXTRACTOR_HELP),
-    metrics: list[str] = typer.Option(None, "--metrics", help=METRICS_HELP),
-    balanced: bool = typer.Option(False, "--balanced", help="Generate equal counts per class, not the real mix."),
-    seed: int = typer.Option(0, help="Seed of the first run."),
-    split: str = typer.Option("all", help="Draw real images from this split."),
-    data_dir: Path = typer.Option(None, help="Folder holding the BloodMNIST archives."),
+    runs: Runs = 5,
+    n: Count = 10_000,
+    extractor: Extractor = "inception",
+    metrics: Metrics = None,
+    balanced: Balanced = False,
+    seed: Seed = 0,
+    split: Split = "all",
+    data_dir: DataDir = None,
     out: Path = typer.Option(None, help="Report folder. Default: reports/compare."),
     overwrite: bool = typer.Option(False, help="Write into an existing report folder."),
     reuse: bool = typer.Option(False, help="Keep per-model results already in --out made with the same protocol."),
-    inception_weights: Path = typer.Option(None, help="Local inception-2015-12-05.pt ($BLOODGEN_INCEPTION_WEIGHTS)."),
-    bloodnet: Path = typer.Option(None, help="BloodNet folder; default the bundled one."),
-    cache_dir: Path = typer.Option(None, help="Real-feature cache; default ~/.cache/bloodgen_hf/features."),
-    no_floor: bool = typer.Option(False, "--no-floor", help="Skip the real-vs-real floor."),
-    memorization_n: int = typer.Option(2000, help="Generated images per run checked for near-copies (0: all)."),
-    batch_size: int = typer.Option(250, help="Images per generation batch."),
-    num_workers: int = typer.Option(0, help="Resize workers for Inception."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    inception_weights: InceptionWeights = None,
+    bloodnet: BloodNetFolder = None,
+    cache_dir: CacheDir = None,
+    no_floor: NoFloor = False,
+    memorization_n: MemorizationN = 2000,
+    batch_size: GenerationBatch = 250,
+    num_workers: NumWorkers = 0,
+    device: Device = "auto",
 ):
     """Evaluate several models with one protocol; write a markdown report with table, charts and grids."""
     from functools import partial
@@ -450,10 +481,10 @@ def augment_study(
     balance: bool = typer.Option(False, help="Top minority classes up with synthetic images (synthetic: equal)."),
     steps: int = typer.Option(300, help="Optimizer steps per classifier."),
     batch_size: int = typer.Option(128, help="Classifier batch size (and generation batch)."),
-    data_dir: Path = typer.Option(None, help="Folder holding the BloodMNIST archives."),
+    data_dir: DataDir = None,
     out: Path = typer.Option(None, help="Study folder. Default: reports/augment-<model>."),
-    overwrite: bool = typer.Option(False, help="Write into an existing study folder."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    overwrite: Overwrite = False,
+    device: Device = "auto",
 ):
     """Train small classifiers on real, real+synthetic and synthetic data at several real-data sizes."""
     from bloodgen_hf.evaluation.augment_study import StudyConfig, run_study

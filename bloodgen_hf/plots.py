@@ -50,15 +50,36 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return (cumulative[1:] - cumulative[np.arange(1, len(values) + 1) - counts]) / counts
 
 
-def plot_metrics(
-    path: str | Path, out: str | Path | None = None, keys: Sequence[str] | None = None, window: int = 10
-) -> Path:
-    """One panel per metric (default: every metric whose name starts with 'loss'), raw and smoothed; atomic PNG."""
+def panels(count: int, cols: int, width: float, height: float):
+    """A figure of `count` panels, `cols` per row, each width x height inches (unused cells hidden):
+    (figure, list of its `count` axes). Matplotlib is imported here, headless, only when drawing."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in list(axes.flat)[count:]:
+        ax.axis("off")
+    return fig, list(axes.flat)[:count]
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write the PNG atomically and free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_metrics(
+    path: str | Path, out: str | Path | None = None, keys: Sequence[str] | None = None, window: int = 10
+) -> Path:
+    """One panel per metric (default: every metric whose name starts with 'loss'), raw and smoothed; atomic PNG."""
     records = read_metrics(path)
     available = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k != "step"})
     keys = list(keys) if keys else [k for k in available if k.startswith("loss")]
@@ -70,23 +91,15 @@ def plot_metrics(
     source = Path(path) if Path(path).is_dir() else Path(path).parent
     out = Path(out) if out else source / "loss_curves.png"
 
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
+    fig, axes = panels(len(keys), min(3, len(keys)), 4.2, 3.2)
+    for ax, key in zip(axes, keys):
         steps, values = metric_series(records, key)
         ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8)
         ax.plot(steps, smooth(values, window), color="tab:blue", linewidth=1.5)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -12,11 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPLIT_SIZES = {"train": 48, "val": 16, "test": 16}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide state; every test starts (and leaves) without an Accelerator."""
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
 
 
 def write_fake_bloodmnist(folder: Path, size: int = 28, seed: int = 0) -> Path:

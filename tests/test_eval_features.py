@@ -187,3 +187,15 @@ def test_train_bloodnet_refuses_other_splits(fake_data_dir, tmp_path):
 
     with pytest.raises(SystemExit, match="train it on --split train"):
         main(["--data-dir", str(fake_data_dir), "--output-dir", str(tmp_path / "x"), "--split", "all"])
+
+
+def test_bundled_bloodnet_classifies_real_test_images(real_data_dir):
+    """The bundled classifier is what the domain metrics stand on: it must recognise real held-out cells."""
+    from bloodgen_hf.data import load_arrays
+
+    images, labels = load_arrays("test", 28, real_data_dir)
+    pick = np.random.default_rng(0).choice(len(labels), 1024, replace=False)
+    extractor = F.BloodNetExtractor.load(None)
+    predicted = extractor.classify(images[pick])
+    assert (predicted == labels[pick]).mean() >= 0.95
+    assert extractor.identity.startswith("bloodnet:") and extractor.model.feature_dim == 96

@@ -18,13 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--batch-size", "8", "--base-channels", "8", "--latent-dim", "16", "--log-with", "none", "--log-every", "1"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def run(data_dir, out, *extra):
     train_gan(["--data-dir", str(data_dir), "--output-dir", str(out), *TINY, *extra])
     AcceleratorState._reset_state(True)

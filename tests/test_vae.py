@@ -239,13 +239,6 @@ def test_corrupt_weights_are_rejected_naming_the_file(tmp_path):
 # --- training ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def run(data_dir, out, *extra):
     path = train_vae(["--data-dir", str(data_dir), "--output-dir", str(out), *TINY, *extra])
     AcceleratorState._reset_state(True)

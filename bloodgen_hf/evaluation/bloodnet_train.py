@@ -25,7 +25,7 @@ from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, load_arrays
 from bloodgen_hf.evaluation.bloodnet import BloodNet, predict
 from bloodgen_hf.evaluation.metrics import classification_report
 from bloodgen_hf.io import atomic_path, make_grid
-from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training
+from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training, total_optimizer_steps
 
 MODEL_FOLDER = "classifier"  # inside the saved folder: config.json + diffusion_pytorch_model.safetensors
 
@@ -50,12 +50,6 @@ def add_bloodnet_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--warmup-fraction", type=float, default=0.05)
     parser.add_argument("--holdout-split", default="val", help="split scored after every epoch")
     return parser
-
-
-def total_optimizer_steps(config: TrainConfig, num_images: int, world_size: int = 1) -> int:
-    """The number of optimizer steps core.train will take (the same arithmetic)."""
-    per_epoch = num_images // (config.batch_size * world_size) // config.gradient_accumulation_steps
-    return max(1, min(config.max_steps or 10**12, per_epoch * config.epochs))
 
 
 def warmup_cosine(total: int, warmup_fraction: float):

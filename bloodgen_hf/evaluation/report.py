@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from bloodgen_hf.io import atomic_path, save_image
+from bloodgen_hf.plots import panels, save_figure
 
 LOWER_IS_BETTER = ("fid", "fd_", "kid", "class_fid", "class_fd", "memorization")
 DESCRIPTIVE = ("nearest_real",)  # too small means copying, too large means unlike the data
@@ -144,17 +145,10 @@ def write_evaluation(evaluation, out: Path, model: str) -> Path:
 
 def bar_chart(entries: dict[str, dict], path: Path) -> Path:
     """One panel per metric, one bar per model with its std as error bar and the real floor dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metrics = list(dict.fromkeys(m for results in entries.values() for m in results["metrics"]))
-    cols = min(4, len(metrics))
-    rows = -(-len(metrics) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = panels(len(metrics), min(4, len(metrics)), 3.2, 2.6)
     names = list(entries)
-    for ax, metric in zip(axes.flat, metrics):
+    for ax, metric in zip(axes, metrics):
         means = [entries[n]["metrics"].get(metric, {}).get("mean", np.nan) for n in names]
         stds = [entries[n]["metrics"].get(metric, {}).get("std", 0.0) for n in names]
         ax.bar(names, means, yerr=stds, capsize=4, color=[f"C{i}" for i in range(len(names))])
@@ -163,13 +157,7 @@ def bar_chart(entries: dict[str, dict], path: Path) -> Path:
             ax.axhline(floors[0], color="k", linestyle="--", linewidth=1, label="real vs real")
         ax.set_title(f"{metric} {direction(metric)}", fontsize=9)
         ax.tick_params(labelsize=8)
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def curves_chart(curves: dict[str, list[dict]], path: Path) -> Path | None:
@@ -177,13 +165,8 @@ def curves_chart(curves: dict[str, list[dict]], path: Path) -> Path | None:
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.2), squeeze=False)
-    for ax, (name, rows) in zip(axes.flat, curves.items()):
+    fig, axes = panels(len(curves), len(curves), 4.5, 3.2)
+    for ax, (name, rows) in zip(axes, curves.items()):
         keys = [k for k in rows[-1] if k not in ("step", "epoch", "images_per_s", "lr")]
         steps = [r["step"] for r in rows]
         for key in keys:
@@ -191,11 +174,7 @@ def curves_chart(curves: dict[str, list[dict]], path: Path) -> Path | None:
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def comparison_table(entries: dict[str, dict]) -> list[str]:

@@ -183,6 +183,13 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
     return order[: n // per_step * per_step].view(-1, world, batch_size)[:, rank]
 
 
+def total_optimizer_steps(config: TrainConfig, num_images: int, num_processes: int = 1) -> int:
+    """The optimizer steps `train` runs (whole batches per process, after accumulation), which
+    learning-rate schedules that span the run need to know before it starts."""
+    steps_per_epoch = num_images // (config.batch_size * num_processes) // config.gradient_accumulation_steps
+    return min(config.max_steps or 10**12, steps_per_epoch * config.epochs)
+
+
 def train(task: TrainTask, config: TrainConfig, accelerator: Accelerator, dataset: BloodMNIST) -> Path:
     """Train until `epochs` or `max_steps`; returns the folder of the saved pipeline."""
     out = Path(config.output_dir)
@@ -192,9 +199,7 @@ def train(task: TrainTask, config: TrainConfig, accelerator: Accelerator, datase
     task.models = dict(zip(names, prepared[: len(names)]))
     task.optimizers = dict(zip(task.optimizers, prepared[len(names) :]))
 
-    batches_per_epoch = len(dataset) // (config.batch_size * accelerator.num_processes)
-    steps_per_epoch = batches_per_epoch // config.gradient_accumulation_steps
-    total_steps = min(config.max_steps or 10**12, steps_per_epoch * config.epochs)
+    total_steps = total_optimizer_steps(config, len(dataset), accelerator.num_processes)
     step, epoch, batch_in_epoch = 0, 0, 0
     set_seed(config.seed + accelerator.process_index)  # per-rank noise; weights were seeded before
     if config.resume:

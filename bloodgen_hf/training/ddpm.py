@@ -33,7 +33,7 @@ from diffusers.training_utils import EMAModel
 
 from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, load_arrays, to_uint8
 from bloodgen_hf.io import make_grid
-from bloodgen_hf.training.core import EMATask, TrainConfig, run_training
+from bloodgen_hf.training.core import EMATask, TrainConfig, run_training, total_optimizer_steps
 from pipelines.pipeline_bloodgen_ddpm import SCHEDULERS, BloodDDPMPipeline, make_scheduler
 
 
@@ -134,13 +134,13 @@ def planned_steps(config: TrainConfig) -> int:
     The core builds the task before it knows the dataset, so the images are counted here.
     """
     n = len(load_arrays(config.split, config.resolution, config.data_dir)[1])
-    per_step = config.batch_size * PartialState().num_processes
-    steps_per_epoch = n // per_step // config.gradient_accumulation_steps
-    if steps_per_epoch < 1:
+    steps = total_optimizer_steps(config, n, PartialState().num_processes)
+    if steps < 1:
         raise ValueError(
-            f"{n} images cannot fill one optimizer step of {per_step} x {config.gradient_accumulation_steps}"
+            f"{n} images cannot fill one optimizer step of {config.batch_size} x {PartialState().num_processes} "
+            f"processes x {config.gradient_accumulation_steps}"
         )
-    return min(config.max_steps or 10**12, steps_per_epoch * config.epochs)
+    return steps
 
 
 @dataclass
