@@ -10,12 +10,16 @@ through `bloodgen_hf.sampling.generate` (the `bloodgen-hf sample` code path, CLI
 (2) Training: images/s of `core.train` with DDPMTask against a plain `train_unconditional`-style loop
 (a DataLoader over ready float tensors, accelerator.accumulate, clipping, AdamW + cosine, EMA) on
 the same UNet, batch and data, best of `--rounds` alternating runs. Weights are random unless
-`--model` is given: speed does not depend on them. Both parts use `--threads` torch threads.
+`--model` is given: speed does not depend on them. Every part uses `--threads` torch threads.
+(3) ODE agreement (`--agreement-n`, worth running with `--model`): the deterministic few-step samplers
+against DDIM-1000 from the same starting noise, as a share of the distance between two samples.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -49,12 +53,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch", type=int, default=16, help="images per call when comparing samplers")
     parser.add_argument("--guidance", type=float, default=None, help="default: the pipeline's default")
-    parser.add_argument("--samplers", default="ddpm:1000,ddim:50,dpm++:20,dpm++:10", help="name:steps,...")
+    parser.add_argument("--samplers", default="ddpm:1000,ddim:50,dpm++:20,dpm++:10", help="name:steps,... ('' skips)")
     parser.add_argument("--target-n", type=int, default=250, help="images for the default-sampler run; 0 skips it")
     parser.add_argument("--target-batch", type=int, default=250, help="batch of the default-sampler run (CLI's)")
     parser.add_argument("--train-steps", type=int, default=20, help="optimizer steps per training run; 0 skips")
     parser.add_argument("--train-batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each training loop")
+    parser.add_argument("--agreement-n", type=int, default=16, help="images for the ODE agreement check; 0 skips")
+    parser.add_argument("--agreement-steps", type=int, default=1000, help="DDIM steps of the agreement reference")
+    parser.add_argument("--agreement-samplers", default="dpm++:10,dpm++:15,dpm++:20,unipc:10,ddim:50")
     return parser.parse_args()
 
 
@@ -74,10 +81,12 @@ def images_per_second(pipe, n: int, steps: int, guidance: float | None) -> float
 def bench_samplers(pipe, args) -> None:
     guidance = pipe.config.default_guidance_scale if args.guidance is None else args.guidance
     passes = 1 if guidance in (0, 1) else 2
+    if not args.samplers and not args.target_n:
+        return
     print(f"\n(1) sampling, batch {args.batch}, guidance {guidance} ({passes} UNet pass(es) per step)")
     images_per_second(pipe, 2, 1, guidance)  # warm-up
     reference = None
-    for entry in args.samplers.split(","):
+    for entry in filter(None, args.samplers.split(",")):
         name, steps = entry.split(":")
         rate = images_per_second(pipe.with_scheduler(name), args.batch, int(steps), guidance)
         reference = reference or rate
@@ -100,6 +109,39 @@ def bench_samplers(pipe, args) -> None:
             f"(batch {args.target_batch}): {rate:.2f} images/s -> 10k images in {projected / 60:.1f} min "
             f"(projected), {verdict} the {TARGET_SECONDS // 60} min target"
         )
+
+
+def bench_agreement(pipe, args) -> None:
+    """Few-step solvers against many small steps, image by image. DDIM (eta 0), DPM-Solver++ and UniPC all
+    solve the same probability-flow ODE, which maps each starting noise to one image; DDIM with
+    `--agreement-steps` steps stands in for the exact solution. From the same per-image seeds (the same
+    starting noise), each sampler's RMS pixel distance to it is printed next to the RMS distance between
+    two different reference images of the same class: the size of "another sample"."""
+    n, guidance = args.agreement_n, args.guidance
+    labels = np.arange(n) % NUM_CLASSES
+
+    def draw(name: str, steps: int) -> np.ndarray:
+        generators = [torch.Generator().manual_seed(i) for i in range(n)]
+        out = pipe.with_scheduler(name)(
+            n, class_labels=labels.tolist(), generator=generators, num_inference_steps=steps,
+            guidance_scale=guidance, output_type="np",
+        )  # fmt: skip
+        return out.images.astype(np.float64) * 255
+
+    def rms(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.sqrt(((a - b) ** 2).mean()))
+
+    started = time.perf_counter()
+    reference = draw("ddim", args.agreement_steps)
+    seconds = time.perf_counter() - started
+    between = rms(reference, np.roll(reference, NUM_CLASSES, axis=0))  # same class, other noise
+    print(f"\n(3) ODE agreement, {n} images, reference DDIM-{args.agreement_steps} ({seconds:.0f} s); "
+          f"RMS distance 0-255 between same-class samples: {between:.1f}")  # fmt: skip
+    for entry in args.agreement_samplers.split(","):
+        name, steps = entry.split(":")
+        distance = rms(draw(name, int(steps)), reference)
+        share = distance / between
+        print(f"  {name + '-' + steps:<12} RMS to reference {distance:6.2f}  = {share:6.1%} of a new sample")
 
 
 def fake_archive(folder: Path, n: int, resolution: int) -> Path:
@@ -137,7 +179,8 @@ def our_loop(config: TrainConfig) -> float:
     accelerator = make_accelerator(config)
     set_seed(config.seed)
     dataset = BloodMNIST.load(config.split, config.resolution, config.data_dir, flip=config.flip)
-    train(DDPMTask.build(config), config, accelerator, dataset)
+    with contextlib.redirect_stderr(io.StringIO()):  # the core's progress bar
+        train(DDPMTask.build(config), config, accelerator, dataset)
     last = (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()[-1]
     return json.loads(last)["images_per_s"]
 
@@ -187,9 +230,10 @@ def bench_training(args) -> None:
     ours, plain = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = fake_archive(Path(tmp), args.train_batch * args.train_steps, args.resolution)
-        for i in range(args.rounds):
-            plain.append(plain_loop(train_config(args, data, Path(tmp) / f"plain{i}")))
-            ours.append(our_loop(train_config(args, data, Path(tmp) / f"ours{i}")))
+        for i in range(args.rounds):  # the order flips every round, so a drift in machine speed favours neither
+            runs = [(plain, plain_loop, "plain"), (ours, our_loop, "ours")]
+            for results, loop, name in runs[:: 1 if i % 2 == 0 else -1]:
+                results.append(loop(train_config(args, data, Path(tmp) / f"{name}{i}")))
     print(f"  plain diffusers loop  {max(plain):8.2f} images/s  (runs: {', '.join(f'{r:.2f}' for r in plain)})")
     print(f"  core.train + DDPMTask {max(ours):8.2f} images/s  (runs: {', '.join(f'{r:.2f}' for r in ours)})")
     verdict = "not slower" if max(ours) >= 0.97 * max(plain) else "SLOWER"
@@ -198,7 +242,6 @@ def bench_training(args) -> None:
 
 def main() -> None:
     args = parse_args()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the training core's progress bar
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model) if args.model else random_pipeline(args.preset, args.resolution)
     pipe.set_progress_bar_config(disable=True)
@@ -206,9 +249,13 @@ def main() -> None:
     source = args.model or f"random {args.preset} preset"
     print(f"DDPM benchmark: {source}, UNet {params / 1e6:.2f}M parameters, {pipe.unet.config.sample_size}px, "
           f"torch threads {args.threads}, sampling on cpu")  # fmt: skip
+    if 0 < args.agreement_n <= NUM_CLASSES:
+        raise SystemExit("--agreement-n must exceed the 8 classes (pairs of same-class images are compared)")
     bench_samplers(pipe, args)
     if args.train_steps:
         bench_training(args)
+    if args.agreement_n:
+        bench_agreement(pipe, args)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
         scheduler,
         class_names: list[str] | None = None,
         default_guidance_scale: float = 1.0,
-        default_num_inference_steps: int = 15,
+        default_num_inference_steps: int = 10,
     ):
         super().__init__()
         num_classes = check_class_conditional(unet)

@@ -160,7 +160,7 @@ def test_scheduler_swap(name, cls):
 
 def test_default_steps_depend_on_the_scheduler():
     pipe = tiny_ddpm_pipeline()
-    assert pipe.default_steps() == pipe.config.default_num_inference_steps == 15
+    assert pipe.default_steps() == pipe.config.default_num_inference_steps == 10
     assert pipe.with_scheduler("ddpm").default_steps() == 1000
 
 

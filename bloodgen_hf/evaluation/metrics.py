@@ -83,11 +83,15 @@ def kernel_inception_distance(
     return total / num_subsets
 
 
-def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` consecutive parts (as in the original)."""
+def inception_score(probs: np.ndarray, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` parts (as in the original).
+
+    The parts are drawn after a seeded shuffle: generated sets come in class order, and a part holding
+    one class would have a one-class marginal p(y) and score near 1 however good the images are."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or len(probs) < splits:
         raise ValueError(f"need at least {splits} probability vectors [N, C], got shape {probs.shape}")
+    probs = probs[np.random.default_rng(seed).permutation(len(probs))]
     scores = []
     for part in np.array_split(probs, splits):
         marginal = part.mean(axis=0, keepdims=True)
