@@ -2,17 +2,19 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from bloodgen_hf.cli import app
+from bloodgen_hf.cli import DEFAULT_MODEL, app
 from bloodgen_hf.data import CLASS_NAMES
 from bloodgen_hf.hub import bundled_models, load_pipeline
 
 runner = CliRunner()
+REPORT = Path(__file__).resolve().parents[1] / "reports" / "compare"
 
 
 def invoke(*args):
@@ -118,12 +120,25 @@ def test_grid_has_one_row_per_class(tiny_gan_dir, tmp_path):
 
 def test_bundled_models_load_and_generate_each_class():
     bundled = bundled_models()
-    assert {"gan", "vae"} <= bundled.keys()
-    for name in ("gan", "vae"):
+    assert {"gan", "vae", "ddpm"} <= bundled.keys()
+    for name in ("gan", "vae", "ddpm"):
         pipe = load_pipeline(name)
-        images = pipe(8, class_labels=list(range(8)), output_type="np").images
+        fast = {"num_inference_steps": 2} if name == "ddpm" else {}
+        images = pipe(8, class_labels=list(range(8)), output_type="np", **fast).images
         assert images.shape == (8, 28, 28, 3) and 0 <= images.min() and images.max() <= 1
     result = invoke("models")
-    assert result.exit_code == 0 and "gan (default)" in result.output
+    assert result.exit_code == 0 and f"{DEFAULT_MODEL} (default)" in result.output
     info = invoke("info", "gan")
     assert info.exit_code == 0 and json.loads(info.output)["components"]["gan"]["parameters"] > 1_000_000
+
+
+def test_default_model_is_the_best_scoring_bundled_model_of_the_committed_report():
+    """`sample` defaults to the bundled generator with the lowest mean fd_bloodnet in reports/compare
+    (the README's report); re-running the comparison with another winner makes this fail until
+    DEFAULT_MODEL follows."""
+    scores = {}
+    for file in sorted(REPORT.glob("models/*/results.json")):
+        results = json.loads(file.read_text())
+        scores[file.parent.name] = results["metrics"]["fd_bloodnet"]["mean"]
+    assert set(scores) == set(bundled_models()), "the report must cover every bundled model"
+    assert DEFAULT_MODEL == min(scores, key=scores.get)
