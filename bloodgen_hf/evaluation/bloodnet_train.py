@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
 from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, load_arrays
 from bloodgen_hf.evaluation.bloodnet import BloodNet, predict
@@ -81,7 +80,7 @@ class BloodNetTask(TrainTask):
             class_names=list(CLASS_NAMES),
         )
         optimizer = torch.optim.AdamW(model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
-        total = total_optimizer_steps(config, num_train, int(os.environ.get("WORLD_SIZE", "1")))
+        total = total_optimizer_steps(config, num_train, PartialState().num_processes)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, o["warmup_fraction"]))
         return cls(
             models={"classifier": model},
@@ -156,7 +155,6 @@ def score_on_split(folder: Path, split: str, data_dir: str | None, resolution: i
 
 def main(argv: list[str] | None = None) -> Path:
     """Entry point of `train_scripts/train_bloodnet.py` and `bloodgen-hf train bloodnet`."""
-    from accelerate import PartialState
 
     folder = run_training(
         "Train BloodNet, the BloodMNIST classifier behind the domain metrics.",
