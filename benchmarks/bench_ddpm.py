@@ -180,7 +180,7 @@ def our_loop(config: TrainConfig) -> float:
     set_seed(config.seed)
     dataset = BloodMNIST.load(config.split, config.resolution, config.data_dir, flip=config.flip)
     with contextlib.redirect_stderr(io.StringIO()):  # the core's progress bar
-        train(DDPMTask.build(config), config, accelerator, dataset)
+        train(DDPMTask.build(config, len(dataset)), config, accelerator, dataset)
     last = (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()[-1]
     return json.loads(last)["images_per_s"]
 

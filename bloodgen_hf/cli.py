@@ -360,6 +360,17 @@ def _protocol(runs, n, seed, balanced, metrics, no_floor, memorization_n, batch_
     )
 
 
+def _evaluation_setup(out, default_out, may_write_into, device, protocol, extractor, *tool_files):
+    """What evaluate and compare both do first: settle the output folder and device, build the tools."""
+    from bloodgen_hf.evaluation.runner import build_tools
+    from bloodgen_hf.sampling import check_output
+
+    out = _default_out(out, default_out)
+    check_output(out, may_write_into)
+    device = pick_device(device)
+    return out, device, build_tools(extractor, protocol.metrics, device, *tool_files)
+
+
 @app.command()
 @clean_errors
 def evaluate(
@@ -391,15 +402,22 @@ def evaluate(
 ):
     """The standard protocol: --runs x (--n real vs --n generated images), every metric, mean ± std."""
     from bloodgen_hf.evaluation.report import metric_table, write_hub_results
-    from bloodgen_hf.evaluation.runner import build_tools, evaluate_to_folder, model_label
+    from bloodgen_hf.evaluation.runner import evaluate_to_folder, model_label
     from bloodgen_hf.hub import load_pipeline, resolve_model
-    from bloodgen_hf.sampling import check_output, configure_sampling
+    from bloodgen_hf.sampling import configure_sampling
 
     protocol = _protocol(runs, n, seed, balanced, metrics, no_floor, memorization_n, batch_size)
-    out = _default_out(out, Path("eval") / model_label(model))
-    check_output(out, overwrite)
-    device = pick_device(device)
-    tools = build_tools(extractor, protocol.metrics, device, inception_weights, bloodnet, num_workers)
+    out, device, tools = _evaluation_setup(
+        out,
+        Path("eval") / model_label(model),
+        overwrite,
+        device,
+        protocol,
+        extractor,
+        inception_weights,
+        bloodnet,
+        num_workers,
+    )
     options = sampling_options(temperature, latent_bias, steps, guidance, scheduler)
     pipe, kwargs = configure_sampling(load_pipeline(model, device), options)
     results = evaluate_to_folder(pipe, model, out, *tools, protocol, data_dir, split, cache_dir, kwargs, log=_log)
@@ -438,16 +456,21 @@ def compare(
     from functools import partial
 
     from bloodgen_hf.evaluation.compare import compare as run_compare
-    from bloodgen_hf.evaluation.runner import build_tools
     from bloodgen_hf.hub import load_pipeline
-    from bloodgen_hf.sampling import check_output
 
     names = [m for item in [*models, *ctx.args] for m in item.split(",") if m]
     protocol = _protocol(runs, n, seed, balanced, metrics, no_floor, memorization_n, batch_size)
-    out = _default_out(out, Path("reports") / "compare")
-    check_output(out, overwrite or reuse)
-    device = pick_device(device)
-    tools = build_tools(extractor, protocol.metrics, device, inception_weights, bloodnet, num_workers)
+    out, device, tools = _evaluation_setup(
+        out,
+        Path("reports") / "compare",
+        overwrite or reuse,
+        device,
+        protocol,
+        extractor,
+        inception_weights,
+        bloodnet,
+        num_workers,
+    )
     report = run_compare(
         names,
         out,
@@ -484,6 +507,7 @@ def augment_study(
     data_dir: DataDir = None,
     out: Path = typer.Option(None, help="Study folder. Default: reports/augment-<model>."),
     overwrite: Overwrite = False,
+    resume: bool = typer.Option(False, help="Continue a stopped study in --out: keep its pool and finished runs."),
     device: Device = "auto",
 ):
     """Train small classifiers on real, real+synthetic and synthetic data at several real-data sizes."""
@@ -503,8 +527,9 @@ def augment_study(
     )
     config.check()
     out = _default_out(out, Path("reports") / f"augment-{model_label(model)}")
-    check_output(out, overwrite)
-    run_study(load_pipeline(model, pick_device(device)), out, config, data_dir, log=_log)
+    check_output(out, overwrite or resume)
+    pipe = load_pipeline(model, pick_device(device))
+    run_study(pipe, out, config, data_dir, log=_log, model=model_label(model), resume=resume)
     typer.echo(f"wrote {out}/report.md")
 
 

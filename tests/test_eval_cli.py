@@ -156,6 +156,34 @@ def test_augment_study_trains_every_setting_and_fraction(tiny_gan_dir, fake_data
         assert (out / name).is_file(), name
 
 
+def test_augment_study_resumes_keeping_the_pool_and_finished_runs(tiny_gan_dir, fake_data_dir, tmp_path):
+    out = tmp_path / "study"
+    args = ["--model", tiny_gan_dir, "--data-dir", fake_data_dir, "--fractions", "1", "--seeds", "0", "--out", out]
+    args += ["--settings", "real,synthetic", "--steps", "2", "--batch-size", "8", "--device", "cpu"]
+    assert invoke("augment-study", *args).exit_code == 0
+    # a study stopped after its first classifier: the second has no result yet, the first is marked
+    (out / "runs" / "synthetic-1-seed0" / "result.json").unlink()
+    (out / "results.json").unlink()
+    first = out / "runs" / "real-1-seed0" / "result.json"
+    first.write_text(json.dumps({**json.loads(first.read_text()), "accuracy": 0.123}))
+
+    assert invoke("augment-study", *args).exit_code != 0  # an existing study is never touched without a flag
+    resumed = invoke("augment-study", *args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "reusing the synthetic pool" in resumed.output and "real-1-seed0: finished earlier" in resumed.output
+    runs = {r["setting"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert runs["real"]["accuracy"] == 0.123 and "synthetic" in runs
+
+
+def test_augment_study_resume_refuses_other_settings(tiny_gan_dir, fake_data_dir, tmp_path):
+    out = tmp_path / "study"
+    args = ["--model", tiny_gan_dir, "--data-dir", fake_data_dir, "--fractions", "1", "--seeds", "0", "--out", out]
+    args += ["--settings", "real", "--batch-size", "8", "--device", "cpu"]
+    assert invoke("augment-study", *args, "--steps", "2").exit_code == 0
+    result = invoke("augment-study", *args, "--steps", "3", "--resume")
+    assert result.exit_code != 0 and "was started with other settings (steps)" in result.output
+
+
 def test_synthetic_counts_per_setting():
     from bloodgen_hf.evaluation.augment_study import StudyConfig, synthetic_counts
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bloodgen_hf.hub import ModelLoadError, load_pipeline, save_pipeline
-from bloodgen_hf.models.gan import ConditionalDiscriminator, ConditionalGenerator
+from bloodgen_hf.models.gan import ConditionalDiscriminator, ConditionalGenerator, _MinibatchStd
 from bloodgen_hf.training.gan_losses import diff_augment, discriminator_loss, generator_loss, gradient_penalty
 from tests.conftest import tiny_gan_pipeline
 
@@ -37,6 +37,23 @@ def test_class_label_changes_generator_and_discriminator_output():
     x = torch.randn(1, 3, 28, 28).repeat(2, 1, 1, 1)
     scores = d(x, torch.tensor([0, 1]))
     assert (scores[0] - scores[1]).abs() > 1e-4
+
+
+def test_minibatch_std_sees_collapse_and_never_mixes_real_with_fake():
+    torch.manual_seed(0)
+    d = ConditionalDiscriminator(resolution=28, base_channels=8, minibatch_std_group=4).eval()
+    real, labels = torch.rand(8, 3, 28, 28) * 2 - 1, torch.arange(8) % 8
+    varied, collapsed = torch.rand(8, 3, 28, 28) * 2 - 1, torch.rand(1, 3, 28, 28).expand(8, 3, 28, 28) * 2 - 1
+    with torch.no_grad():
+        alone = d(real, labels)
+        with_varied = d(torch.cat([real, varied]), torch.cat([labels, labels]))
+        with_collapsed = d(torch.cat([real, collapsed]), torch.cat([labels, labels]))
+        spread = _MinibatchStd(4)(torch.cat([varied, collapsed]))[:, -1, 0, 0]  # the appended channel
+    torch.testing.assert_close(with_varied[:8], alone)  # the real half's groups hold real images only
+    torch.testing.assert_close(with_collapsed[:8], alone)
+    assert (spread[8:] < 1e-3).all() and (spread[:8] > 0.1).all()  # identical images have no spread
+    with pytest.raises(ValueError, match="need a batch divisible by 4"):
+        d(real[:6], labels[:6])
 
 
 @pytest.mark.parametrize("kind", ["bce", "hinge", "wgan-gp"])

@@ -9,7 +9,9 @@ small BloodNet is trained on
 and scored on the real test split (accuracy, macro-F1, class-wise precision/recall/F1, confusion).
 Every run is the same number of optimizer steps, so small and large training sets get equal compute.
 Synthetic images come from one pool per class, generated once (seeded) and saved as synthetic_pool.npz;
-each run draws its own random subset of it.
+each run draws its own random subset of it. Every finished classifier leaves runs/<name>/result.json,
+so a stopped study continues with `resume` (same model and config, checked against study.json):
+finished runs and the pool are kept, and only the missing classifiers are trained.
 
 The classifiers are trained by the shared training loop (core.train with BloodNetTask), so each run
 folder holds its metrics.jsonl, last checkpoint and saved model.
@@ -17,6 +19,7 @@ folder holds its metrics.jsonl, last checkpoint and saved model.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,6 +93,41 @@ def make_pool(pipe, counts: np.ndarray, sampling_kwargs: dict, batch_size: int, 
     return {"images": np.concatenate([b[0] for b in batches]), "labels": labels}
 
 
+def record_study(path: Path, study: dict, resume: bool) -> None:
+    """Write study.json, or on resume check that the study in `path` was started with the same settings."""
+    if resume and path.exists():
+        before = json.loads(path.read_text())
+        now = json.loads(json.dumps(study, default=str))
+        changed = sorted(
+            k for k in {**before["config"], **now["config"]} if before["config"].get(k) != now["config"].get(k)
+        )
+        changed += [k for k in ("model", "sampling") if before.get(k) != now.get(k)]
+        if changed:
+            raise ValueError(
+                f"--resume: {path} was started with other settings ({', '.join(changed)}); "
+                "pass the same options, or a new --out"
+            )
+        return
+    write_json(study, path)
+
+
+def load_or_make_pool(path: Path, pipe, counts: np.ndarray, sampling_kwargs: dict, config: StudyConfig, resume, log):
+    """The saved pool when resuming (it must hold `counts` images per class), else a freshly generated one."""
+    if not counts.any():
+        return None
+    if resume and path.exists():
+        with np.load(path) as saved:
+            pool = {"images": saved["images"], "labels": saved["labels"]}
+        if not np.array_equal(np.bincount(pool["labels"], minlength=NUM_CLASSES), counts):
+            raise ValueError(f"--resume: {path} does not hold the pool this study needs; delete it to regenerate")
+        log(f"reusing the synthetic pool in {path} ({len(pool['labels'])} images)")
+        return pool
+    pool = make_pool(pipe, counts, sampling_kwargs, config.batch_size, log)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **pool)
+    return pool
+
+
 def draw_synthetic(pool: dict, counts: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     index = np.concatenate(
         [rng.choice(np.flatnonzero(pool["labels"] == c), counts[c], replace=False) for c in range(NUM_CLASSES)]
@@ -134,7 +172,16 @@ def train_classifier(images, labels, holdout, config: StudyConfig, seed: int, fo
     return accelerator.unwrap_model(task.models["classifier"]).eval()
 
 
-def run_study(pipe, out: Path, config: StudyConfig, data_dir=None, sampling_kwargs: dict | None = None, log=print):
+def run_study(
+    pipe,
+    out: Path,
+    config: StudyConfig,
+    data_dir=None,
+    sampling_kwargs: dict | None = None,
+    log=print,
+    model: str = "",
+    resume: bool = False,
+):
     """Train every (setting, fraction, seed) classifier; write results.json, report.md and plots to `out`."""
     config.check()
     sampling_kwargs = sampling_kwargs or {}
@@ -153,10 +200,8 @@ def run_study(pipe, out: Path, config: StudyConfig, data_dir=None, sampling_kwar
             for setting in config.settings:
                 needed = np.maximum(needed, synthetic_counts(real_counts, setting, config))
     out.mkdir(parents=True, exist_ok=True)
-    pool = make_pool(pipe, needed, sampling_kwargs, config.batch_size, log) if needed.any() else None
-    if pool is not None:
-        with atomic_path(out / "synthetic_pool.npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, **pool)
+    record_study(out / "study.json", {"model": model, "config": asdict(config), "sampling": sampling_kwargs}, resume)
+    pool = load_or_make_pool(out / "synthetic_pool.npz", pipe, needed, sampling_kwargs, config, resume, log)
 
     runs = []
     for (seed, fraction), subset in plans.items():
@@ -174,21 +219,19 @@ def run_study(pipe, out: Path, config: StudyConfig, data_dir=None, sampling_kwar
                 parts_y.append(y)
             images, labels = np.concatenate(parts_x), np.concatenate(parts_y)
             name = f"{setting}-{fraction:g}-seed{seed}"
+            done = out / "runs" / name / "result.json"
+            if resume and done.exists():
+                runs.append(json.loads(done.read_text()))
+                log(f"== {name}: finished earlier, test accuracy {runs[-1]['accuracy']:.4f}")
+                continue
             log(f"== {name}: {int(real_counts.sum()) * (setting != 'synthetic')} real + {int(counts.sum())} synthetic")
-            model = train_classifier(images, labels, holdout, config, seed, out / "runs" / name)
-            predicted = predict(model, test_images, with_features=False)[1].argmax(axis=1)
+            classifier = train_classifier(images, labels, holdout, config, seed, out / "runs" / name)
+            predicted = predict(classifier, test_images, with_features=False)[1].argmax(axis=1)
             report = classification_report(test_labels, predicted, NUM_CLASSES)
             log(f"   test accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}")
-            runs.append(
-                {
-                    "setting": setting,
-                    "fraction": fraction,
-                    "seed": seed,
-                    "num_real": int(real_counts.sum()),
-                    "num_synthetic": int(counts.sum()),
-                    **report,
-                }
-            )
+            run = {"setting": setting, "fraction": fraction, "seed": seed, "num_real": int(real_counts.sum())}
+            runs.append({**run, "num_synthetic": int(counts.sum()), **report})
+            write_json(runs[-1], done)
     results = {
         "config": asdict(config),
         "class_names": list(CLASS_NAMES),

@@ -91,13 +91,12 @@ class BloodNetTask(TrainTask):
         )
 
     @classmethod
-    def build(cls, config: TrainConfig) -> BloodNetTask:
+    def build(cls, config: TrainConfig, num_images: int) -> BloodNetTask:
         """For run_training: BloodNet's test accuracy must stay honest, so it only ever sees the train split."""
         if config.split != "train":
             raise ValueError(f"BloodNet is scored on the test split, so train it on --split train (got {config.split})")
-        num_train = len(load_arrays("train", config.resolution, config.data_dir)[1])
         holdout = load_arrays(config.extra["holdout_split"], config.resolution, config.data_dir)
-        return cls.create(config, num_train, holdout)
+        return cls.create(config, num_images, holdout)
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
         """Cross-entropy on randomly transposed images. Deliberately not channels_last: oneDNN's AVX2

@@ -62,7 +62,13 @@ class ConditionalGenerator(ModelMixin, ConfigMixin):
 
 
 class ConditionalDiscriminator(ModelMixin, ConfigMixin):
-    """Image and class label -> realness score, with a projection term <embed(y), features>."""
+    """Image and class label -> realness score, with a projection term <embed(y), features>.
+
+    With `minibatch_std_group` g > 0, the last feature map also gets the feature spread of each group
+    of g consecutive images (ProGAN's minibatch standard deviation): a generator that collapses to
+    one image per class then looks different from real batches. Groups are consecutive, so a batch
+    of real images followed by as many fakes never mixes the two when g divides their count.
+    """
 
     @register_to_config
     def __init__(
@@ -72,6 +78,7 @@ class ConditionalDiscriminator(ModelMixin, ConfigMixin):
         base_channels: int = 64,
         in_channels: int = 3,
         use_spectral_norm: bool = True,
+        minibatch_std_group: int = 0,
     ):
         super().__init__()
         sn = spectral_norm if use_spectral_norm else (lambda m: m)
@@ -80,6 +87,9 @@ class ConditionalDiscriminator(ModelMixin, ConfigMixin):
         layers: list[nn.Module] = [sn(nn.Conv2d(in_channels, widths[0], 3, padding=1)), nn.LeakyReLU(0.2)]
         for i in range(steps):
             layers += [sn(nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+        if minibatch_std_group > 0:
+            layers += [_MinibatchStd(minibatch_std_group), sn(nn.Conv2d(widths[-1] + 1, widths[-1], 3, padding=1))]
+            layers += [nn.LeakyReLU(0.2)]
         self.features = nn.Sequential(*layers)
         self.linear = sn(nn.Linear(widths[-1], 1))
         self.embed = sn(nn.Embedding(num_classes, widths[-1]))
@@ -87,6 +97,22 @@ class ConditionalDiscriminator(ModelMixin, ConfigMixin):
     def forward(self, images: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         h = self.features(images).sum(dim=(2, 3))  # global sum pooling
         return self.linear(h).squeeze(1) + (self.embed(class_labels) * h).sum(dim=1)
+
+
+class _MinibatchStd(nn.Module):
+    """Appends one channel: the mean standard deviation of the features over each group of images."""
+
+    def __init__(self, group: int):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = min(self.group, n)
+        if n % g:
+            raise ValueError(f"minibatch-std groups of {g} images need a batch divisible by {g}, got {n}")
+        spread = x.view(n // g, g, c, h, w).var(dim=1, unbiased=False).add(1e-8).sqrt().mean(dim=(1, 2, 3))
+        return torch.cat([x, spread.repeat_interleave(g)[:, None, None, None].expand(n, 1, h, w)], dim=1)
 
 
 class _ClassBatchNorm(nn.Module):

@@ -347,6 +347,9 @@ def load_checkpoint(task: TrainTask, accelerator: Accelerator, path: Path) -> tu
 def run_training(description: str, build_task, add_model_arguments, argv: list[str] | None = None, **defaults) -> Path:
     """What every train script's main() does: parse flags, set up Accelerate, load data, train.
 
+    `build_task(config, num_images)` makes the TrainTask; it gets the image count because learning-rate
+    schedules that span the run need the number of steps before it starts.
+
     Bad input (missing data, bad launch, bad checkpoint) ends with one clear line and exit code 2.
     """
     parser = argparse.ArgumentParser(description=description)
@@ -356,7 +359,7 @@ def run_training(description: str, build_task, add_model_arguments, argv: list[s
         accelerator = make_accelerator(config)
         set_seed(config.seed)  # identical initial weights on every rank
         dataset = BloodMNIST.load(config.split, config.resolution, config.data_dir, flip=config.flip)
-        task = build_task(config)
+        task = build_task(config, len(dataset))
         pipeline_dir = train(task, config, accelerator, dataset)
     except (LaunchError, DataError, FileNotFoundError, RuntimeError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None

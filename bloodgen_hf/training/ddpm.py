@@ -31,7 +31,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
-from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, load_arrays, to_uint8
+from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, to_uint8
 from bloodgen_hf.io import make_grid
 from bloodgen_hf.training.core import EMATask, TrainConfig, run_training, total_optimizer_steps
 from pipelines.pipeline_bloodgen_ddpm import SCHEDULERS, BloodDDPMPipeline, make_scheduler
@@ -129,16 +129,13 @@ def add_ddpm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-def planned_steps(config: TrainConfig) -> int:
-    """The optimizer steps `core.train` will run, which the cosine schedule spans.
-
-    The core builds the task before it knows the dataset, so the images are counted here.
-    """
-    n = len(load_arrays(config.split, config.resolution, config.data_dir)[1])
-    steps = total_optimizer_steps(config, n, PartialState().num_processes)
+def planned_steps(config: TrainConfig, num_images: int) -> int:
+    """The optimizer steps `core.train` will run, which the cosine schedule spans."""
+    processes = PartialState().num_processes
+    steps = total_optimizer_steps(config, num_images, processes)
     if steps < 1:
         raise ValueError(
-            f"{n} images cannot fill one optimizer step of {config.batch_size} x {PartialState().num_processes} "
+            f"{num_images} images cannot fill one optimizer step of {config.batch_size} x {processes} "
             f"processes x {config.gradient_accumulation_steps}"
         )
     return steps
@@ -150,7 +147,7 @@ class DDPMTask(EMATask):
     options: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, config: TrainConfig) -> DDPMTask:
+    def build(cls, config: TrainConfig, num_images: int) -> DDPMTask:
         o = config.extra
         check_options(o)
         unet = build_unet(o["preset"], config.resolution, dropout=o["dropout"])
@@ -158,7 +155,9 @@ class DDPMTask(EMATask):
             unet.parameters(), lr=o["lr"], betas=(o["adam_beta1"], o["adam_beta2"]), weight_decay=o["weight_decay"]
         )
         if o["lr_schedule"] == "cosine":
-            lr_scheduler = get_cosine_schedule_with_warmup(optimizer, o["lr_warmup_steps"], planned_steps(config))
+            lr_scheduler = get_cosine_schedule_with_warmup(
+                optimizer, o["lr_warmup_steps"], planned_steps(config, num_images)
+            )
         else:
             lr_scheduler = get_constant_schedule_with_warmup(optimizer, o["lr_warmup_steps"])
         ema = EMAModel(unet.parameters(), decay=o["ema_max_decay"], use_ema_warmup=True, power=o["ema_power"])

@@ -32,6 +32,12 @@ def add_gan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--beta1", type=float, default=0.0)
     parser.add_argument("--beta2", type=float, default=0.9)
     parser.add_argument("--spectral-norm", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--minibatch-std-group",
+        type=int,
+        default=4,
+        help="discriminator sees the feature spread of groups of this many images (0: off); must divide the batch",
+    )
     parser.add_argument("--diffaugment", default="color,translation,cutout", help="'' disables it")
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--gp-weight", type=float, default=10.0, help="WGAN-GP penalty weight")
@@ -43,8 +49,11 @@ class GANTask(EMATask):
     options: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, config: TrainConfig) -> GANTask:
+    def build(cls, config: TrainConfig, num_images: int) -> GANTask:
         o = config.extra
+        group = o.get("minibatch_std_group", 0)  # absent from runs made before it existed
+        if group > 0 and config.batch_size % group:
+            raise ValueError(f"--minibatch-std-group {group} must divide --batch-size {config.batch_size}")
         generator = ConditionalGenerator(
             resolution=config.resolution,
             latent_dim=o["latent_dim"],
@@ -57,6 +66,7 @@ class GANTask(EMATask):
             num_classes=NUM_CLASSES,
             base_channels=o["base_channels"],
             use_spectral_norm=o["spectral_norm"],
+            minibatch_std_group=group,
         )
         betas = (o["beta1"], o["beta2"])
         ema = EMAModel(generator.parameters(), decay=o["ema_decay"])

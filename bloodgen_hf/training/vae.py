@@ -91,7 +91,7 @@ class VAETask(TrainTask):
     sigma_ema: float | None = None  # running maximum-likelihood decoder sigma (--recon gaussian)
 
     @classmethod
-    def build(cls, config: TrainConfig) -> VAETask:
+    def build(cls, config: TrainConfig, num_images: int) -> VAETask:
         o = config.extra
         check_options(o)
         vae = ConditionalAutoencoderKL(
