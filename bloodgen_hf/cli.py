@@ -63,6 +63,7 @@ NoFloor = Annotated[bool, typer.Option("--no-floor", help="Skip the real-vs-real
 MemorizationN = Annotated[int, typer.Option(help="Generated images per run checked for near-copies (0: all).")]
 GenerationBatch = Annotated[int, typer.Option(help="Images per generation batch.")]
 NumWorkers = Annotated[int, typer.Option(help="Resize workers for Inception (clean-fid would use 12).")]
+Html = Annotated[bool, typer.Option(help="Also write report.html next to report.md.")]
 
 
 def fail(message: str) -> None:
@@ -443,6 +444,7 @@ def compare(
     out: Path = typer.Option(None, help="Report folder. Default: reports/compare."),
     overwrite: bool = typer.Option(False, help="Write into an existing report folder."),
     reuse: bool = typer.Option(False, help="Keep per-model results already in --out made with the same protocol."),
+    html: Html = False,
     inception_weights: InceptionWeights = None,
     bloodnet: BloodNetFolder = None,
     cache_dir: CacheDir = None,
@@ -481,6 +483,7 @@ def compare(
         split=split,
         cache_dir=cache_dir,
         reuse=reuse,
+        html=html,
         log=_log,
     )
     typer.echo(f"wrote {report}")
@@ -508,6 +511,7 @@ def augment_study(
     out: Path = typer.Option(None, help="Study folder. Default: reports/augment-<model>."),
     overwrite: Overwrite = False,
     resume: bool = typer.Option(False, help="Continue a stopped study in --out: keep its pool and finished runs."),
+    html: Html = False,
     device: Device = "auto",
 ):
     """Train small classifiers on real, real+synthetic and synthetic data at several real-data sizes."""
@@ -529,7 +533,7 @@ def augment_study(
     out = _default_out(out, Path("reports") / f"augment-{model_label(model)}")
     check_output(out, overwrite or resume)
     pipe = load_pipeline(model, pick_device(device))
-    run_study(pipe, out, config, data_dir, log=_log, model=model_label(model), resume=resume)
+    run_study(pipe, out, config, data_dir, log=_log, model=model_label(model), resume=resume, html=html)
     typer.echo(f"wrote {out}/report.md")
 
 

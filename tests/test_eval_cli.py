@@ -119,9 +119,12 @@ def test_compare_writes_one_report_folder(tiny_gan_dir, common, tmp_path):
     other = save_pipeline(tiny_gan_pipeline(seed=1), tmp_path / "other_gan")
     (other / "metrics.jsonl").write_text('{"step": 1, "loss_g": 2.0}\n{"step": 2, "loss_g": 1.5}\n')
     out = tmp_path / "report"
-    result = invoke("compare", "--models", tiny_gan_dir, other, *SMALL, *common, "--metrics", "fd,1nn", "--out", out)
+    args = ["--metrics", "fd,1nn", "--out", out, "--html"]
+    result = invoke("compare", "--models", tiny_gan_dir, other, *SMALL, *common, *args)
     assert result.exit_code == 0, result.output
     report = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    assert "<table>" in page and '<img alt="metrics" src="metrics.png"' in page and "<h1>Model comparison</h1>" in page
     assert "| fd_bloodnet | ↓ |" in report and "tiny_gan" in report and "other_gan" in report
     for name in ("metrics.png", "curves.png", "grids/real.png", "grids/tiny_gan.png", "grids/other_gan.png"):
         assert (out / name).is_file(), name
@@ -144,9 +147,15 @@ def test_compare_writes_one_report_folder(tiny_gan_dir, common, tmp_path):
 def test_augment_study_trains_every_setting_and_fraction(tiny_gan_dir, fake_data_dir, tmp_path):
     out = tmp_path / "study"
     args = ["--model", tiny_gan_dir, "--data-dir", fake_data_dir, "--fractions", "0.5,1", "--seeds", "0"]
-    result = invoke("augment-study", *args, "--steps", "2", "--batch-size", "8", "--out", out, "--device", "cpu")
+    result = invoke(
+        "augment-study", *args, "--steps", "2", "--batch-size", "8", "--out", out, "--device", "cpu", "--html"
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
+    assert (
+        results["model"] == "tiny_gan"
+        and "Synthetic images from <code>tiny_gan</code>" in (out / "report.html").read_text()
+    )
     runs = {(r["setting"], r["fraction"]): r for r in results["runs"]}
     assert set(runs) == {(s, f) for s in ("real", "real+synthetic", "synthetic") for f in (0.5, 1.0)}
     assert runs["real", 0.5]["num_real"] == 24 and runs["real", 0.5]["num_synthetic"] == 0

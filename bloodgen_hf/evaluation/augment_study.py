@@ -29,7 +29,7 @@ from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, BloodMNIST, load_arrays
 from bloodgen_hf.evaluation.bloodnet import predict
 from bloodgen_hf.evaluation.metrics import classification_report
 from bloodgen_hf.evaluation.protocol import summarize
-from bloodgen_hf.evaluation.report import mean_std, write_json
+from bloodgen_hf.evaluation.report import mean_std, write_json, write_markdown_report
 from bloodgen_hf.evaluation.runner import image_size
 from bloodgen_hf.io import atomic_path
 from bloodgen_hf.sampling import generate
@@ -181,6 +181,7 @@ def run_study(
     log=print,
     model: str = "",
     resume: bool = False,
+    html: bool = False,
 ):
     """Train every (setting, fraction, seed) classifier; write results.json, report.md and plots to `out`."""
     config.check()
@@ -233,13 +234,14 @@ def run_study(
             runs.append({**run, "num_synthetic": int(counts.sum()), **report})
             write_json(runs[-1], done)
     results = {
+        "model": model,
         "config": asdict(config),
         "class_names": list(CLASS_NAMES),
         "summary": summarize_study(runs),
         "runs": runs,
     }
     write_json(results, out / "results.json")
-    write_study_report(results, out)
+    write_study_report(results, out, html)
     return results
 
 
@@ -265,7 +267,7 @@ def summarize_study(runs: list[dict]) -> list[dict]:
     return summary
 
 
-def write_study_report(results: dict, out: Path) -> None:
+def write_study_report(results: dict, out: Path, html: bool = False) -> None:
     summary, config = results["summary"], results["config"]
     fractions = sorted({e["fraction"] for e in summary})
     settings = [s for s in SETTINGS if any(e["setting"] == s for e in summary)]
@@ -277,6 +279,8 @@ def write_study_report(results: dict, out: Path) -> None:
         f"Small BloodNet ({config['channels']}, {config['steps']} steps) trained per setting, real-data fraction "
         f"and seed ({len(config['seeds'])} seeds{balance}); scored on the real test split. Mean ± std over seeds.",
     ]
+    if results.get("model"):
+        lines[-1] += f" Synthetic images from `{results['model']}`."
     for key in ("accuracy", "macro_f1"):
         lines += ["", f"## {key}", "", "| setting | " + " | ".join(f"{f:.0%} real" for f in fractions) + " |"]
         lines.append("|---" * (len(fractions) + 1) + "|")
@@ -295,8 +299,7 @@ def write_study_report(results: dict, out: Path) -> None:
         )
     lines += ["", "![accuracy](accuracy.png)", "", "![confusion matrices](confusion.png)"]
     plot_study(summary, settings, fractions, out)
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    write_markdown_report(lines, out, html)
 
 
 def plot_study(summary: list[dict], settings: list[str], fractions: list[float], out: Path) -> None:

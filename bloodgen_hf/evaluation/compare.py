@@ -16,9 +16,15 @@ import numpy as np
 
 from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES
 from bloodgen_hf.evaluation.protocol import Protocol, RealData
-from bloodgen_hf.evaluation.report import bar_chart, comparison_table, curves_chart, protocol_line
+from bloodgen_hf.evaluation.report import (
+    bar_chart,
+    comparison_table,
+    curves_chart,
+    protocol_line,
+    write_markdown_report,
+)
 from bloodgen_hf.evaluation.runner import evaluate_to_folder, image_size, model_label, parameter_count
-from bloodgen_hf.io import atomic_path, labelled_class_grid, save_image
+from bloodgen_hf.io import labelled_class_grid, save_image
 from bloodgen_hf.sampling import generate
 
 GRID_PER_CLASS = 8
@@ -85,6 +91,7 @@ def compare(
     cache_dir=None,
     sampling_kwargs: dict | None = None,
     reuse: bool = False,
+    html: bool = False,
     log=print,
 ) -> Path:
     from bloodgen_hf.hub import resolve_model
@@ -115,11 +122,10 @@ def compare(
         size = image_size(pipe, sampling_kwargs)
     real = RealData.load(split, size, data_dir)
     grids = {"real": class_grid(real.images, real.labels, seed=protocol.seed), **grids}
-    write_report(out, entries, facts, grids, curves)
-    return out / "report.md"
+    return write_report(out, entries, facts, grids, curves, html)
 
 
-def write_report(out: Path, entries: dict, facts: dict, grids: dict, curves: dict) -> None:
+def write_report(out: Path, entries: dict, facts: dict, grids: dict, curves: dict, html: bool = False) -> Path:
     for name, grid in grids.items():
         save_image(grid, out / "grids" / f"{name}.png")
     bar_chart(entries, out / "metrics.png")
@@ -137,5 +143,4 @@ def write_report(out: Path, entries: dict, facts: dict, grids: dict, curves: dic
     lines.append("| " + " | ".join(f"![{n}](grids/{n}.png)" for n in grids) + " |")
     if curves_file is not None:
         lines += ["", "## Training curves", "", "![training curves](curves.png)"]
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    return write_markdown_report(lines, out, html)

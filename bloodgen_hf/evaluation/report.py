@@ -17,6 +17,32 @@ from bloodgen_hf.plots import panels, save_figure
 
 LOWER_IS_BETTER = ("fid", "fd_", "kid", "class_fid", "class_fd", "memorization")
 DESCRIPTIVE = ("nearest_real",)  # too small means copying, too large means unlike the data
+HTML_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }}
+img {{ max-width: 100%; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""
+
+
+def write_markdown_report(lines: list[str], out: Path, html: bool = False) -> Path:
+    """out/report.md, and with `html` a report.html beside it (same relative links to the charts)."""
+    text = "\n".join(lines) + "\n"
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(text)
+    if html:
+        import markdown
+
+        title = lines[0].lstrip("# ") if lines else "report"
+        with atomic_path(out / "report.html") as tmp:
+            tmp.write_text(HTML_PAGE.format(title=title, body=markdown.markdown(text, extensions=["tables"])))
+    return out / "report.md"
 
 
 def write_json(data: dict, path: Path) -> Path:
