@@ -96,6 +96,14 @@ def test_training_writes_grids_metrics_and_a_loadable_pipeline(fake_data_dir, tm
     assert pipe(2, output_type="pt").images.shape == (2, 3, 28, 28)
 
 
+def test_minibatch_std_training_and_its_batch_check(fake_data_dir, tmp_path):
+    run(fake_data_dir, tmp_path / "run", "--epochs", "1", "--loss", "wgan-gp", "--minibatch-std-group", "4")
+    d = load_file(str(tmp_path / "run" / "checkpoints" / "checkpoint-0000010" / "discriminator.safetensors"))
+    assert d["features.7.weight_orig"].shape[1] == 8 * 4 + 1  # the last features plus the spread channel
+    with pytest.raises(SystemExit, match="--minibatch-std-group 3 must divide --batch-size 8"):
+        run(fake_data_dir, tmp_path / "bad", "--minibatch-std-group", "3")
+
+
 def test_resume_errors_are_clear(fake_data_dir, tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint in"):
         run(fake_data_dir, tmp_path / "empty", "--max-steps", "2", "--resume", "latest")

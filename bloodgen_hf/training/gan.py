@@ -35,8 +35,9 @@ def add_gan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument(
         "--minibatch-std-group",
         type=int,
-        default=4,
-        help="discriminator sees the feature spread of groups of this many images (0: off); must divide the batch",
+        default=0,
+        help="discriminator sees the feature spread of groups of this many images, e.g. 4 (0: off, as the bundled "
+        "GAN); must divide the batch",
     )
     parser.add_argument("--diffaugment", default="color,translation,cutout", help="'' disables it")
     parser.add_argument("--ema-decay", type=float, default=0.999)
