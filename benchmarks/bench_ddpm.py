@@ -36,11 +36,11 @@ from diffusers.training_utils import EMAModel
 
 from bloodgen_hf.data import NUM_CLASSES, BloodMNIST, archive_name, to_model_range
 from bloodgen_hf.hub import load_pipeline
+from bloodgen_hf.pipelines import BloodDDPMPipeline
+from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import make_scheduler
 from bloodgen_hf.sampling import generate, plan_labels
 from bloodgen_hf.training.core import TrainConfig, make_accelerator, train
 from bloodgen_hf.training.ddpm import DDPMTask, add_ddpm_arguments, build_noise_scheduler, build_unet
-from pipelines import BloodDDPMPipeline
-from pipelines.pipeline_bloodgen_ddpm import make_scheduler
 
 TARGET_IMAGES, TARGET_SECONDS = 10_000, 20 * 60
 

@@ -1,10 +1,14 @@
 """`bloodgen-hf`: sample, train and inspect BloodMNIST generative models from the shell.
 
-Every command turns bad input into one `error: ...` line on stderr and exit code 2.
+Every command turns bad input or usage into one `error: ...` line on stderr and exit code 2, and a
+failure while working (a full disk) into one line and exit code 1. A command that writes an output
+holds that output's lock until it ends, so a second writer is refused (exit 2) instead of mixing in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
 import sys
@@ -33,7 +37,14 @@ class OutputFormat(str, Enum):
 
 
 # Options that several commands share, declared once (defaults stay in each signature).
-DataDir = Annotated[Path, typer.Option(help="Folder holding the BloodMNIST archives (else $BLOODGEN_DATA_DIR).")]
+DataDir = Annotated[Path, typer.Option(help="Folder holding the MedMNIST archives (else $BLOODGEN_DATA_DIR).")]
+Dataset = Annotated[
+    str,
+    typer.Option(
+        help="Real images: bloodmnist, another MedMNIST 2D flag (pathmnist, ...), an ImageFolder (one subfolder per "
+        "class), a `datasets` save_to_disk folder or a Hub dataset id."
+    ),
+]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace or write into an existing output.")]
 Temperature = Annotated[float, typer.Option(help="VAE: scale of the prior noise (1 = the prior).")]
@@ -66,25 +77,51 @@ NumWorkers = Annotated[int, typer.Option(help="Resize workers for Inception (cle
 Html = Annotated[bool, typer.Option(help="Also write report.html next to report.md.")]
 
 
-def fail(message: str) -> None:
+BAD_INPUT_OS_ERRORS = (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# The running command's resources (output locks), released when it ends however it ends.
+_command_scope: contextvars.ContextVar[contextlib.ExitStack] = contextvars.ContextVar("command_scope")
+
+
+def fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def clean_errors(command):
-    """Show expected failures (bad input, missing files, corrupt weights) as one line, exit 2."""
+    """Show expected failures as one line: bad input (missing files, corrupt weights, an output that
+    exists or is being written) exits 2, a failure while working (disk full) exits 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from bloodgen_hf.data import DataError
+        from bloodgen_hf.guard import OutputLockedError
         from bloodgen_hf.hub import HubError, ModelLoadError
 
         try:
-            return command(*args, **kwargs)
-        except (ValueError, FileExistsError, FileNotFoundError, ModelLoadError, DataError, HubError) as err:
+            with contextlib.ExitStack() as scope:
+                token = _command_scope.set(scope)
+                try:
+                    return command(*args, **kwargs)
+                finally:
+                    _command_scope.reset(token)
+        except (ValueError, ModelLoadError, DataError, HubError, OutputLockedError, *BAD_INPUT_OS_ERRORS) as err:
             fail(str(err))
+        except OSError as err:
+            fail(str(err), 1)
 
     return wrapper
+
+
+def claim_output(out: Path, may_exist: bool) -> Path:
+    """Check that `out` may be written, then hold its lock until the command ends and check again
+    (another writer may have finished just before we got the lock)."""
+    from bloodgen_hf.guard import output_lock
+    from bloodgen_hf.sampling import check_output
+
+    check_output(out, may_exist)
+    _command_scope.get().enter_context(output_lock(out))
+    check_output(out, may_exist)
+    return out
 
 
 def pick_device(device: str) -> str:
@@ -116,10 +153,12 @@ def sample(
     model: str = typer.Option(
         DEFAULT_MODEL, help="A bundled model name (see `bloodgen-hf models`) or a pipeline folder."
     ),
-    classes: list[str] = typer.Option(None, "--class", help="Only these classes (name or index); repeatable."),
+    classes: list[str] = typer.Option(
+        None, "--class", help="Only these classes (the model's class names or indices); repeatable."
+    ),
     balanced: bool = typer.Option(False, "--balanced", help="Equal counts per class (the default)."),
     real_distribution: bool = typer.Option(
-        False, "--real-distribution", help="Class counts in BloodMNIST's proportions."
+        False, "--real-distribution", help="Class counts in BloodMNIST's proportions (BloodMNIST models)."
     ),
     seed: int = typer.Option(0, help="Image i uses seed+i, recorded in the manifest."),
     batch_size: int = typer.Option(250, help="Images per forward pass."),
@@ -143,13 +182,12 @@ def sample(
     scheduler: Scheduler = None,
 ):
     """Generate N class-conditional images with a bundled or saved model."""
-    from bloodgen_hf.data import class_index
     from bloodgen_hf.hub import check_repo_id, load_pipeline, push_dataset, resolve_token
     from bloodgen_hf.sampling import (
-        check_output,
+        check_count,
         configure_sampling,
         generate,
-        plan_labels,
+        model_labels,
         write_hf_dataset,
         write_npz,
         write_png_folder,
@@ -163,16 +201,17 @@ def sample(
         check_repo_id(push_to_hub)
         token = resolve_token(token)
     out = out or Path({"png": "samples", "npz": "samples.npz", "hf-dataset": "samples_hf"}[output_format.value])
-    labels = plan_labels(n, [class_index(c) for c in classes or []], "real" if real_distribution else "balanced")
-    check_output(out, overwrite)
+    check_count(n)
+    claim_output(out, overwrite)
     pipe = load_pipeline(model, pick_device(device))
+    labels, class_names = model_labels(pipe, n, classes, "real" if real_distribution else "balanced")
     options = sampling_options(temperature, latent_bias, steps, guidance, scheduler)
     pipe, kwargs = configure_sampling(pipe, options)
     info = {"model": model, "seed": seed, "distribution": "real" if real_distribution else "balanced", "n": n, **kwargs}
     started = time.time()
     batches = generate(pipe, labels, seed=seed, batch_size=batch_size, **kwargs)
     writer = {"png": write_png_folder, "npz": write_npz, "hf-dataset": write_hf_dataset}[output_format.value]
-    writer(batches, out, info)
+    writer(batches, out, info, class_names, overwrite=overwrite)
     elapsed = time.time() - started
     typer.echo(f"wrote {n} images to {out} in {elapsed:.1f} s ({n / elapsed:.0f} images/s)")
     if push_to_hub:
@@ -210,15 +249,13 @@ def reconstruct(
     device: Device = "auto",
 ):
     """Encode an image with a VAE and decode its posterior mean."""
-    from bloodgen_hf.data import CLASS_NAMES
     from bloodgen_hf.img2img import reconstruct_file
-    from bloodgen_hf.sampling import check_output
 
     out = out or Path(f"{input_path.stem}_reconstruction.png")
-    check_output(out, overwrite)
-    label, inferred, psnr = reconstruct_file(input_path, out, model, pick_device(device), class_name)
+    claim_output(out, overwrite)
+    name, inferred, psnr = reconstruct_file(input_path, out, model, pick_device(device), class_name)
     how = "inferred" if inferred else "given"
-    typer.echo(f"wrote {out}: reconstruction of {input_path} as {CLASS_NAMES[label]} ({how}), PSNR {psnr:.1f} dB")
+    typer.echo(f"wrote {out}: reconstruction of {input_path} as {name} ({how}), PSNR {psnr:.1f} dB")
 
 
 @app.command()
@@ -235,15 +272,13 @@ def variations(
     device: Device = "auto",
 ):
     """Image-to-image: resample a VAE's posterior around an image, N times."""
-    from bloodgen_hf.data import CLASS_NAMES
     from bloodgen_hf.img2img import variations_folder
-    from bloodgen_hf.sampling import check_output
 
     out = out or Path(f"{input_path.stem}_variations")
-    check_output(out, overwrite)
-    label, inferred = variations_folder(input_path, out, model, pick_device(device), n, temperature, seed, class_name)
+    claim_output(out, overwrite)
+    name, inferred = variations_folder(input_path, out, model, pick_device(device), n, temperature, seed, class_name)
     how = "inferred" if inferred else "given"
-    typer.echo(f"wrote {n} variations of {input_path} ({CLASS_NAMES[label]}, {how}) to {out}")
+    typer.echo(f"wrote {n} variations of {input_path} ({name}, {how}) to {out}")
 
 
 @app.command()
@@ -254,34 +289,57 @@ def grid(
     seed: int = typer.Option(0, help="Image i uses seed+i."),
     scale: int = typer.Option(3, help="Nearest-neighbour enlargement."),
     out: Path = typer.Option(Path("grid.png"), help="Output PNG."),
-    data_dir: Path = typer.Option(None, help="With --model real: folder holding bloodmnist.npz."),
-    size: int = typer.Option(28, help="With --model real: 28 or 64."),
+    data_dir: Path = typer.Option(None, help="With --model real: folder holding the MedMNIST archives."),
+    dataset: Dataset = "bloodmnist",
+    size: int = typer.Option(28, help="With --model real: image size (centre-crop and resize)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
 ):
-    """Save a picture with one labelled row per class, from a model or from the real data."""
+    """Save a picture with one labelled row per class, from a model or from the real data (--dataset)."""
     import numpy as np
 
-    from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, load_arrays
+    from bloodgen_hf.data import load_data
     from bloodgen_hf.hub import load_pipeline
     from bloodgen_hf.io import atomic_path, labelled_class_grid
-    from bloodgen_hf.sampling import check_output, generate
+    from bloodgen_hf.sampling import generate, pipeline_class_names
 
     if per_class < 1 or scale < 1:
         raise ValueError("--per-class and --scale must be at least 1")
-    check_output(out, overwrite)
-    labels = np.repeat(np.arange(NUM_CLASSES), per_class)
+    claim_output(out, overwrite)
     if model == "real":
-        images, real_labels = load_arrays("all", size, data_dir)
+        images, real_labels, names, _ = load_data(dataset, "all", size, data_dir)
         rng = np.random.default_rng(seed)
-        picks = [rng.choice(np.flatnonzero(real_labels == c), per_class, replace=False) for c in range(NUM_CLASSES)]
-        images = images[np.concatenate(picks)]
+        members = [np.flatnonzero(real_labels == c) for c in range(len(names))]
+        images = images[np.concatenate([rng.choice(m, per_class, replace=len(m) < per_class) for m in members])]
     else:
         pipe = load_pipeline(model, pick_device("auto"))
+        names = pipeline_class_names(pipe)
+        labels = np.repeat(np.arange(len(names)), per_class)
         images = np.concatenate([b[0] for b in generate(pipe, labels, seed=seed, progress=False)])
-    picture = labelled_class_grid(images.reshape(NUM_CLASSES, per_class, *images.shape[1:]), list(CLASS_NAMES), scale)
-    with atomic_path(out) as tmp:
+    picture = labelled_class_grid(images.reshape(len(names), per_class, *images.shape[1:]), list(names), scale)
+    with atomic_path(out, overwrite=overwrite) as tmp:
         picture.save(tmp, format="PNG")
     typer.echo(f"wrote {out}")
+
+
+@app.command("export-imagefolder")
+@clean_errors
+def export_imagefolder(
+    out: Path = typer.Option(..., help="The ImageFolder to write: one subfolder of PNGs per class."),
+    dataset: Dataset = "bloodmnist",
+    split: str = typer.Option("train", help="all, train, val or test."),
+    size: int = typer.Option(28, help="Image size (centre-crop and resize)."),
+    data_dir: DataDir = None,
+    overwrite: Overwrite = False,
+):
+    """Write a dataset's split as an ImageFolder, e.g. BloodMNIST at 64 px to try `--dataset FOLDER`."""
+    from bloodgen_hf.data import load_data, write_image_folder
+    from bloodgen_hf.io import atomic_path
+
+    claim_output(out, overwrite)
+    data = load_data(dataset, split, size, data_dir)
+    with atomic_path(out, is_dir=True, overwrite=overwrite) as tmp:
+        write_image_folder(data, tmp)
+    typer.echo(f"wrote {len(data.labels)} images of {len(data.class_names)} classes to {out}")
 
 
 @app.command()
@@ -364,10 +422,8 @@ def _protocol(runs, n, seed, balanced, metrics, no_floor, memorization_n, batch_
 def _evaluation_setup(out, default_out, may_write_into, device, protocol, extractor, *tool_files):
     """What evaluate and compare both do first: settle the output folder and device, build the tools."""
     from bloodgen_hf.evaluation.runner import build_tools
-    from bloodgen_hf.sampling import check_output
 
-    out = _default_out(out, default_out)
-    check_output(out, may_write_into)
+    out = claim_output(_default_out(out, default_out), may_write_into)
     device = pick_device(device)
     return out, device, build_tools(extractor, protocol.metrics, device, *tool_files)
 
@@ -384,6 +440,7 @@ def evaluate(
     seed: Seed = 0,
     split: Split = "all",
     data_dir: DataDir = None,
+    dataset: Dataset = "bloodmnist",
     out: Path = typer.Option(None, help="Results folder. Default: eval/<model>."),
     overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
     record: bool = typer.Option(False, help="Also write eval_results.json into the model folder, for `push`."),
@@ -421,7 +478,9 @@ def evaluate(
     )
     options = sampling_options(temperature, latent_bias, steps, guidance, scheduler)
     pipe, kwargs = configure_sampling(load_pipeline(model, device), options)
-    results = evaluate_to_folder(pipe, model, out, *tools, protocol, data_dir, split, cache_dir, kwargs, log=_log)
+    results = evaluate_to_folder(
+        pipe, model, out, *tools, protocol, data_dir, split, cache_dir, kwargs, log=_log, dataset=dataset
+    )
     typer.echo("\n".join(metric_table(results)))
     typer.echo(f"wrote {out}/results.json, eval_results.json and summary.md")
     if record:
@@ -441,9 +500,16 @@ def compare(
     seed: Seed = 0,
     split: Split = "all",
     data_dir: DataDir = None,
+    dataset: Dataset = "bloodmnist",
     out: Path = typer.Option(None, help="Report folder. Default: reports/compare."),
     overwrite: bool = typer.Option(False, help="Write into an existing report folder."),
     reuse: bool = typer.Option(False, help="Keep per-model results already in --out made with the same protocol."),
+    tstr: int = typer.Option(
+        0,
+        help="TSTR: also train augment-study's classifier on N synthetic images of each model and on N real train "
+        "images, both scored on the real test split (0: off). Refuses a model trained on the test split.",
+    ),
+    tstr_steps: int = typer.Option(300, help="--tstr: optimizer steps of each classifier (augment-study's)."),
     html: Html = False,
     inception_weights: InceptionWeights = None,
     bloodnet: BloodNetFolder = None,
@@ -458,10 +524,14 @@ def compare(
     from functools import partial
 
     from bloodgen_hf.evaluation.compare import compare as run_compare
+    from bloodgen_hf.evaluation.tstr import TSTRConfig
     from bloodgen_hf.hub import load_pipeline
 
     names = [m for item in [*models, *ctx.args] for m in item.split(",") if m]
     protocol = _protocol(runs, n, seed, balanced, metrics, no_floor, memorization_n, batch_size)
+    tstr_config = TSTRConfig(n=tstr, seed=seed, steps=tstr_steps) if tstr else None
+    if tstr_config is not None:
+        tstr_config.check()
     out, device, tools = _evaluation_setup(
         out,
         Path("reports") / "compare",
@@ -480,11 +550,13 @@ def compare(
         protocol,
         load_pipeline=partial(load_pipeline, device=device),
         data_dir=data_dir,
+        dataset=dataset,
         split=split,
         cache_dir=cache_dir,
         reuse=reuse,
         html=html,
         log=_log,
+        tstr=tstr_config,
     )
     typer.echo(f"wrote {report}")
 
@@ -499,7 +571,23 @@ def _numbers(text: str, kind, flag: str) -> tuple:
 @app.command("augment-study")
 @clean_errors
 def augment_study(
-    model: str = typer.Option(DEFAULT_MODEL, help="The generator of the synthetic images."),
+    model: str = typer.Option(
+        None,
+        help=f"The generator of the synthetic images (default {DEFAULT_MODEL}); refused unless its recorded training "
+        "data leaves out the test split the classifiers are scored on.",
+    ),
+    generator_per_fraction: str = typer.Option(
+        None,
+        help="gan, ddpm or vae: instead of --model, train a generator of this family on exactly each seed's and "
+        "fraction's real subset R_f (the classifier's), through its train script.",
+    ),
+    generator_steps: int = typer.Option(None, help="--generator-per-fraction: optimizer steps of each generator."),
+    generator_options: str = typer.Option(
+        "",
+        help="--generator-per-fraction: more train-script options, e.g. "
+        "'--diffaugment color,translation,cutout --batch-size 32'.",
+    ),
+    generator_resolution: int = typer.Option(28, help="--generator-per-fraction: image size of the generators."),
     fractions: str = typer.Option("0.01,0.1,0.5,1", help="Fractions of the real train split."),
     seeds: str = typer.Option("0,1,2", help="Seeds (real subsets, classifier initialisation)."),
     settings: str = typer.Option("real,real+synthetic,synthetic", help="Training sets to compare."),
@@ -508,6 +596,7 @@ def augment_study(
     steps: int = typer.Option(300, help="Optimizer steps per classifier."),
     batch_size: int = typer.Option(128, help="Classifier batch size (and generation batch)."),
     data_dir: DataDir = None,
+    dataset: Dataset = "bloodmnist",
     out: Path = typer.Option(None, help="Study folder. Default: reports/augment-<model>."),
     overwrite: Overwrite = False,
     resume: bool = typer.Option(False, help="Continue a stopped study in --out: keep its pool and finished runs."),
@@ -518,7 +607,6 @@ def augment_study(
     from bloodgen_hf.evaluation.augment_study import StudyConfig, run_study
     from bloodgen_hf.evaluation.runner import model_label
     from bloodgen_hf.hub import load_pipeline
-    from bloodgen_hf.sampling import check_output
 
     config = StudyConfig(
         fractions=_numbers(fractions, float, "--fractions"),
@@ -530,11 +618,43 @@ def augment_study(
         batch_size=batch_size,
     )
     config.check()
-    out = _default_out(out, Path("reports") / f"augment-{model_label(model)}")
-    check_output(out, overwrite or resume)
-    pipe = load_pipeline(model, pick_device(device))
-    run_study(pipe, out, config, data_dir, log=_log, model=model_label(model), resume=resume, html=html)
+    plan = _generator_plan(model, generator_per_fraction, generator_steps, generator_options, generator_resolution)
+    label = f"per-fraction-{plan.family}" if plan else model_label(model or DEFAULT_MODEL)
+    out = _default_out(out, Path("reports") / f"augment-{label}")
+    claim_output(out, overwrite or resume)
+    device = pick_device(device)
+    pipe = None if plan else load_pipeline(model or DEFAULT_MODEL, device)
+    run_study(
+        pipe,
+        out,
+        config,
+        data_dir,
+        log=_log,
+        model=label,
+        resume=resume,
+        html=html,
+        dataset=dataset,
+        generator=plan,
+        device=device,
+    )
     typer.echo(f"wrote {out}/report.md")
+
+
+def _generator_plan(model: str | None, family: str | None, steps: int | None, options: str, resolution: int):
+    """--generator-per-fraction's GeneratorPlan (checked), or None for a study of --model."""
+    from bloodgen_hf.evaluation.augment_study import GeneratorPlan
+
+    if family is None:
+        if steps is not None or options:
+            raise ValueError("--generator-steps and --generator-options go with --generator-per-fraction")
+        return None
+    if model is not None:
+        raise ValueError("pass --model or --generator-per-fraction, not both")
+    if steps is None:
+        raise ValueError("--generator-per-fraction needs --generator-steps (optimizer steps of each generator)")
+    plan = GeneratorPlan(family=family, steps=steps, options=options, resolution=resolution)
+    plan.check()
+    return plan
 
 
 if __name__ == "__main__":

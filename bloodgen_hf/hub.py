@@ -4,8 +4,10 @@ A saved pipeline folder is a complete Hugging Face repo: model_index.json naming
 `[<pipeline module>, <class>]`, the pipeline's .py (and its helper) at the root, each custom
 component's .py in its own folder, configs and safetensors weights. So
 `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` works without
-bloodgen_hf. Inside bloodgen_hf we load the same folder with our own classes instead (no remote
-code is executed).
+bloodgen_hf. The pipelines' own `save_pretrained` writes that layout (see
+bloodgen_hf/pipelines/blood_pipeline_utils.py, which ships with it, so a pipeline loaded as remote
+code saves it too). Inside bloodgen_hf we load the same folder with our own classes instead (no
+remote code is executed).
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import inspect
 import json
 import math
-import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,9 @@ from diffusers import DiffusionPipeline
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-import pipelines
 from bloodgen_hf.models import gan as gan_models
 from bloodgen_hf.models import vae as vae_models
-from pipelines import blood_pipeline_utils, pipeline_bloodgen_ddpm, pipeline_bloodgen_gan, pipeline_bloodgen_vae
+from bloodgen_hf.pipelines import BloodDDPMPipeline, BloodGANPipeline, BloodVAEPipeline
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -49,19 +49,22 @@ class PipelineSpec:
     components: dict[str, tuple[str, type, ModuleType]]  # name -> (remote module name, class, source)
 
 
+def pipeline_spec(pipeline_class: type, **components: tuple[type, ModuleType]) -> PipelineSpec:
+    """The spec of a pipeline whose custom components are `name=(class, source module)`; the remote module
+    names come from the pipeline class (`remote_code_modules`), which its save_pretrained uses."""
+    names = pipeline_class.remote_code_modules
+    if set(names) != set(components):
+        named = f"{pipeline_class.__name__}.remote_code_modules names {sorted(names)}"
+        raise ValueError(f"{named}, but its spec has the custom components {sorted(components)}")
+    entries = {name: (names[name], cls, source) for name, (cls, source) in components.items()}
+    return PipelineSpec(pipeline_class, sys.modules[pipeline_class.__module__], entries)
+
+
 SPECS: dict[str, PipelineSpec] = {
-    "BloodGANPipeline": PipelineSpec(
-        pipelines.BloodGANPipeline,
-        pipeline_bloodgen_gan,
-        {"gan": ("bloodgen_gan_models", gan_models.ConditionalGenerator, gan_models)},
-    ),
+    "BloodGANPipeline": pipeline_spec(BloodGANPipeline, gan=(gan_models.ConditionalGenerator, gan_models)),
     # UNet2DModel and the schedulers are stock diffusers classes: no remote code but the pipeline's.
-    "BloodDDPMPipeline": PipelineSpec(pipelines.BloodDDPMPipeline, pipeline_bloodgen_ddpm, {}),
-    "BloodVAEPipeline": PipelineSpec(
-        pipelines.BloodVAEPipeline,
-        pipeline_bloodgen_vae,
-        {"vae": ("bloodgen_vae_models", vae_models.ConditionalAutoencoderKL, vae_models)},
-    ),
+    "BloodDDPMPipeline": pipeline_spec(BloodDDPMPipeline),
+    "BloodVAEPipeline": pipeline_spec(BloodVAEPipeline, vae=(vae_models.ConditionalAutoencoderKL, vae_models)),
 }
 
 
@@ -73,16 +76,61 @@ def bundled_models() -> dict[str, Path]:
 
 
 def resolve_model(name_or_path: str) -> Path:
+    """A bundled model's folder, a local folder, or a Hub repo id (`org/name`) downloaded to the HF cache."""
     bundled = bundled_models()
     if name_or_path in bundled:
         return bundled[name_or_path]
     path = Path(name_or_path).expanduser()
+    if not path.exists() and looks_like_repo_id(name_or_path):
+        path = download_repo(name_or_path)
     if not path.exists():
         names = ", ".join(bundled) or "none installed"
         raise ModelLoadError(f"no model {name_or_path!r}: not a bundled model ({names}) nor an existing folder")
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{path / 'model_index.json'} is missing: {path} is not a saved pipeline folder")
     return path
+
+
+def looks_like_repo_id(name: str) -> bool:
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def download_repo(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as err:  # offline, no such repo, no access: all end the same way for the user
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"no local folder {repo_id!r}, and it could not be downloaded from the Hub: {reason}"
+        ) from err
+
+
+def load_pretrained_component(name_or_path: str, component: str, cls: type) -> torch.nn.Module:
+    """One component of a saved pipeline (`component` "" = the folder is a single `cls` model, as BloodNet's)."""
+    if not component:
+        path = bundled_models().get(name_or_path) or BUNDLED_DIR / name_or_path
+        if not (path / "config.json").is_file():
+            path = Path(name_or_path).expanduser()
+            if not path.exists() and looks_like_repo_id(name_or_path):
+                path = download_repo(name_or_path)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path / 'config.json'} is missing: {name_or_path!r} is not a saved {cls.__name__}")
+        return load_component(cls, path)
+    pipe = load_pipeline(name_or_path)
+    found = getattr(pipe, component, None)
+    if not isinstance(found, cls):
+        raise ModelLoadError(
+            f"{name_or_path!r} has no {cls.__name__} component {component!r}: it is a {type(pipe).__name__}"
+        )
+    return found
 
 
 def read_model_index(folder: Path) -> dict:
@@ -158,27 +206,13 @@ def load_library_component(entry: list | None, folder: Path):
         raise ModelLoadError(f"cannot load {class_name} from {folder}: {err}") from err
 
 
-def save_pipeline(pipe: DiffusionPipeline, folder: str | Path, with_code: bool = True) -> Path:
-    """save_pretrained (safetensors) + the remote-code layout described in the module docstring."""
+def save_pipeline(pipe: DiffusionPipeline, folder: str | Path) -> Path:
+    """A bloodgen pipeline's save_pretrained (safetensors), which writes the remote-code layout itself."""
+    if type(pipe).__name__ not in SPECS:
+        raise ModelLoadError(f"cannot save {type(pipe).__name__}: not a bloodgen pipeline ({', '.join(SPECS)})")
     folder = Path(folder)
-    spec = SPECS[type(pipe).__name__]
     pipe.save_pretrained(folder, safe_serialization=True)
-    index = read_model_index(folder)
-    index["_class_name"] = [spec.pipeline_module.__name__.rsplit(".", 1)[-1], type(pipe).__name__]
-    for name, (module_name, cls, _) in spec.components.items():
-        index[name] = [module_name, cls.__name__]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    if with_code:
-        write_remote_code(spec, folder)
     return folder
-
-
-def write_remote_code(spec: PipelineSpec, folder: Path) -> None:
-    """Copy the single source files from pipelines/ and bloodgen_hf/models/ into the repo layout."""
-    for module in (spec.pipeline_module, blood_pipeline_utils):
-        shutil.copyfile(inspect.getfile(module), folder / Path(inspect.getfile(module)).name)
-    for name, (module_name, _, source) in spec.components.items():
-        shutil.copyfile(inspect.getfile(source), folder / name / f"{module_name}.py")
 
 
 # --- publishing to the Hugging Face Hub -------------------------------------------------------
@@ -275,6 +309,7 @@ def push_to_hub(
         render_model_card,
         sample_images,
     )
+    from bloodgen_hf.provenance import pipeline_provenance
 
     check_repo_id(repo_id)
     api = HfApi(token=resolve_token(token))
@@ -314,6 +349,7 @@ def push_to_hub(
             grid_per_class=grid_per_class,
             train_config=train_config,
             eval_results=eval_results,
+            provenance=pipeline_provenance(pipe),
         )
         card.save(Path(tmp) / "README.md")
         with hub_errors(f"uploading the model card to {repo_id}"):

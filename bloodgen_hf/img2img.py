@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from bloodgen_hf.data import CLASS_NAMES, class_index
+from bloodgen_hf.data import class_index
 from bloodgen_hf.hub import load_pipeline
 from bloodgen_hf.io import atomic_path, save_image
 
@@ -46,9 +46,12 @@ def check_size(image: Image.Image, path: Path, pipe) -> None:
 
 
 def input_class(pipe, image: Image.Image, class_name: str | None) -> tuple[int, bool]:
-    """(label, inferred?): the given class, else the one under which the VAE finds the image most likely."""
+    """(label, inferred?): the given class (by the model's names), else the one under which the VAE finds
+    the image most likely."""
+    from bloodgen_hf.sampling import pipeline_class_names
+
     if class_name is not None:
-        return class_index(class_name), False
+        return class_index(class_name, pipeline_class_names(pipe)), False
     return int(pipe.classify(image)[0]), True
 
 
@@ -59,15 +62,21 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
 
 def reconstruct_file(
     path: Path, out: Path, model: str, device: str, class_name: str | None = None
-) -> tuple[int, bool, float]:
-    """Write the reconstruction of one image as a PNG; returns (label, inferred?, PSNR in dB)."""
+) -> tuple[str, bool, float]:
+    """Write the reconstruction of one image as a PNG; returns (class name, inferred?, PSNR in dB)."""
     image = read_image(path)
     pipe = load_vae(model, device)
     check_size(image, path, pipe)
     label, inferred = input_class(pipe, image, class_name)
     recon = pipe.reconstruct(image, class_labels=label).images[0]
     save_image(recon, out)
-    return label, inferred, psnr(image, recon)
+    return class_name_of(pipe, label), inferred, psnr(image, recon)
+
+
+def class_name_of(pipe, label: int) -> str:
+    from bloodgen_hf.sampling import pipeline_class_names
+
+    return pipeline_class_names(pipe)[label]
 
 
 def variations_folder(
@@ -79,8 +88,9 @@ def variations_folder(
     temperature: float,
     seed: int = 0,
     class_name: str | None = None,
-) -> tuple[int, bool]:
-    """<out>/variation_000.png ... and info.json, written to a temporary folder renamed into place.
+) -> tuple[str, bool]:
+    """<out>/variation_000.png ... and info.json, written to a temporary folder renamed into place;
+    returns (class name, inferred?).
 
     Variation i uses its own generator seeded seed+i, so it can be redrawn alone.
     """
@@ -97,7 +107,7 @@ def variations_folder(
     info = {
         "input": str(path),
         "model": model,
-        "class": CLASS_NAMES[label],
+        "class": class_name_of(pipe, label),
         "class_inferred": inferred,
         "temperature": temperature,
         "seed": seed,
@@ -107,4 +117,4 @@ def variations_folder(
         for i, variation in enumerate(images):
             variation.save(tmp / f"variation_{i:03d}.png", format="PNG")
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return label, inferred
+    return info["class"], inferred

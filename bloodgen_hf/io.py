@@ -1,8 +1,10 @@
-"""Small file helpers shared by training, sampling and evaluation: atomic writes and image grids."""
+"""Small file helpers shared by training, sampling and evaluation: atomic (and durable) writes, image grids."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -14,10 +16,12 @@ from PIL import Image
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, is_dir: bool = False, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of `target`; it replaces `target` only if the block succeeds.
 
-    A crash or error leaves `target` as it was (absent or old) and removes the temporary.
+    A crash or error leaves `target` as it was (absent or old) and removes the temporary. With
+    `overwrite=False` the commit refuses (FileExistsError) a target that exists by then, so a
+    command's output that another process wrote meanwhile is never replaced.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -29,17 +33,86 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Pat
         tmp = Path(name)
     try:
         yield tmp
-        if is_dir and target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+        if not overwrite:
+            _commit_new(tmp, target, is_dir)
+        elif is_dir and target.exists():
+            _replace_dir(tmp, target)
         else:
             os.replace(tmp, target)
+        fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+
+
+def _commit_new(tmp: Path, target: Path, is_dir: bool) -> None:
+    """Move `tmp` to `target` only if nothing is there (for files atomically: a hard link cannot replace)."""
+    message = f"{target} appeared while this command was writing it; it is left as it is (--overwrite replaces it)"
+    if target.exists() or target.is_symlink():
+        raise FileExistsError(message)
+    try:
+        if is_dir:
+            os.rename(tmp, target)  # fails on a non-empty folder that appeared since
+        else:
+            os.link(tmp, target)
+            tmp.unlink()
+    except (FileExistsError, IsADirectoryError, NotADirectoryError) as err:
+        raise FileExistsError(message) from err
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(message) from err
+        raise
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Swap the new folder in with one atomic exchange where the OS offers it (Linux renameat2), so the
+    target is never missing; else rename the old one aside first."""
+    if _exchange(tmp, target):
+        shutil.rmtree(tmp)  # now the old folder
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    rename_exchange, at_fdcwd = 2, -100
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # a filesystem or kernel without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def write_durably(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write and fsync a file, so a checkpoint that was renamed into place survives a power cut too."""
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename inside `folder` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_image(image: np.ndarray | Image.Image, path: str | os.PathLike) -> Path:

@@ -25,7 +25,7 @@ import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 from PIL import Image
 
-from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES
+from bloodgen_hf.data import CLASS_NAMES
 from bloodgen_hf.io import atomic_path, labelled_class_grid
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "model_cards" / "templates"
@@ -109,7 +109,7 @@ def training_command(family: str, config: dict) -> str:
     the saved TrainConfig (resume left out)."""
     if config.get("command"):
         return config["command"]
-    skip = ("extra", "resume", "command", "num_processes")
+    skip = ("extra", "resume", "command", "num_processes", "provenance")
     options = {k: v for k, v in config.items() if k not in skip} | dict(config.get("extra") or {})
     words = ["bloodgen-hf", "train", family]
     for key, value in options.items():
@@ -127,17 +127,19 @@ def training_command(family: str, config: dict) -> str:
 
 def sample_images(pipe, per_class: int = 8, seed: int = 0, **pipeline_kwargs) -> np.ndarray:
     """uint8 [classes*per_class, H, W, 3], class-major; image i drawn with seed `seed + i` like `bloodgen-hf sample`."""
-    from bloodgen_hf.sampling import generate
+    from bloodgen_hf.sampling import generate, pipeline_class_names
 
-    labels = np.repeat(np.arange(NUM_CLASSES), per_class)
+    labels = np.repeat(np.arange(len(pipeline_class_names(pipe))), per_class)
     batches = generate(pipe, labels, seed=seed, progress=False, **pipeline_kwargs)
     return np.concatenate([images for images, _, _ in batches])
 
 
-def grid_image(images: np.ndarray, per_class: int) -> Image.Image:
+def grid_image(images: np.ndarray, per_class: int, class_names: Sequence[str] | None = None) -> Image.Image:
     """One row per class with its name on the left; small images enlarged to about 96 px for the Hub page."""
-    rows = images.reshape(NUM_CLASSES, per_class, *images.shape[1:])
-    return labelled_class_grid(rows, list(CLASS_NAMES), scale=max(1, round(96 / images.shape[1])))
+    rows = images.reshape(-1, per_class, *images.shape[1:])
+    if class_names is None:  # callers that predate other datasets: BloodMNIST's names, else row numbers
+        class_names = CLASS_NAMES if len(rows) == len(CLASS_NAMES) else [str(i) for i in range(len(rows))]
+    return labelled_class_grid(rows, list(class_names), scale=max(1, round(96 / images.shape[1])))
 
 
 # --- cards ---------------------------------------------------------------------------------------
@@ -171,9 +173,14 @@ def render_model_card(
     grid_per_class: int,
     train_config: dict | None = None,
     eval_results: dict | None = None,
+    provenance: dict | None = None,
 ) -> ModelCard:
     """The model card: metadata (licence, library, tags, dataset, model-index from eval results) + usage,
-    classes, sample grid, training command and evaluation, with the usage snippet pinned to `revision`."""
+    classes, sample grid, training command and data (`provenance`, else the one train_config.json recorded)
+    and evaluation, with the usage snippet pinned to `revision`."""
+    from bloodgen_hf.provenance import describe_provenance
+
+    provenance = provenance or (train_config or {}).get("provenance")
     metrics = metric_rows(eval_results)
     eval_entries = [
         EvalResult(
@@ -212,6 +219,7 @@ def render_model_card(
         sample_grid=SAMPLE_GRID_NAME,
         grid_per_class=grid_per_class,
         training_command=training_command(family, train_config) if train_config else None,
+        training_data=describe_provenance(provenance) if provenance else None,
         metrics=[{"name": m["name"], "value": m["display"]} for m in metrics],
         eval_split=eval_results["split"] if eval_results else None,
         num_generated=eval_results.get("num_generated") if eval_results else None,

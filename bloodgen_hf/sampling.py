@@ -18,31 +18,69 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bloodgen_hf.data import CLASS_COUNTS, CLASS_NAMES, NUM_CLASSES
+from bloodgen_hf.data import CLASS_COUNTS, CLASS_NAMES
 from bloodgen_hf.io import atomic_path
 
 FORMATS = ("png", "npz", "hf-dataset")
 INFO_NAME = "info.json"
 
 
-def plan_labels(n: int, classes: Sequence[int] | None = None, distribution: str = "balanced") -> np.ndarray:
-    """The label of each of n images.
+def plan_labels(
+    n: int,
+    classes: Sequence[int] | None = None,
+    distribution: str = "balanced",
+    class_counts: Sequence[int] = CLASS_COUNTS,
+) -> np.ndarray:
+    """The label of each of n images, among len(class_counts) classes.
 
     balanced: the chosen classes (default all) in turn, so counts differ by at most one.
-    real: proportional to BloodMNIST's class counts (largest-remainder rounding), in class order.
+    real: proportional to `class_counts` (default BloodMNIST's; largest-remainder rounding), in class order.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"--n must be a positive number of images, got {n}")
-    classes = list(classes) if classes else list(range(NUM_CLASSES))
+    check_count(n)
+    classes = list(classes) if classes else list(range(len(class_counts)))
     if distribution == "balanced":
         return np.asarray(classes, dtype=np.int64)[np.arange(n) % len(classes)]
     if distribution == "real":
-        weights = np.asarray([CLASS_COUNTS[c] for c in classes], dtype=np.float64)
+        weights = np.asarray([class_counts[c] for c in classes], dtype=np.float64)
         exact = n * weights / weights.sum()
         counts = np.floor(exact).astype(np.int64)
         counts[np.argsort(counts - exact)[: n - counts.sum()]] += 1
         return np.repeat(np.asarray(classes, dtype=np.int64), counts)
     raise ValueError(f"unknown class distribution {distribution!r}; use 'balanced' or 'real'")
+
+
+def check_count(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"--n must be a positive number of images, got {n}")
+
+
+def model_labels(pipe, n: int, classes: Sequence[str] | None, distribution: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(labels, the model's class names) for n images of the chosen classes, named as the model names them.
+
+    Only BloodMNIST's class counts are known without the data, so 'real' needs a BloodMNIST model."""
+    from bloodgen_hf.data import class_index, describe_classes, same_classes
+
+    names = pipeline_class_names(pipe)
+    chosen = [class_index(c, names) for c in classes or []]
+    if distribution == "real" and not same_classes(names, CLASS_NAMES):
+        theirs = describe_classes(names)
+        raise ValueError(f"--real-distribution knows BloodMNIST's proportions only; this model has {theirs}")
+    counts = CLASS_COUNTS if distribution == "real" else [1] * len(names)
+    return plan_labels(n, chosen, distribution, counts), names
+
+
+def pipeline_class_names(pipe) -> tuple[str, ...]:
+    """The classes a pipeline was trained on: its saved names, else '0', '1', ... for its class count."""
+    names = getattr(pipe, "class_names", None)
+    if names:
+        return tuple(names)
+    count = getattr(pipe, "num_classes", None)
+    for component in pipe.components.values():
+        if count is None and "num_classes" in getattr(component, "config", {}):
+            count = component.config.num_classes
+    if count is None:
+        raise ValueError(f"{type(pipe).__name__} records neither class names nor a class count")
+    return tuple(str(i) for i in range(count))
 
 
 def configure_sampling(pipe, options: dict) -> tuple[object, dict]:
@@ -97,21 +135,24 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
 
 
-def write_png_folder(batches, out: Path, info: dict) -> Path:
+def write_png_folder(
+    batches, out: Path, info: dict, class_names: Sequence[str] = CLASS_NAMES, *, overwrite: bool = True
+) -> Path:
     """<out>/<class name>/<index>.png, manifest.csv (file,label,class_name,seed) and info.json.
 
     Written to a hidden temporary folder renamed into place at the end: an interrupted run
-    leaves nothing behind, and an old output is replaced only by a complete new one.
+    leaves nothing behind, and an old output is replaced only by a complete new one (and, with
+    `overwrite=False`, an output that another process wrote meanwhile not at all).
     """
-    with atomic_path(out, is_dir=True) as tmp, ThreadPoolExecutor(max_workers=2) as pool:
-        for name in CLASS_NAMES:
+    with atomic_path(out, is_dir=True, overwrite=overwrite) as tmp, ThreadPoolExecutor(max_workers=2) as pool:
+        for name in class_names:
             (tmp / name).mkdir()
         rows, index, pending = [], 0, []
         for images, labels, seeds in batches:
             for image, label, s in zip(images, labels, seeds):
-                rel = f"{CLASS_NAMES[label]}/{index:06d}.png"
+                rel = f"{class_names[label]}/{index:06d}.png"
                 pending.append(pool.submit(Image.fromarray(image).save, tmp / rel, format="PNG", compress_level=1))
-                rows.append((rel, int(label), CLASS_NAMES[label], int(s)))
+                rows.append((rel, int(label), class_names[label], int(s)))
                 index += 1
         for job in pending:
             job.result()
@@ -123,31 +164,35 @@ def write_png_folder(batches, out: Path, info: dict) -> Path:
     return out
 
 
-def write_npz(batches, out: Path, info: dict) -> Path:
+def write_npz(
+    batches, out: Path, info: dict, class_names: Sequence[str] = CLASS_NAMES, *, overwrite: bool = True
+) -> Path:
     """One .npz: images uint8 [N,H,W,3], labels int64 [N], seeds int64 [N], class_names, info (JSON)."""
     parts = list(batches)
     arrays = {
         "images": np.concatenate([p[0] for p in parts]),
         "labels": np.concatenate([p[1] for p in parts]).astype(np.int64),
         "seeds": np.concatenate([p[2] for p in parts]),
-        "class_names": np.asarray(CLASS_NAMES),
+        "class_names": np.asarray(class_names),
         "info": np.asarray(json.dumps(info)),
     }
-    with atomic_path(out) as tmp:
+    with atomic_path(out, overwrite=overwrite) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     return out
 
 
-def hf_dataset_features():
-    """image (PNG, lossless), label (ClassLabel with the 8 names), model (name or path) and seed."""
+def hf_dataset_features(class_names: Sequence[str] = CLASS_NAMES):
+    """image (PNG, lossless), label (ClassLabel with the model's class names), model (name or path) and seed."""
     from datasets import ClassLabel, Features, Image, Value
 
-    labels = ClassLabel(names=list(CLASS_NAMES))
+    labels = ClassLabel(names=list(class_names))
     return Features({"image": Image(), "label": labels, "model": Value("string"), "seed": Value("int64")})
 
 
-def write_hf_dataset(batches, out: Path, info: dict) -> Path:
+def write_hf_dataset(
+    batches, out: Path, info: dict, class_names: Sequence[str] = CLASS_NAMES, *, overwrite: bool = True
+) -> Path:
     """A `datasets.Dataset` (see hf_dataset_features) saved with save_to_disk, plus info.json.
 
     Batches are PNG-encoded as they come, so memory holds compressed images only; the folder is
@@ -155,7 +200,7 @@ def write_hf_dataset(batches, out: Path, info: dict) -> Path:
     """
     from datasets import Dataset, concatenate_datasets
 
-    features = hf_dataset_features()
+    features = hf_dataset_features(class_names)
     parts = [
         Dataset.from_dict(
             {"image": list(images), "label": labels, "model": [str(info["model"])] * len(labels), "seed": seeds},
@@ -164,7 +209,7 @@ def write_hf_dataset(batches, out: Path, info: dict) -> Path:
         for images, labels, seeds in batches
     ]
     dataset = concatenate_datasets(parts)
-    with atomic_path(out, is_dir=True) as tmp:
+    with atomic_path(out, is_dir=True, overwrite=overwrite) as tmp:
         dataset.save_to_disk(str(tmp))
         (tmp / INFO_NAME).write_text(json.dumps({**info, "num_images": len(dataset)}, indent=2) + "\n")
     return out
@@ -176,7 +221,11 @@ def read_hf_dataset(folder: Path):
 
     if not (folder / INFO_NAME).is_file() or not (folder / "dataset_info.json").is_file():
         raise FileNotFoundError(f"{folder} is not a dataset written by `bloodgen-hf sample --format hf-dataset`")
+    from datasets import ClassLabel
+
     dataset = load_from_disk(str(folder))
-    if dataset.features != hf_dataset_features():
-        raise ValueError(f"{folder}: unexpected columns {dataset.features}; expected {hf_dataset_features()}")
+    label = dataset.features.get("label")
+    expected = hf_dataset_features(label.names if isinstance(label, ClassLabel) else CLASS_NAMES)
+    if dataset.features != expected:
+        raise ValueError(f"{folder}: unexpected columns {dataset.features}; expected {expected}")
     return dataset, json.loads((folder / INFO_NAME).read_text())

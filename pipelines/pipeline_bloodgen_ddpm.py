@@ -12,6 +12,7 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     ImagePipelineOutput,
     UNet2DModel,
     UniPCMultistepScheduler,
@@ -31,12 +32,34 @@ SCHEDULERS = {
 }
 
 
+# The same names for a UNet trained by flow matching (it predicts the velocity noise - image).
+FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 1.0}
+FLOW_SCHEDULERS = {
+    "euler": (FlowMatchEulerDiscreteScheduler, {"shift": 1.0}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2, **FLOW}),
+    "unipc": (UniPCMultistepScheduler, FLOW),
+}
+
+
+def is_flow(config) -> bool:
+    """Whether a scheduler config belongs to a flow-matching model: a solver with flow sigmas, or
+    FlowMatchEuler's own config (a live scheduler's config has no _class_name; it is the one without betas)."""
+    if config.get("_class_name") == "FlowMatchEulerDiscreteScheduler" or config.get("use_flow_sigmas"):
+        return True
+    return "shift" in config and "beta_start" not in config
+
+
 def make_scheduler(name: str, config) -> object:
-    """A scheduler named as in SCHEDULERS, with the noise schedule of `config` (any scheduler's config)."""
+    """A scheduler named as in SCHEDULERS, with the noise schedule of `config` (any scheduler's config);
+    a flow-matching config gets the flow version of the named solver (FLOW_SCHEDULERS)."""
     key = str(name).strip().lower()
-    if key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose from: {', '.join(SCHEDULERS)}")
-    cls, settings = SCHEDULERS[key]
+    table = FLOW_SCHEDULERS if is_flow(config) else SCHEDULERS
+    if key not in table:
+        kind = " (the flow-matching ones)" if table is FLOW_SCHEDULERS else ""
+        raise ValueError(f"unknown scheduler {name!r}; choose from: {', '.join(table)}{kind}")
+    cls, settings = table[key]
+    if table is FLOW_SCHEDULERS:  # only the length carries over (FlowMatchEuler's `shift` means nothing to the others)
+        return cls(num_train_timesteps=config["num_train_timesteps"], **settings)
     return cls.from_config(config, **settings)
 
 
@@ -63,7 +86,8 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
 
     `generator` may be one torch.Generator or a list with one per image (then every image is
     reproducible on its own, whatever the batch it was drawn in). `with_scheduler("dpm++")` gives a
-    copy sampling with another scheduler (see SCHEDULERS).
+    copy sampling with another scheduler (see SCHEDULERS). `provenance` records the data it was trained on
+    (see bloodgen_hf/provenance.py); it is saved in model_index.json.
     """
 
     model_cpu_offload_seq = "unet"
@@ -75,6 +99,7 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
         class_names: list[str] | None = None,
         default_guidance_scale: float = 1.0,
         default_num_inference_steps: int = 10,
+        provenance: dict | None = None,
     ):
         super().__init__()
         num_classes = check_class_conditional(unet)
@@ -86,6 +111,7 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
             class_names=list(class_names) if class_names else None,
             default_guidance_scale=float(default_guidance_scale),
             default_num_inference_steps=int(default_num_inference_steps),
+            provenance=dict(provenance) if provenance else None,
         )
 
     @property
@@ -109,6 +135,7 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
             class_names=self.class_names,
             default_guidance_scale=self.config.default_guidance_scale,
             default_num_inference_steps=self.config.default_num_inference_steps,
+            provenance=self.config.get("provenance"),
         )
         pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return pipe
@@ -141,7 +168,7 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
         height, width = (size, size) if isinstance(size, int) else size
         shape = (num_images, self.unet.config.in_channels, height, width)
         x = randn_tensor(shape, generator=generator, device=param.device, dtype=param.dtype)
-        x = x * self.scheduler.init_noise_sigma
+        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
         labels = labels.to(param.device)
         self.scheduler.set_timesteps(steps, device=param.device)
         # Stochastic schedulers (DDPM) draw their step noise from the same per-image generators.
@@ -150,7 +177,7 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
         )
         self.unet.eval()
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(x, t)
+            model_input = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
             prediction = self.guided_prediction(model_input, t, labels, guidance_scale)
             x = self.scheduler.step(prediction, t, x, **step_kwargs).prev_sample
         images = postprocess(x, output_type)

@@ -13,14 +13,17 @@ class BloodGANPipeline(BloodPipelineMixin, DiffusionPipeline):
     """One generator forward pass per batch: z ~ N(0, I), label -> image.
 
     `generator` may be one torch.Generator or a list with one per image (then every image is
-    reproducible on its own, whatever the batch it was drawn in).
+    reproducible on its own, whatever the batch it was drawn in). `provenance` records the data it was
+    trained on (see bloodgen_hf/provenance.py); it is saved in model_index.json.
     """
 
     model_cpu_offload_seq = "gan"
+    remote_code_modules = {"gan": "bloodgen_gan_models"}  # bloodgen_hf/models/gan.py ships as this
 
-    def __init__(self, gan):
+    def __init__(self, gan, provenance: dict | None = None):
         super().__init__()
         self.register_modules(gan=gan)
+        self.register_to_config(provenance=dict(provenance) if provenance else None)
 
     @property
     def class_names(self) -> list[str] | None:

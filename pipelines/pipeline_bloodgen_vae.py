@@ -33,14 +33,17 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
     typical-looking cells) and `latent_bias` shifts it; both are the reparameterization knobs of
     the blood-cell VAE literature. Images given to `encode`, `reconstruct`, `variations` or
     `interpolate` may be PIL images, uint8 [N,H,W,3] arrays or [-1, 1] float [N,3,H,W] tensors at
-    the model's resolution. Their class is inferred (see `classify`) unless given.
+    the model's resolution. Their class is inferred (see `classify`) unless given. `provenance` records
+    the data it was trained on (see bloodgen_hf/provenance.py); it is saved in model_index.json.
     """
 
     model_cpu_offload_seq = "vae"
+    remote_code_modules = {"vae": "bloodgen_vae_models"}  # bloodgen_hf/models/vae.py ships as this
 
-    def __init__(self, vae):
+    def __init__(self, vae, provenance: dict | None = None):
         super().__init__()
         self.register_modules(vae=vae)
+        self.register_to_config(provenance=dict(provenance) if provenance else None)
 
     @property
     def class_names(self) -> list[str] | None:

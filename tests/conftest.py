@@ -59,7 +59,7 @@ def real_data_dir() -> Path:
 
 def tiny_gan_pipeline(seed: int = 0):
     from bloodgen_hf.models.gan import ConditionalGenerator
-    from pipelines import BloodGANPipeline
+    from bloodgen_hf.pipelines import BloodGANPipeline
 
     torch.manual_seed(seed)
     gan = ConditionalGenerator(
@@ -76,9 +76,9 @@ def tiny_gan_pipeline(seed: int = 0):
 
 
 def tiny_ddpm_pipeline(seed: int = 0, resolution: int = 28, scheduler: str = "dpm++"):
+    from bloodgen_hf.pipelines import BloodDDPMPipeline
+    from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import make_scheduler
     from bloodgen_hf.training.ddpm import build_noise_scheduler, build_unet
-    from pipelines import BloodDDPMPipeline
-    from pipelines.pipeline_bloodgen_ddpm import make_scheduler
 
     torch.manual_seed(seed)
     unet = build_unet("tiny", resolution)
@@ -90,7 +90,7 @@ def tiny_ddpm_pipeline(seed: int = 0, resolution: int = 28, scheduler: str = "dp
 
 def tiny_vae_pipeline(seed: int = 0, resolution: int = 28, latent_dim: int | None = 8):
     from bloodgen_hf.models.vae import ConditionalAutoencoderKL
-    from pipelines import BloodVAEPipeline
+    from bloodgen_hf.pipelines import BloodVAEPipeline
 
     torch.manual_seed(seed)
     vae = ConditionalAutoencoderKL(

@@ -110,6 +110,34 @@ def test_corrupt_weights_exit_2_naming_the_file(tiny_gan_dir, tmp_path):
     assert result.exit_code == 2 and str(weights) in result.output
 
 
+def test_a_junk_archive_is_bad_input_with_a_plain_message(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bloodmnist.npz").write_bytes(b"\x00junk" * 10)
+    result = invoke("grid", "--model", "real", "--data-dir", tmp_path / "data", "--out", tmp_path / "g.png")
+    assert result.exit_code == 2
+    [line] = result.output.strip().splitlines()
+    assert line.startswith("error: ") and "(not an .npz file)" in line and "pickle" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no output, no lock left
+
+
+def test_a_failure_while_working_exits_1_with_one_line_and_keeps_the_old_output(tiny_gan_dir, tmp_path, monkeypatch):
+    from bloodgen_hf import sampling
+
+    out = tmp_path / "s"
+    assert invoke("sample", "--n", 3, "--model", tiny_gan_dir, "--out", out).exit_code == 0
+    before = (out / "manifest.csv").read_text()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sampling, "write_png_folder", disk_full)
+    result = invoke("sample", "--n", 5, "--model", tiny_gan_dir, "--out", out, "--overwrite")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == ["error: [Errno 28] No space left on device"]
+    assert (out / "manifest.csv").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s", "tiny_gan"]
+
+
 def test_grid_has_one_row_per_class(tiny_gan_dir, tmp_path):
     out = tmp_path / "g.png"
     result = invoke("grid", "--model", tiny_gan_dir, "--per-class", 3, "--scale", 1, "--out", out)

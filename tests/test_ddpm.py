@@ -25,9 +25,9 @@ from typer.testing import CliRunner
 
 from bloodgen_hf.cli import app
 from bloodgen_hf.hub import ModelLoadError, load_pipeline, save_pipeline
+from bloodgen_hf.pipelines import BloodDDPMPipeline
 from bloodgen_hf.training import ddpm
 from bloodgen_hf.training.checkpoint import load_state
-from pipelines import BloodDDPMPipeline
 from tests.conftest import tiny_ddpm_pipeline
 
 STEPS = {"num_inference_steps": 3}

@@ -45,6 +45,17 @@ def common(fake_data_dir, tiny_bloodnet_dir, tmp_path) -> list[str]:
     ]
 
 
+@pytest.fixture
+def train_split_gan_dir(tmp_path: Path) -> Path:
+    """The tiny GAN, recorded as trained on the train split only: the augmentation study accepts it."""
+    from bloodgen_hf.hub import save_pipeline
+    from bloodgen_hf.provenance import training_provenance
+
+    pipe = tiny_gan_pipeline()
+    provenance = training_provenance("bloodmnist", 28, "train", 48)
+    return save_pipeline(type(pipe)(gan=pipe.gan, provenance=provenance), tmp_path / "tiny_gan")
+
+
 def invoke(*args) -> object:
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -144,9 +155,9 @@ def test_compare_writes_one_report_folder(tiny_gan_dir, common, tmp_path):
     assert again.exit_code == 0 and again.output.count("reusing") == 2
 
 
-def test_augment_study_trains_every_setting_and_fraction(tiny_gan_dir, fake_data_dir, tmp_path):
+def test_augment_study_trains_every_setting_and_fraction(train_split_gan_dir, fake_data_dir, tmp_path):
     out = tmp_path / "study"
-    args = ["--model", tiny_gan_dir, "--data-dir", fake_data_dir, "--fractions", "0.5,1", "--seeds", "0"]
+    args = ["--model", train_split_gan_dir, "--data-dir", fake_data_dir, "--fractions", "0.5,1", "--seeds", "0"]
     result = invoke(
         "augment-study", *args, "--steps", "2", "--batch-size", "8", "--out", out, "--device", "cpu", "--html"
     )
@@ -165,9 +176,20 @@ def test_augment_study_trains_every_setting_and_fraction(tiny_gan_dir, fake_data
         assert (out / name).is_file(), name
 
 
-def test_augment_study_resumes_keeping_the_pool_and_finished_runs(tiny_gan_dir, fake_data_dir, tmp_path):
+def test_augment_study_resumes_keeping_the_pool_and_finished_runs(train_split_gan_dir, fake_data_dir, tmp_path):
     out = tmp_path / "study"
-    args = ["--model", tiny_gan_dir, "--data-dir", fake_data_dir, "--fractions", "1", "--seeds", "0", "--out", out]
+    args = [
+        "--model",
+        train_split_gan_dir,
+        "--data-dir",
+        fake_data_dir,
+        "--fractions",
+        "1",
+        "--seeds",
+        "0",
+        "--out",
+        out,
+    ]
     args += ["--settings", "real,synthetic", "--steps", "2", "--batch-size", "8", "--device", "cpu"]
     assert invoke("augment-study", *args).exit_code == 0
     # a study stopped after its first classifier: the second has no result yet, the first is marked
@@ -184,9 +206,20 @@ def test_augment_study_resumes_keeping_the_pool_and_finished_runs(tiny_gan_dir, 
     assert runs["real"]["accuracy"] == 0.123 and "synthetic" in runs
 
 
-def test_augment_study_resume_refuses_other_settings(tiny_gan_dir, fake_data_dir, tmp_path):
+def test_augment_study_resume_refuses_other_settings(train_split_gan_dir, fake_data_dir, tmp_path):
     out = tmp_path / "study"
-    args = ["--model", tiny_gan_dir, "--data-dir", fake_data_dir, "--fractions", "1", "--seeds", "0", "--out", out]
+    args = [
+        "--model",
+        train_split_gan_dir,
+        "--data-dir",
+        fake_data_dir,
+        "--fractions",
+        "1",
+        "--seeds",
+        "0",
+        "--out",
+        out,
+    ]
     args += ["--settings", "real", "--batch-size", "8", "--device", "cpu"]
     assert invoke("augment-study", *args, "--steps", "2").exit_code == 0
     result = invoke("augment-study", *args, "--steps", "3", "--resume")

@@ -248,16 +248,24 @@ def test_saved_code_is_the_single_source(class_name, tmp_path):
     for name, (module, cls, _) in spec.components.items():
         assert index[name] == [module, cls.__name__]
         assert (folder / name / hub.WEIGHTS_NAME).is_file()
-    # no second, drifting copy of the remote-code modules anywhere in the source tree
+    # no second, drifting copy of the remote-code modules anywhere in the source tree: the bundled folders
+    # hold links to the single source (copied into wheels)
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True, text=True
     )
     if listed.returncode != 0:
         pytest.skip("not a git checkout")
-    shipped = {f"{m}.py" for _, (m, _, _) in spec.components.items()}
-    assert not [f for f in listed.stdout.splitlines() if Path(f).name in shipped]
-    pipeline_file = Path(inspect.getfile(spec.pipeline_module)).name
-    assert [f for f in listed.stdout.splitlines() if Path(f).name == pipeline_file] == [f"pipelines/{pipeline_file}"]
+    pipeline_file = REPO_ROOT / "pipelines" / Path(inspect.getfile(spec.pipeline_module)).name
+    sources = {
+        pipeline_file.name: pipeline_file,
+        "blood_pipeline_utils.py": pipeline_file.with_name("blood_pipeline_utils.py"),
+    }
+    for _, (module, _, source) in spec.components.items():
+        sources[f"{module}.py"] = REPO_ROOT / "bloodgen_hf" / "models" / Path(inspect.getfile(source)).name
+    found = [REPO_ROOT / f for f in listed.stdout.splitlines() if Path(f).name in sources]
+    copied = [f for f in found if f.resolve() != sources[f.name].resolve()]
+    assert not copied, f"copies of remote-code modules (link them to the source instead): {copied}"
+    assert [f for f in found if f.name == pipeline_file.name and not f.is_symlink()] == [pipeline_file]
 
 
 def test_every_pipeline_loads_without_bloodgen_hf_from_folder_and_offline_hub_cache(fake_hub, tmp_path):

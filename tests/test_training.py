@@ -105,10 +105,69 @@ def test_minibatch_std_training_and_its_batch_check(fake_data_dir, tmp_path):
 
 
 def test_resume_errors_are_clear(fake_data_dir, tmp_path):
-    with pytest.raises(SystemExit, match="no checkpoint in"):
+    with pytest.raises(SystemExit, match="no checkpoint in") as err:
         run(fake_data_dir, tmp_path / "empty", "--max-steps", "2", "--resume", "latest")
-    with pytest.raises(SystemExit, match="missing .*bloodmnist.npz"):
+    assert err.value.code == 2
+    with pytest.raises(SystemExit, match="missing .*bloodmnist.npz") as err:
         run(tmp_path / "nodata", tmp_path / "x", "--max-steps", "2")
+    assert err.value.code == 2  # bad input exits 2, as in every command
+
+
+def test_a_junk_archive_is_bad_input_with_a_plain_message(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bloodmnist.npz").write_text("<html>not found</html>")
+    with pytest.raises(SystemExit) as err:
+        run(tmp_path / "data", tmp_path / "x", "--max-steps", "2")
+    assert err.value.code == 2
+    message = capsys.readouterr().err.strip()
+    junk = tmp_path / "data" / "bloodmnist.npz"
+    assert message.startswith(f"error: {junk} is not a ") and "(not an .npz file)" in message
+    assert "\n" not in message and "pickle" not in message  # not numpy's allow_pickle advice
+    assert not (tmp_path / "x").exists()
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_holding_a_run_needs_resume_or_overwrite(fake_data_dir, tmp_path):
+    out = tmp_path / "run"
+    run(fake_data_dir, out, "--max-steps", "4", "--checkpoint-every", "2", "--epochs", "1")
+    before = files(out)
+    with pytest.raises(SystemExit) as err:
+        run(fake_data_dir, out, "--max-steps", "2")
+    assert err.value.code == 2
+    assert str(err.value) == (
+        f"error: {out} already holds a training run (last checkpoint at step 4, a final pipeline/); "
+        "pass --resume latest to continue it, or --overwrite to delete it and start again"
+    )
+    with pytest.raises(SystemExit, match="pass one of them") as err:
+        run(fake_data_dir, out, "--max-steps", "2", "--resume", "latest", "--overwrite")
+    assert err.value.code == 2 and files(out) == before
+
+    run(fake_data_dir, out, "--max-steps", "1", "--overwrite")  # the old run is gone, none of it resumable
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-0000001"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (out / "samples").exists() and (out / "pipeline" / "model_index.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "pipeline", "train_config.json"]
+
+
+def test_resume_refuses_other_settings_by_name_and_allows_a_longer_run(fake_data_dir, tmp_path):
+    out = tmp_path / "run"
+    run(fake_data_dir, out, "--max-steps", "2", "--checkpoint-every", "2")
+    before = files(out)
+    with pytest.raises(SystemExit) as err:
+        run(fake_data_dir, out, "--max-steps", "4", "--resume", "latest", "--loss", "wgan-gp", "--seed", "3")
+    assert err.value.code == 2
+    message = str(err.value)
+    assert message.startswith(f"error: --resume: {out / 'checkpoints' / 'checkpoint-0000002'} was started with ")
+    assert "other settings (loss, seed): loss was 'hinge', now 'wgan-gp'; seed was 0, now 3;" in message
+    assert files(out) == before
+    recorded = json.loads((out / "checkpoints" / "checkpoint-0000002" / "config.json").read_text())
+    assert recorded["batch_size"] == 8 and recorded["base_channels"] == 8 and recorded["num_processes"] == 1
+    # the run's length, where the data is, logging and checkpointing may change
+    run(fake_data_dir, out, "--max-steps", "4", "--resume", "latest", "--checkpoint-every", "1", "--log-every", "2")
+    assert (out / "checkpoints" / "checkpoint-0000004").is_dir()
 
 
 def launch(tmp_path, data_dir, *launch_args, steps="4"):

@@ -15,27 +15,62 @@ finished runs and the pool are kept, and only the missing classifiers are traine
 
 The classifiers are trained by the shared training loop (core.train with BloodNetTask), so each run
 folder holds its metrics.jsonl, last checkpoint and saved model.
+
+The study refuses a generator whose recorded training data (its provenance) includes the test split it
+scores on, or that records none (bloodgen_hf/provenance.py). With a `GeneratorPlan`
+(`--generator-per-fraction FAMILY`), there is no shared generator: for every (seed, fraction) a generator
+is trained by the family's train script on exactly that R_f (`--split train --subset-fraction f
+--subset-seed seed`), into generators/<f>-seed<seed>/, checked by the indices its provenance records, and
+draws its own pool (pools/<f>-seed<seed>.npz). `resume` keeps finished generators and continues one that
+was stopped from its last checkpoint. Their training budgets go in the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shlex
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, BloodMNIST, load_arrays
+from bloodgen_hf.data import CLASS_NAMES, DEFAULT_DATASET, BloodMNIST, describe_classes, load_data, same_classes
 from bloodgen_hf.evaluation.bloodnet import predict
 from bloodgen_hf.evaluation.metrics import classification_report
 from bloodgen_hf.evaluation.protocol import summarize
 from bloodgen_hf.evaluation.report import mean_std, write_json, write_markdown_report
 from bloodgen_hf.evaluation.runner import image_size
+from bloodgen_hf.guard import check_unchanged
 from bloodgen_hf.io import atomic_path
-from bloodgen_hf.sampling import generate
+from bloodgen_hf.provenance import (
+    check_unseen,
+    describe_provenance,
+    indices_fingerprint,
+    pipeline_provenance,
+    real_subset,
+)
+from bloodgen_hf.sampling import generate, pipeline_class_names
 
 SETTINGS = ("real", "real+synthetic", "synthetic")
 POOL_SEED = 7_000_000  # generation seeds of the pool start here, away from evaluate's
+EVAL_SPLIT = "test"  # what every classifier is scored on, so what no generator may have seen
+FAMILIES = ("gan", "ddpm", "vae")
+# Train-script flags the study sets for a per-fraction generator: its data (R_f), budget and folder.
+STUDY_FLAGS = (
+    "--output-dir",
+    "--dataset",
+    "--data-dir",
+    "--resolution",
+    "--split",
+    "--subset-fraction",
+    "--subset-seed",
+    "--max-steps",
+    "--resume",
+    "--overwrite",
+    "--init-from",
+)
 
 
 @dataclass
@@ -61,33 +96,64 @@ class StudyConfig:
             raise ValueError("--seeds, a positive --steps and --batch-size, and --synthetic-ratio >= 0 are needed")
 
 
-def stratified_subset(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Indices of round(fraction x count) random images of every class (at least one each)."""
-    picked = []
-    for c in range(NUM_CLASSES):
-        members = np.flatnonzero(labels == c)
-        if len(members):
-            picked.append(rng.choice(members, max(1, round(fraction * len(members))), replace=False))
-    return np.sort(np.concatenate(picked))
+@dataclass(frozen=True)
+class GeneratorPlan:
+    """--generator-per-fraction: per (seed, fraction), a generator of `family` trained by its train script on
+    exactly the classifier's R_f for `steps` optimizer steps; `options` go to the train script too."""
+
+    family: str
+    steps: int
+    options: str = ""
+    resolution: int = 28
+
+    def check(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"--generator-per-fraction must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.steps < 1:
+            raise ValueError(f"--generator-steps must be at least 1, got {self.steps}")
+        for word in self.words():
+            flag = word.split("=", 1)[0]
+            if flag in STUDY_FLAGS:
+                raise ValueError(
+                    f"--generator-options may not set {flag}: the study sets it (each generator trains on R_f of "
+                    "--split train, for --generator-steps steps)"
+                )
+
+    def words(self) -> list[str]:
+        try:
+            return shlex.split(self.options)
+        except ValueError as err:
+            raise ValueError(f"--generator-options {self.options!r}: {err}") from None
+
+    def argv(self, folder: Path, fraction: float, seed: int, dataset: str, data_dir, resume: bool) -> list[str]:
+        """The train script's arguments: defaults the options may change, the options, then what the study fixes
+        (last, so they win)."""
+        defaults = ["--seed", str(seed), "--epochs", str(10**6), "--sample-every", str(self.steps)]
+        fixed = ["--output-dir", str(folder), "--dataset", str(dataset), "--resolution", str(self.resolution)]
+        fixed += ["--split", "train", "--subset-fraction", repr(float(fraction)), "--subset-seed", str(seed)]
+        fixed += ["--max-steps", str(self.steps), *(["--data-dir", str(data_dir)] if data_dir is not None else [])]
+        fixed += ["--resume", "latest"] if resume else ["--overwrite"]
+        return [*defaults, "--log-with", "none", *self.words(), *fixed]
 
 
 def synthetic_counts(real_counts: np.ndarray, setting: str, config: StudyConfig) -> np.ndarray:
     """How many synthetic images of each class a run of this setting gets."""
+    num_classes = len(real_counts)
     if setting == "real":
-        return np.zeros(NUM_CLASSES, np.int64)
+        return np.zeros(num_classes, np.int64)
     if setting == "real+synthetic":
         if config.balance:
             return real_counts.max() - real_counts
         return np.round(config.synthetic_ratio * real_counts).astype(np.int64)
     if config.balance:  # synthetic only, balanced: |R_f| images spread evenly
         total = int(real_counts.sum())
-        return total // NUM_CLASSES + (np.arange(NUM_CLASSES) < total % NUM_CLASSES)
+        return total // num_classes + (np.arange(num_classes) < total % num_classes)
     return real_counts.copy()
 
 
 def make_pool(pipe, counts: np.ndarray, sampling_kwargs: dict, batch_size: int, log=print) -> dict[str, np.ndarray]:
     """counts[c] generated images of class c, image i with seed POOL_SEED + i."""
-    labels = np.repeat(np.arange(NUM_CLASSES), counts)
+    labels = np.repeat(np.arange(len(counts)), counts)
     log(f"generating a synthetic pool of {len(labels)} images ({', '.join(map(str, counts))} per class)")
     batches = list(generate(pipe, labels, seed=POOL_SEED, batch_size=batch_size, **sampling_kwargs))
     return {"images": np.concatenate([b[0] for b in batches]), "labels": labels}
@@ -97,18 +163,19 @@ def record_study(path: Path, study: dict, resume: bool) -> None:
     """Write study.json, or on resume check that the study in `path` was started with the same settings."""
     if resume and path.exists():
         before = json.loads(path.read_text())
-        now = json.loads(json.dumps(study, default=str))
-        changed = sorted(
-            k for k in {**before["config"], **now["config"]} if before["config"].get(k) != now["config"].get(k)
+        check_unchanged(
+            flat_study(before), flat_study(study), f"--resume: {path}", "pass the same options, or a new --out"
         )
-        changed += [k for k in ("model", "sampling") if before.get(k) != now.get(k)]
-        if changed:
-            raise ValueError(
-                f"--resume: {path} was started with other settings ({', '.join(changed)}); "
-                "pass the same options, or a new --out"
-            )
         return
     write_json(study, path)
+
+
+def flat_study(study: dict) -> dict:
+    """study.json's config keys beside its model, sampling options, dataset and per-fraction generator plan
+    (None for studies of one model, and for those from before plans existed), for one comparison."""
+    dataset = study.get("dataset", DEFAULT_DATASET)  # studies from before --dataset were all BloodMNIST
+    flat = {**study["config"], "model": study.get("model"), "sampling": study.get("sampling"), "dataset": dataset}
+    return {**flat, "generators": study.get("generators")}
 
 
 def load_or_make_pool(path: Path, pipe, counts: np.ndarray, sampling_kwargs: dict, config: StudyConfig, resume, log):
@@ -118,7 +185,7 @@ def load_or_make_pool(path: Path, pipe, counts: np.ndarray, sampling_kwargs: dic
     if resume and path.exists():
         with np.load(path) as saved:
             pool = {"images": saved["images"], "labels": saved["labels"]}
-        if not np.array_equal(np.bincount(pool["labels"], minlength=NUM_CLASSES), counts):
+        if not np.array_equal(np.bincount(pool["labels"], minlength=len(counts)), counts):
             raise ValueError(f"--resume: {path} does not hold the pool this study needs; delete it to regenerate")
         log(f"reusing the synthetic pool in {path} ({len(pool['labels'])} images)")
         return pool
@@ -130,12 +197,14 @@ def load_or_make_pool(path: Path, pipe, counts: np.ndarray, sampling_kwargs: dic
 
 def draw_synthetic(pool: dict, counts: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     index = np.concatenate(
-        [rng.choice(np.flatnonzero(pool["labels"] == c), counts[c], replace=False) for c in range(NUM_CLASSES)]
+        [rng.choice(np.flatnonzero(pool["labels"] == c), counts[c], replace=False) for c in range(len(counts))]
     )
     return pool["images"][index], pool["labels"][index]
 
 
-def train_classifier(images, labels, holdout, config: StudyConfig, seed: int, folder: Path):
+def train_classifier(
+    images, labels, holdout, config: StudyConfig, seed: int, folder: Path, class_names: tuple[str, ...] = CLASS_NAMES
+):
     """One small BloodNet through the shared loop: fixed steps, flips + transposes, no trackers."""
     from accelerate.utils import set_seed
 
@@ -152,6 +221,7 @@ def train_classifier(images, labels, holdout, config: StudyConfig, seed: int, fo
         seed=seed,
         checkpoint_every=config.steps,
         keep_checkpoints=1,
+        overwrite=True,  # a classifier that did not finish (no result.json) starts again
         sample_every=config.steps,
         log_every=max(1, config.steps // 10),
         log_with="none",
@@ -167,8 +237,8 @@ def train_classifier(images, labels, holdout, config: StudyConfig, seed: int, fo
     )
     accelerator = make_accelerator(train_config)
     set_seed(seed)
-    task = BloodNetTask.create(train_config, len(labels), holdout)
-    train(task, train_config, accelerator, BloodMNIST(images, labels, flip=True))
+    task = BloodNetTask.create(train_config, len(labels), holdout, class_names)
+    train(task, train_config, accelerator, BloodMNIST(images, labels, flip=True, class_names=class_names))
     return accelerator.unwrap_model(task.models["classifier"]).eval()
 
 
@@ -182,31 +252,52 @@ def run_study(
     model: str = "",
     resume: bool = False,
     html: bool = False,
+    dataset: str = DEFAULT_DATASET,
+    generator: GeneratorPlan | None = None,
+    device: str = "cpu",
 ):
-    """Train every (setting, fraction, seed) classifier; write results.json, report.md and plots to `out`."""
-    config.check()
-    sampling_kwargs = sampling_kwargs or {}
-    size = image_size(pipe, sampling_kwargs)
-    train_images, train_labels = load_arrays("train", size, data_dir)
-    holdout = load_arrays("val", size, data_dir)
-    test_images, test_labels = load_arrays("test", size, data_dir)
+    """Train every (setting, fraction, seed) classifier; write results.json, report.md and plots to `out`.
 
-    plans = {}  # (seed, fraction) -> real subset
-    needed = np.zeros(NUM_CLASSES, np.int64)
-    for seed in config.seeds:
-        for fraction in config.fractions:
-            subset = stratified_subset(train_labels, fraction, np.random.default_rng([seed, round(fraction * 1e6)]))
-            plans[seed, fraction] = subset
-            real_counts = np.bincount(train_labels[subset], minlength=NUM_CLASSES)
-            for setting in config.settings:
-                needed = np.maximum(needed, synthetic_counts(real_counts, setting, config))
+    The synthetic images come from `pipe`, or with `generator` (and `pipe` None) from one generator per
+    (seed, fraction) trained on that R_f. A generator that may have seen the test split is refused first.
+    """
+    config.check()
+    if (pipe is None) == (generator is None):
+        raise ValueError("the study needs one generator: a model, or --generator-per-fraction FAMILY (not both)")
+    sampling_kwargs = sampling_kwargs or {}
+    if generator is not None:
+        generator.check()
+        size = generator.resolution
+    else:
+        check_unseen(pipeline_provenance(pipe), model or "the model", EVAL_SPLIT, dataset, "augment-study")
+        size = image_size(pipe, sampling_kwargs)
+    train_images, train_labels, names, _ = load_data(dataset, "train", size, data_dir)
+    holdout = load_data(dataset, "val", size, data_dir)[:2]
+    test_images, test_labels = load_data(dataset, EVAL_SPLIT, size, data_dir)[:2]
+    if pipe is not None:
+        check_generator_classes(pipe, model or "the model", names, dataset)
+    num_classes = len(names)
+
+    plans, needs = plan_subsets(train_labels, num_classes, config)
     out.mkdir(parents=True, exist_ok=True)
-    record_study(out / "study.json", {"model": model, "config": asdict(config), "sampling": sampling_kwargs}, resume)
-    pool = load_or_make_pool(out / "synthetic_pool.npz", pipe, needed, sampling_kwargs, config, resume, log)
+    study = {"model": model, "config": asdict(config), "sampling": sampling_kwargs, "dataset": dataset}
+    study["generators"] = asdict(generator) if generator else None
+    record_study(out / "study.json", study, resume)
+    generators = []
+    if generator is None:
+        needed = np.max(list(needs.values()), axis=0)
+        pool = load_or_make_pool(out / "synthetic_pool.npz", pipe, needed, sampling_kwargs, config, resume, log)
+        pools = dict.fromkeys(plans, pool)
+    else:
+        context = {"dataset": dataset, "data_dir": data_dir, "device": device, "names": names}
+        pools, generators = per_fraction_pools(
+            generator, plans, needs, out, context, sampling_kwargs, config, resume, log
+        )
 
     runs = []
     for (seed, fraction), subset in plans.items():
-        real_counts = np.bincount(train_labels[subset], minlength=NUM_CLASSES)
+        pool = pools[seed, fraction]
+        real_counts = np.bincount(train_labels[subset], minlength=num_classes)
         for setting in config.settings:
             rng = np.random.default_rng([seed, round(fraction * 1e6), SETTINGS.index(setting)])
             parts_x, parts_y = [], []
@@ -226,9 +317,9 @@ def run_study(
                 log(f"== {name}: finished earlier, test accuracy {runs[-1]['accuracy']:.4f}")
                 continue
             log(f"== {name}: {int(real_counts.sum()) * (setting != 'synthetic')} real + {int(counts.sum())} synthetic")
-            classifier = train_classifier(images, labels, holdout, config, seed, out / "runs" / name)
+            classifier = train_classifier(images, labels, holdout, config, seed, out / "runs" / name, names)
             predicted = predict(classifier, test_images, with_features=False)[1].argmax(axis=1)
-            report = classification_report(test_labels, predicted, NUM_CLASSES)
+            report = classification_report(test_labels, predicted, num_classes)
             log(f"   test accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}")
             run = {"setting": setting, "fraction": fraction, "seed": seed, "num_real": int(real_counts.sum())}
             runs.append({**run, "num_synthetic": int(counts.sum()), **report})
@@ -236,13 +327,137 @@ def run_study(
     results = {
         "model": model,
         "config": asdict(config),
-        "class_names": list(CLASS_NAMES),
+        "class_names": list(names),
+        "provenance": None if pipe is None else pipeline_provenance(pipe),
+        "generators": generators,
         "summary": summarize_study(runs),
         "runs": runs,
     }
     write_json(results, out / "results.json")
     write_study_report(results, out, html)
     return results
+
+
+def check_generator_classes(pipe, model: str, names: tuple[str, ...], dataset: str) -> None:
+    if not same_classes(pipeline_class_names(pipe), names):
+        ours = describe_classes(pipeline_class_names(pipe))
+        raise ValueError(f"{model} generates {ours}, but --dataset {dataset} has {describe_classes(names)}")
+
+
+def plan_subsets(train_labels: np.ndarray, num_classes: int, config: StudyConfig) -> tuple[dict, dict]:
+    """(seed, fraction) -> R_f (indices into the train split), and -> the synthetic images per class its
+    settings need at most (the pool that serves it must hold that many)."""
+    plans, needs = {}, {}
+    for seed in config.seeds:
+        for fraction in config.fractions:
+            subset = plans[seed, fraction] = real_subset(train_labels, fraction, seed)
+            real_counts = np.bincount(train_labels[subset], minlength=num_classes)
+            needed = np.zeros(num_classes, np.int64)
+            for setting in config.settings:
+                needed = np.maximum(needed, synthetic_counts(real_counts, setting, config))
+            needs[seed, fraction] = needed
+    return plans, needs
+
+
+def per_fraction_pools(
+    plan: GeneratorPlan, plans: dict, needs: dict, out: Path, context: dict, sampling_kwargs: dict, config, resume, log
+) -> tuple[dict, list[dict]]:
+    """For every (seed, fraction) that needs synthetic images: a generator trained on exactly its R_f, and its
+    pool; plus one record per generator (data, budget, command) for the report."""
+    from bloodgen_hf.hub import load_pipeline
+
+    pools, records = {}, []
+    for (seed, fraction), subset in plans.items():
+        pools[seed, fraction] = None
+        if not needs[seed, fraction].any():
+            continue
+        name = f"{fraction:g}-seed{seed}"
+        folder = train_generator(plan, out / "generators" / name, fraction, seed, context, resume, log)
+        pipe = load_pipeline(str(folder), context["device"])
+        label = f"the {plan.family} generator for {name} ({folder})"
+        provenance = check_trained_on_subset(pipe, label, subset, context["dataset"])
+        check_generator_classes(pipe, label, context["names"], context["dataset"])
+        path = out / "pools" / f"{name}.npz"
+        pools[seed, fraction] = load_or_make_pool(
+            path, pipe, needs[seed, fraction], sampling_kwargs, config, resume, log
+        )
+        records.append({"fraction": fraction, "seed": seed, **generator_record(plan, folder, provenance)})
+        del pipe
+    return pools, records
+
+
+def train_generator(
+    plan: GeneratorPlan, folder: Path, fraction: float, seed: int, context: dict, resume: bool, log
+) -> Path:
+    """The family's normal train entry point on R_f; on resume a finished generator is kept and a stopped
+    one continues from its last checkpoint. Returns the saved pipeline folder."""
+    from accelerate.state import AcceleratorState
+
+    from bloodgen_hf.training import TRAIN_ENTRY_POINTS
+    from bloodgen_hf.training.core import checkpoint_steps
+
+    pipeline = folder / "pipeline"
+    if resume and (pipeline / "model_index.json").is_file():
+        log(f"== generator {folder.name}: finished earlier ({pipeline})")
+        return pipeline
+    again = resume and bool(checkpoint_steps(folder))
+    how = ", continuing its last checkpoint" if again else ""
+    log(f"== generator {folder.name}: {plan.family} on R_f ({fraction:g}, seed {seed}), {plan.steps} steps{how}")
+    argv = plan.argv(folder, fraction, seed, context["dataset"], context["data_dir"], again)
+    with command_line(["bloodgen-hf", "train", plan.family, *argv]):
+        TRAIN_ENTRY_POINTS[plan.family](argv)
+    # The classifiers' Accelerator may differ from the generator's (e.g. its --mixed-precision), which the
+    # process-wide Accelerate state would refuse: start them from a fresh one.
+    AcceleratorState._reset_state(True)
+    return pipeline
+
+
+@contextlib.contextmanager
+def command_line(words: list[str]):
+    """The training loop records sys.argv as the run's command (train_config.json, model card): while the
+    study trains a generator, that is the equivalent `bloodgen-hf train` command, not the study's."""
+    saved = sys.argv
+    sys.argv = words
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def check_trained_on_subset(pipe, label: str, subset: np.ndarray, dataset: str) -> dict:
+    """A per-fraction generator's provenance must say: R_f of the train split exactly (the same count and
+    indices hash as the classifier's), no other starting weights, no test images."""
+    provenance = pipeline_provenance(pipe)
+    check_unseen(provenance, label, EVAL_SPLIT, dataset, "augment-study")
+    recorded = provenance.get("subset") or {}
+    fingerprint = indices_fingerprint(subset)
+    exact = recorded.get("size") == len(subset) and recorded.get("indices_sha256") == fingerprint
+    if provenance.get("split") != "train" or provenance.get("init_from") or not exact:
+        raise ValueError(
+            f"{label} was trained on {describe_provenance(provenance)}, not on exactly the classifier's "
+            f"{len(subset)} train images (indices sha256 {fingerprint[:12]}); delete its folder to train it again"
+        )
+    return provenance
+
+
+def generator_record(plan: GeneratorPlan, pipeline: Path, provenance: dict) -> dict:
+    """How a per-fraction generator was trained: its data, optimizer steps, CPU time and command."""
+    from bloodgen_hf.model_card import find_train_config
+
+    config = find_train_config(pipeline) or {}
+    metrics = pipeline.parent / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {
+        "family": plan.family,
+        "folder": str(pipeline),
+        "num_images": provenance["num_images"],
+        "steps": last.get("step", config.get("max_steps")),
+        "cpu_minutes": last.get("cpu_minutes"),
+        "options": plan.options,
+        "command": config.get("command"),
+        "provenance": provenance,
+    }
 
 
 def summarize_study(runs: list[dict]) -> list[dict]:
@@ -281,6 +496,9 @@ def write_study_report(results: dict, out: Path, html: bool = False) -> None:
     ]
     if results.get("model"):
         lines[-1] += f" Synthetic images from `{results['model']}`."
+    if results.get("provenance"):
+        lines[-1] += f" It was trained on {describe_provenance(results['provenance'])}."
+    lines += generator_lines(results.get("generators") or [])
     for key in ("accuracy", "macro_f1"):
         lines += ["", f"## {key}", "", "| setting | " + " | ".join(f"{f:.0%} real" for f in fractions) + " |"]
         lines.append("|---" * (len(fractions) + 1) + "|")
@@ -291,18 +509,36 @@ def write_study_report(results: dict, out: Path, html: bool = False) -> None:
                 + " |"
             )
     lines += ["", "## Class-wise F1 (mean over seeds)", ""]
-    lines.append("| setting | fraction | " + " | ".join(CLASS_NAMES) + " |")
-    lines.append("|---" * (NUM_CLASSES + 2) + "|")
+    class_names = results.get("class_names") or list(CLASS_NAMES)
+    lines.append("| setting | fraction | " + " | ".join(class_names) + " |")
+    lines.append("|---" * (len(class_names) + 2) + "|")
     for e in summary:
         lines.append(
             f"| {e['setting']} | {e['fraction']:g} | " + " | ".join(f"{v:.3f}" for v in e["f1"]["mean"]) + " |"
         )
     lines += ["", "![accuracy](accuracy.png)", "", "![confusion matrices](confusion.png)"]
-    plot_study(summary, settings, fractions, out)
+    plot_study(summary, settings, fractions, out, class_names)
     write_markdown_report(lines, out, html)
 
 
-def plot_study(summary: list[dict], settings: list[str], fractions: list[float], out: Path) -> None:
+def generator_lines(generators: list[dict]) -> list[str]:
+    """The report's table of per-fraction generators: the real images each saw, and its training budget."""
+    if not generators:
+        return []
+    lines = ["", "## Generators", "", "One generator per real subset R_f, trained only on it (its provenance records"]
+    lines[-1] += " the indices' count and sha256, checked against the classifier's subset)."
+    lines += ["", "| fraction | seed | real images | steps | CPU minutes | command |", "|---|---|---|---|---|---|"]
+    for g in generators:
+        cpu = f"{g['cpu_minutes']:.1f}" if g.get("cpu_minutes") is not None else "–"
+        lines.append(
+            f"| {g['fraction']:g} | {g['seed']} | {g['num_images']:,} | {g['steps']} | {cpu} | `{g['command']}` |"
+        )
+    return lines
+
+
+def plot_study(
+    summary: list[dict], settings: list[str], fractions: list[float], out: Path, class_names=CLASS_NAMES
+) -> None:
     """accuracy.png (accuracy and macro-F1 against real fraction, error bars) and confusion.png."""
     import matplotlib
 
@@ -337,9 +573,9 @@ def plot_study(summary: list[dict], settings: list[str], fractions: list[float],
     for i, s in enumerate(settings):
         for j, f in enumerate(fractions):
             ax = axes[i, j]
-            short = [name[:4] for name in CLASS_NAMES]
-            ax.set_xticks(range(NUM_CLASSES), short if i == len(settings) - 1 else [], rotation=90, fontsize=6)
-            ax.set_yticks(range(NUM_CLASSES), short if j == 0 else [], fontsize=6)
+            short = [name[:4] for name in class_names]
+            ax.set_xticks(range(len(short)), short if i == len(settings) - 1 else [], rotation=90, fontsize=6)
+            ax.set_yticks(range(len(short)), short if j == 0 else [], fontsize=6)
             if (s, f) not in cell:
                 continue
             confusion = np.asarray(cell[s, f]["confusion"])  # rows: true class, columns: predicted

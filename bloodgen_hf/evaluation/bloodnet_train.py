@@ -1,5 +1,8 @@
 """Training BloodNet with the shared training loop: a TrainTask whose step is one cross-entropy update.
 
+`--dataset` trains a domain evaluator for any labelled image set (its classes are the data's); BloodNet is
+the name of the architecture, whichever cells it learns.
+
 The core gives Accelerate, deterministic data order, flips, checkpoints with exact resume and
 metrics.jsonl; this task adds random transposes (with the core's flips: all 8 symmetries of the
 square, which cells do not care about), a warm-up + cosine learning rate, and at the end of every
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 
-from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, load_arrays
+from bloodgen_hf.data import CLASS_NAMES, DEFAULT_DATASET, describe_classes, load_data, same_classes
 from bloodgen_hf.evaluation.bloodnet import BloodNet, predict
 from bloodgen_hf.evaluation.metrics import classification_report
 from bloodgen_hf.io import atomic_path, make_grid
@@ -69,20 +72,23 @@ class BloodNetTask(TrainTask):
     holdout_accuracy: float = float("nan")
 
     @classmethod
-    def create(cls, config: TrainConfig, num_train: int, holdout=None) -> BloodNetTask:
+    def create(
+        cls, config: TrainConfig, num_train: int, holdout=None, class_names: tuple[str, ...] = CLASS_NAMES
+    ) -> BloodNetTask:
         o = config.extra
         model = BloodNet(
             resolution=config.resolution,
-            num_classes=NUM_CLASSES,
+            num_classes=len(class_names),
             channels=list(o["channels"]),
             blocks_per_stage=o["blocks_per_stage"],
             dropout=o["dropout"],
-            class_names=list(CLASS_NAMES),
+            class_names=list(class_names),
         )
         optimizer = torch.optim.AdamW(model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
         total = total_optimizer_steps(config, num_train, PartialState().num_processes)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, o["warmup_fraction"]))
         return cls(
+            init_components={"classifier": ""},
             models={"classifier": model},
             optimizers={"classifier": optimizer},
             schedulers={"classifier": schedule},
@@ -91,12 +97,12 @@ class BloodNetTask(TrainTask):
         )
 
     @classmethod
-    def build(cls, config: TrainConfig, num_images: int) -> BloodNetTask:
+    def build(cls, config: TrainConfig, num_images: int, class_names: tuple[str, ...] = CLASS_NAMES) -> BloodNetTask:
         """For run_training: BloodNet's test accuracy must stay honest, so it only ever sees the train split."""
         if config.split != "train":
             raise ValueError(f"BloodNet is scored on the test split, so train it on --split train (got {config.split})")
-        holdout = load_arrays(config.extra["holdout_split"], config.resolution, config.data_dir)
-        return cls.create(config, num_images, holdout)
+        holdout = load_data(config.dataset, config.extra["holdout_split"], config.resolution, config.data_dir)
+        return cls.create(config, num_images, (holdout.images, holdout.labels), class_names)
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
         """Cross-entropy on randomly transposed images. Deliberately not channels_last: oneDNN's AVX2
@@ -130,7 +136,7 @@ class BloodNetTask(TrainTask):
         self.holdout_accuracy = float((logits.argmax(1) == labels).mean())
         accelerator.print(f"holdout accuracy {self.holdout_accuracy:.4f}")
         per_class = min(10, len(images))
-        rows = [images[np.argsort(-logits[:, c])[:per_class]] for c in range(NUM_CLASSES)]
+        rows = [images[np.argsort(-logits[:, c])[:per_class]] for c in range(logits.shape[1])]
         return make_grid(np.concatenate(rows), nrow=per_class)
 
     def save_pipeline(self, accelerator: Accelerator, path: Path) -> None:
@@ -139,14 +145,19 @@ class BloodNetTask(TrainTask):
         )
 
 
-def score_on_split(folder: Path, split: str, data_dir: str | None, resolution: int) -> dict:
+def score_on_split(
+    folder: Path, split: str, data_dir: str | None, resolution: int, dataset: str = DEFAULT_DATASET
+) -> dict:
     """classification_report of a saved BloodNet on a real split, written next to it as <split>_metrics.json."""
     from bloodgen_hf.evaluation.features import load_bloodnet
 
     model, _ = load_bloodnet(folder)
-    images, labels = load_arrays(split, resolution, data_dir)
-    report = classification_report(labels, predict(model, images, with_features=False)[1].argmax(1), NUM_CLASSES)
-    report = {"split": split, "num_images": len(labels), "class_names": list(CLASS_NAMES), **report}
+    images, labels, names, _ = load_data(dataset, split, resolution, data_dir)
+    if not same_classes(model.config.class_names or names, names):
+        theirs = describe_classes(model.config.class_names)
+        raise ValueError(f"{folder} classifies {theirs}, but {dataset} has {describe_classes(names)}")
+    report = classification_report(labels, predict(model, images, with_features=False)[1].argmax(1), len(names))
+    report = {"split": split, "num_images": len(labels), "class_names": list(names), **report}
     with atomic_path(folder / f"{split}_metrics.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -156,7 +167,7 @@ def main(argv: list[str] | None = None) -> Path:
     """Entry point of `train_scripts/train_bloodnet.py` and `bloodgen-hf train bloodnet`."""
 
     folder = run_training(
-        "Train BloodNet, the BloodMNIST classifier behind the domain metrics.",
+        "Train BloodNet, the classifier behind the domain metrics, on BloodMNIST or any labelled images (--dataset).",
         BloodNetTask.build,
         add_bloodnet_arguments,
         argv,
@@ -169,7 +180,10 @@ def main(argv: list[str] | None = None) -> Path:
     )
     if PartialState().is_main_process:
         config = json.loads((folder.parent / "train_config.json").read_text())
-        report = score_on_split(folder, "test", config["data_dir"], config["resolution"])
-        verdict = "meets" if report["accuracy"] >= 0.95 else "is BELOW"
-        print(f"test accuracy {report['accuracy']:.4f} (macro-F1 {report['macro_f1']:.4f}) {verdict} the 0.95 target")
+        dataset = config.get("dataset", DEFAULT_DATASET)
+        report = score_on_split(folder, "test", config["data_dir"], config["resolution"], dataset)
+        line = f"test accuracy {report['accuracy']:.4f} (macro-F1 {report['macro_f1']:.4f})"
+        if dataset == DEFAULT_DATASET:  # the target MedMNIST's ResNet-18 (0.958) sets for BloodMNIST
+            line += " meets the 0.95 target" if report["accuracy"] >= 0.95 else " is BELOW the 0.95 target"
+        print(line)
     return folder

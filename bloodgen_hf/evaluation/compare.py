@@ -5,6 +5,7 @@
 <out>/curves.png       training curves, for models whose folder (or its parent) has metrics.jsonl
 <out>/grids/*.png      8 images per class (rows) for the real data and every model
 <out>/models/<name>/   each model's results.json, eval_results.json, summary.md
+<out>/tstr/, tstr.json with --tstr N: train on N synthetic vs N real images, test on real (evaluation/tstr.py)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES
+from bloodgen_hf.data import CLASS_NAMES, DEFAULT_DATASET
 from bloodgen_hf.evaluation.protocol import Protocol, RealData
 from bloodgen_hf.evaluation.report import (
     bar_chart,
@@ -23,25 +24,45 @@ from bloodgen_hf.evaluation.report import (
     protocol_line,
     write_markdown_report,
 )
-from bloodgen_hf.evaluation.runner import evaluate_to_folder, image_size, model_label, parameter_count
+from bloodgen_hf.evaluation.runner import check_classes, evaluate_to_folder, image_size, model_label, parameter_count
+from bloodgen_hf.evaluation.tstr import TSTRConfig, check_models, run_tstr, tstr_lines
 from bloodgen_hf.io import labelled_class_grid, save_image
-from bloodgen_hf.sampling import generate
+from bloodgen_hf.sampling import generate, pipeline_class_names
 
 GRID_PER_CLASS = 8
-PROTOCOL_KEYS = ("runs", "n", "seed", "distribution", "metrics", "split", "extractor", "classifier", "sampling")
+PROTOCOL_KEYS = (
+    "runs",
+    "n",
+    "seed",
+    "distribution",
+    "metrics",
+    "dataset",
+    "split",
+    "extractor",
+    "classifier",
+    "sampling",
+)
 
 
-def class_grid(images: np.ndarray, labels: np.ndarray, per_class: int = GRID_PER_CLASS, seed: int = 0):
-    """`per_class` random images of every class, one labelled row per class."""
+def class_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    per_class: int = GRID_PER_CLASS,
+    seed: int = 0,
+    class_names: tuple[str, ...] = CLASS_NAMES,
+):
+    """`per_class` random images of every class (repeats where a class has fewer), one labelled row per class."""
     rng = np.random.default_rng(seed)
-    rows = [images[rng.choice(np.flatnonzero(labels == c), per_class, replace=False)] for c in range(NUM_CLASSES)]
-    return labelled_class_grid(np.stack(rows), list(CLASS_NAMES), scale=2)
+    members = [np.flatnonzero(labels == c) for c in range(len(class_names))]
+    rows = [images[rng.choice(m, per_class, replace=len(m) < per_class)] for m in members]
+    return labelled_class_grid(np.stack(rows), list(class_names), scale=2)
 
 
 def model_grid(pipe, sampling_kwargs: dict, per_class: int = GRID_PER_CLASS, seed: int = 0):
-    labels = np.repeat(np.arange(NUM_CLASSES), per_class)
+    names = pipeline_class_names(pipe)
+    labels = np.repeat(np.arange(len(names)), per_class)
     images = np.concatenate([b[0] for b in generate(pipe, labels, seed=seed, progress=False, **sampling_kwargs)])
-    return labelled_class_grid(images.reshape(NUM_CLASSES, per_class, *images.shape[1:]), list(CLASS_NAMES), scale=2)
+    return labelled_class_grid(images.reshape(len(names), per_class, *images.shape[1:]), list(names), scale=2)
 
 
 def training_curves(folder: Path) -> list[dict]:
@@ -64,13 +85,14 @@ def reusable(folder: Path, protocol: dict) -> dict | None:
     return results if same else None
 
 
-def expected_protocol(protocol: Protocol, extractor, classifier, split: str, sampling: dict) -> dict:
+def expected_protocol(protocol: Protocol, extractor, classifier, split: str, sampling: dict, dataset: str) -> dict:
     return {
         "runs": protocol.runs,
         "n": protocol.n,
         "seed": protocol.seed,
         "distribution": protocol.distribution,
         "metrics": list(protocol.metrics),
+        "dataset": dataset,
         "split": split,
         "extractor": {"name": extractor.name, "identity": extractor.identity},
         "classifier": None if classifier is None else {"name": "bloodnet", "identity": classifier.identity},
@@ -93,24 +115,50 @@ def compare(
     reuse: bool = False,
     html: bool = False,
     log=print,
+    dataset: str = DEFAULT_DATASET,
+    tstr: TSTRConfig | None = None,
 ) -> Path:
+    """Every model is loaded, and checked against the real data and the evaluator (and with `tstr`, against
+    the test split it would be scored on), before anything is written."""
     from bloodgen_hf.hub import resolve_model
 
     sampling_kwargs = sampling_kwargs or {}
     labels = [model_label(m) for m in models]
     if len(set(labels)) != len(labels):
         raise ValueError(f"two models share a name ({', '.join(labels)}); give their folders distinct names")
+    pipes, sizes, reals = {}, {}, {}
+    for model in models:
+        pipes[model] = load_pipeline(model)
+        size = sizes[model] = image_size(pipes[model], sampling_kwargs)
+        if size not in reals:
+            reals[size] = RealData.load(split, size, data_dir, dataset)
+        check_classes(pipes[model], model, reals[size], dataset, (extractor, classifier))
+    if tstr is not None:
+        tstr.check()
+        check_models({label: pipes[model] for model, label in zip(models, labels)}, dataset)
     out.mkdir(parents=True, exist_ok=True)
     entries, facts, grids, curves = {}, {}, {}, {}
-    expected = expected_protocol(protocol, extractor, classifier, split, sampling_kwargs)
+    expected = expected_protocol(protocol, extractor, classifier, split, sampling_kwargs, reals[size].dataset)
     for model, label in zip(models, labels):
-        pipe = load_pipeline(model)
+        pipe, real = pipes[model], reals[sizes[model]]
         folder = out / "models" / label
         results = reusable(folder, expected) if reuse else None
         if results is None:
             log(f"== {label}: evaluating")
             results = evaluate_to_folder(
-                pipe, model, folder, extractor, classifier, protocol, data_dir, split, cache_dir, sampling_kwargs, log
+                pipe,
+                model,
+                folder,
+                extractor,
+                classifier,
+                protocol,
+                data_dir,
+                split,
+                cache_dir,
+                sampling_kwargs,
+                log,
+                dataset=dataset,
+                real=real,
             )
         else:
             log(f"== {label}: reusing {folder / 'results.json'}")
@@ -119,20 +167,26 @@ def compare(
         facts[label] = {"parameters": parameter_count(pipe)["total"], "images_per_s": timing}
         grids[label] = model_grid(pipe, sampling_kwargs, seed=protocol.seed)
         curves[label] = training_curves(resolve_model(model))
-        size = image_size(pipe, sampling_kwargs)
-    real = RealData.load(split, size, data_dir)
-    grids = {"real": class_grid(real.images, real.labels, seed=protocol.seed), **grids}
-    return write_report(out, entries, facts, grids, curves, html)
+    real = reals[sizes[models[-1]]]
+    grids = {"real": class_grid(real.images, real.labels, seed=protocol.seed, class_names=real.class_names), **grids}
+    tstr_results = {}
+    if tstr is not None:
+        labelled = {label: pipes[model] for model, label in zip(models, labels)}
+        tstr_results = run_tstr(labelled, out, tstr, data_dir, dataset, sampling_kwargs, reuse, log)
+    return write_report(out, entries, facts, grids, curves, html, tstr_results)
 
 
-def write_report(out: Path, entries: dict, facts: dict, grids: dict, curves: dict, html: bool = False) -> Path:
+def write_report(
+    out: Path, entries: dict, facts: dict, grids: dict, curves: dict, html: bool = False, tstr: dict | None = None
+) -> Path:
     for name, grid in grids.items():
         save_image(grid, out / "grids" / f"{name}.png")
     bar_chart(entries, out / "metrics.png")
     curves_file = curves_chart(curves, out / "curves.png")
     first = next(iter(entries.values()))
     lines = ["# Model comparison", "", protocol_line(first["protocol"]), "", *comparison_table(entries), ""]
-    lines += ["![metrics](metrics.png)", "", "## Models", "", "| model | parameters | sampling (images/s) | ms/image |"]
+    lines += ["![metrics](metrics.png)", *tstr_lines(tstr or {}), ""]
+    lines += ["## Models", "", "| model | parameters | sampling (images/s) | ms/image |"]
     lines.append("|---|---|---|---|")
     for name, fact in facts.items():
         speed = fact["images_per_s"]["mean"]

@@ -205,18 +205,24 @@ def load_bloodnet(path: str | os.PathLike | None = None, device: str | torch.dev
 
 
 class BloodNetExtractor(FeatureExtractor):
-    """Pooled penultimate BloodNet activations and its 8-class softmax."""
+    """Pooled penultimate BloodNet activations and its softmax over the classes it was trained on."""
 
     name = "bloodnet"
     has_probs = True
 
-    def __init__(self, model, identity: str, batch_size: int = 512):
-        self.model, self.identity, self.batch_size = model, identity, batch_size
+    def __init__(self, model, identity: str, batch_size: int = 512, folder: Path | None = None):
+        self.model, self.identity, self.batch_size, self.folder = model, identity, batch_size, folder
 
     @classmethod
     def load(cls, path=None, device: str | torch.device = "cpu", batch_size: int = 512) -> BloodNetExtractor:
         model, weights = load_bloodnet(path, device)
-        return cls(model, f"bloodnet:{file_sha256(weights)}", batch_size)
+        return cls(model, f"bloodnet:{file_sha256(weights)}", batch_size, weights.parent)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes it was trained on ('0', '1', ... if it was saved without names)."""
+        names = self.model.config.get("class_names")
+        return tuple(names) if names else tuple(str(i) for i in range(self.model.config.num_classes))
 
     def extract(self, images: np.ndarray, progress: bool = True, desc: str = "bloodnet") -> Features:
         from bloodgen_hf.evaluation.bloodnet import predict

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, SPLITS, load_arrays
+from bloodgen_hf.data import CLASS_NAMES, DEFAULT_DATASET, dataset_label, load_data
 from bloodgen_hf.evaluation import metrics as M
 from bloodgen_hf.evaluation.cache import cached_features
 from bloodgen_hf.evaluation.features import FeatureExtractor, Features
@@ -77,22 +77,27 @@ class Protocol:
 
 @dataclass
 class RealData:
-    """The real images evaluation compares against; `held_out` marks test-split images (no BloodNet saw them)."""
+    """The real images evaluation compares against; `held_out` marks test-split images (no BloodNet saw them).
+
+    `dataset` is a file-name-safe label of the source (it names feature-cache entries)."""
 
     images: np.ndarray
     labels: np.ndarray
     split: str = "all"
     size: int = 28
-    dataset: str = "bloodmnist"
+    dataset: str = DEFAULT_DATASET
     held_out: np.ndarray | None = None
+    class_names: tuple[str, ...] = CLASS_NAMES
 
     @classmethod
-    def load(cls, split: str = "all", size: int = 28, data_dir=None) -> RealData:
-        parts = {s: load_arrays(s, size, data_dir) for s in (SPLITS if split == "all" else (split,))}
-        images = np.concatenate([p[0] for p in parts.values()])
-        labels = np.concatenate([p[1] for p in parts.values()])
-        held_out = np.concatenate([np.full(len(p[1]), s == "test") for s, p in parts.items()])
-        return cls(images, labels, split, size, held_out=held_out)
+    def load(cls, split: str = "all", size: int = 28, data_dir=None, dataset: str = DEFAULT_DATASET) -> RealData:
+        data = load_data(dataset, split, size, data_dir)
+        held_out = data.splits == "test"
+        return cls(data.images, data.labels, split, size, dataset_label(dataset), held_out, data.class_names)
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=len(self.class_names))
 
 
 @dataclass
@@ -198,7 +203,9 @@ def evaluate(
         rng = np.random.default_rng(seed)
         index = rng.choice(len(real.labels), protocol.n, replace=False)
         real_sample = Sample(real_features.subset(index), real.labels[index], real.images[index], index)
-        fake, timing = generated_sample(pipe, extractor, protocol, seed * GEN_SEED_STRIDE, sampling_kwargs, progress)
+        fake, timing = generated_sample(
+            pipe, extractor, protocol, seed * GEN_SEED_STRIDE, sampling_kwargs, progress, real.class_counts
+        )
         if "accuracy" in protocol.metrics:
             fake.predictions = predictions(classifier, extractor, fake)
         scores, per_class, best = score_pair(real_sample, fake, real, protocol, names, threshold, rng)
@@ -214,7 +221,7 @@ def evaluate(
     results = {
         "protocol": protocol_record(protocol, real, extractor, classifier, threshold, sampling_kwargs),
         "metrics": {k: summarize([run["metrics"][k] for run in runs]) for k in runs[0]["metrics"]},
-        "per_class": aggregate_per_class(runs),
+        "per_class": aggregate_per_class(runs, real.class_names),
         "timing": {k: summarize([run["timing"][k] for run in runs]) for k in runs[0]["timing"]},
         "runs": runs,
     }
@@ -225,8 +232,11 @@ def evaluate(
     return Evaluation(results, pairs)
 
 
-def generated_sample(pipe, extractor, protocol: Protocol, gen_seed: int, sampling_kwargs: dict, progress: bool):
-    labels = plan_labels(protocol.n, None, protocol.distribution)
+def generated_sample(
+    pipe, extractor, protocol: Protocol, gen_seed: int, sampling_kwargs: dict, progress: bool, class_counts
+):
+    """n generated images, their classes in the real data's proportions (`class_counts`) or balanced."""
+    labels = plan_labels(protocol.n, None, protocol.distribution, class_counts)
     started = time.perf_counter()
     batches = list(
         generate(pipe, labels, seed=gen_seed, batch_size=protocol.batch_size, progress=progress, **sampling_kwargs)
@@ -281,8 +291,8 @@ def score_pair(real: Sample, fake: Sample, data: RealData, protocol: Protocol, n
     if "1nn" in chosen:
         scores.update({names[k]: v for k, v in M.one_nn_accuracy(rf, ff).items()})
     if "class-fd" in chosen:
-        by_class = M.per_class_fd(rf, real.labels, ff, fake.labels, NUM_CLASSES)
-        per_class[names["fd"]] = {CLASS_NAMES[c]: v for c, v in by_class.items()}
+        by_class = M.per_class_fd(rf, real.labels, ff, fake.labels, len(data.class_names))
+        per_class[names["fd"]] = {data.class_names[c]: v for c, v in by_class.items()}
         scores[names["class_fd"]] = float(np.mean(list(by_class.values())))
     if "memorization" in chosen:
         limit = protocol.memorization_n or len(fake.labels)
@@ -296,8 +306,8 @@ def score_pair(real: Sample, fake: Sample, data: RealData, protocol: Protocol, n
         correct = fake.predictions == fake.labels
         scores["class_accuracy"] = float(correct.mean())
         per_class["class_accuracy"] = {
-            CLASS_NAMES[c]: float(correct[fake.labels == c].mean())
-            for c in range(NUM_CLASSES)
+            data.class_names[c]: float(correct[fake.labels == c].mean())
+            for c in range(len(data.class_names))
             if (fake.labels == c).any()
         }
     return scores, per_class, copies
@@ -315,12 +325,12 @@ def real_floor(real: RealData, features: Features, protocol: Protocol, names: di
     return score_pair(half_a, half_b, real, floor_protocol, names, threshold, rng)[0]
 
 
-def aggregate_per_class(runs: list[dict]) -> dict:
+def aggregate_per_class(runs: list[dict], class_names: tuple[str, ...] = CLASS_NAMES) -> dict:
     """metric -> class -> summary over the runs in which the class had enough images."""
     out = {}
     for metric in runs[0]["per_class"]:
         out[metric] = {}
-        for name in CLASS_NAMES:
+        for name in class_names:
             values = [run["per_class"][metric][name] for run in runs if name in run["per_class"][metric]]
             if values:
                 out[metric][name] = summarize(values)
@@ -342,6 +352,7 @@ def protocol_record(protocol: Protocol, real: RealData, extractor, classifier, t
     record = asdict(protocol)
     record.update(
         dataset=real.dataset,
+        class_names=list(real.class_names),
         split=real.split,
         size=real.size,
         num_real_images=len(real.labels),

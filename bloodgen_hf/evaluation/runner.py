@@ -1,5 +1,6 @@
 """What `evaluate` and `compare` share: building the extractor/classifier, reading a model's image size,
-naming models, and evaluating one model into a results folder."""
+checking that generator, real data and evaluator share their classes, naming models, and evaluating one
+model into a results folder."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bloodgen_hf.data import DEFAULT_DATASET, describe_classes, same_classes
 from bloodgen_hf.evaluation.features import BloodNetExtractor, FeatureExtractor, build_extractor
 from bloodgen_hf.evaluation.protocol import Protocol, RealData, evaluate
 from bloodgen_hf.evaluation.report import write_evaluation
-from bloodgen_hf.sampling import generate
+from bloodgen_hf.sampling import generate, pipeline_class_names
 
 
 def build_tools(
@@ -40,6 +42,24 @@ def image_size(pipe, sampling_kwargs: dict) -> int:
     return int(images.shape[1])
 
 
+def check_classes(pipe, model: str, real: RealData, dataset: str, tools=()) -> None:
+    """Refuse (one line naming both class lists) real data or a BloodNet whose classes are not the generator's:
+    per-class metrics and class accuracy would silently compare different cells."""
+    ours = pipeline_class_names(pipe)
+    if not same_classes(ours, real.class_names):
+        raise ValueError(
+            f"{model} generates {describe_classes(ours)}, but --dataset {dataset} has "
+            f"{describe_classes(real.class_names)}; pass the --dataset it was trained on"
+        )
+    for tool in tools:
+        if isinstance(tool, BloodNetExtractor) and not same_classes(tool.class_names, ours):
+            raise ValueError(
+                f"the evaluator {tool.folder} classifies {describe_classes(tool.class_names)}, but {model} generates "
+                f"{describe_classes(ours)}; train one on the model's data (`bloodgen-hf train bloodnet --dataset "
+                f"{dataset} --split train --output-dir runs/bloodnet-x`) and pass --bloodnet runs/bloodnet-x/pipeline"
+            )
+
+
 def model_label(name_or_path: str) -> str:
     """A short name for a bundled model or a folder (runs/gan-28/pipeline -> gan-28)."""
     path = Path(name_or_path)
@@ -67,10 +87,14 @@ def evaluate_to_folder(
     cache_dir=None,
     sampling_kwargs: dict | None = None,
     log=print,
+    dataset: str = DEFAULT_DATASET,
+    real: RealData | None = None,
 ) -> dict:
-    """Run the protocol for one pipeline against the real data at its image size; write `out`."""
+    """Run the protocol for one pipeline against the real data (`real`, else `dataset` loaded at the
+    pipeline's image size), after checking the classes agree; write `out`."""
     sampling_kwargs = sampling_kwargs or {}
-    real = RealData.load(split, image_size(pipe, sampling_kwargs), data_dir)
+    real = real or RealData.load(split, image_size(pipe, sampling_kwargs), data_dir, dataset)
+    check_classes(pipe, model, real, dataset, (extractor, classifier))
     evaluation = evaluate(
         pipe,
         extractor,

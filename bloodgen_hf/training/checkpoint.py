@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from bloodgen_hf.io import write_durably
 
 
 def flatten_state(state: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:
@@ -60,12 +62,21 @@ def _unkey(k: list) -> Any:
     return int(k[1]) if k[0] == "int" else k[1]
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read back (damaged, incomplete, or not a checkpoint)."""
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file written by Python (so a full disk is a plain OSError) and fsynced."""
+    write_durably(path, save(tensors))
+
+
 def save_state(state: Any, path_stem: Path) -> None:
     """Write `<stem>.json` + `<stem>.safetensors`."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = flatten_state(state, tensors)
-    save_file(tensors, str(path_stem.with_suffix(".safetensors")))
-    path_stem.with_suffix(".json").write_text(json.dumps(skeleton))
+    save_tensors(tensors, path_stem.with_suffix(".safetensors"))
+    write_durably(path_stem.with_suffix(".json"), json.dumps(skeleton))
 
 
 def load_state(path_stem: Path) -> Any:
@@ -74,7 +85,7 @@ def load_state(path_stem: Path) -> Any:
         skeleton = json.loads(path_stem.with_suffix(".json").read_text())
         return unflatten_state(skeleton, tensors)
     except Exception as err:  # safetensors raises its own error type for damaged files
-        raise RuntimeError(f"corrupt or incomplete checkpoint file {path_stem}.*: {err}") from err
+        raise CheckpointError(f"corrupt or incomplete checkpoint file {path_stem}.*: {err}") from err
 
 
 def rng_state() -> dict:

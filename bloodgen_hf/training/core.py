@@ -4,11 +4,16 @@ A model family supplies a `TrainTask` (its modules, optimizers, one `training_st
 and how to save its pipeline); this file does the rest: Accelerate set-up and launch checks,
 deterministic data order, gradient accumulation, logging, sample grids, atomic checkpoints and
 exact resume. Read `train()` top to bottom.
+
+The output folder is guarded: one run writes it at a time (a lock beside it), a folder that holds a
+run is only continued (`--resume`, checked against the settings the checkpoint recorded) or replaced
+(`--overwrite`, which deletes the old run first so none of it can be resumed by mistake).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -23,23 +28,76 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from bloodgen_hf.data import BloodMNIST, DataError
-from bloodgen_hf.io import atomic_path, save_image
-from bloodgen_hf.training.checkpoint import load_state, rng_state, save_state, set_rng_state
+from bloodgen_hf.guard import OutputLockedError, check_unchanged, output_lock, plain
+from bloodgen_hf.io import atomic_path, fsync_dir, save_image, write_durably
+from bloodgen_hf.provenance import (
+    check_subset_options,
+    origin_record,
+    real_subset,
+    subset_record,
+    training_provenance,
+)
+from bloodgen_hf.training.checkpoint import (
+    CheckpointError,
+    load_state,
+    rng_state,
+    save_state,
+    save_tensors,
+    set_rng_state,
+)
+
+# Options that `--resume` may change: how long to run, where things are, what to log and keep. Every
+# other option (and the number of processes) shapes the run, so a change is refused by name.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "output_dir",
+        "data_dir",
+        "epochs",
+        "max_steps",
+        "cpu_budget_minutes",
+        "resume",
+        "overwrite",
+        "init_from",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "sample_every",
+        "log_every",
+        "log_with",
+        "grid_per_class",
+    }
+)
+# What a run leaves in its folder; `--overwrite` deletes these (checkpoints first).
+RUN_OUTPUTS = ("checkpoints", "pipeline", "metrics.jsonl", "samples", "logs", "train_config.json")
 
 
 class LaunchError(RuntimeError):
     """The processes were not started the way the user asked."""
 
 
+class ErrorExit(SystemExit):
+    """Prints `error: <message>` on stderr and exits with `code` (2: bad input or usage, 1: a failure
+    while working); str() is that line, so callers and tests can read it."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(code)
+        self.message = f"error: {message}"
+        print(self.message, file=sys.stderr, flush=True)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/model"
+    dataset: str = "bloodmnist"  # a MedMNIST flag, an ImageFolder, a `datasets` folder or Hub id (bloodgen_hf.data)
     data_dir: str | None = None
-    resolution: int = 28
+    resolution: int = 28  # images are centre-cropped and resized to this size
     split: str = "all"
     batch_size: int = 64
     epochs: int = 10
@@ -54,6 +112,14 @@ class TrainConfig:
     log_every: int = 20
     log_with: str = "tensorboard"  # or "none"
     resume: str | None = None  # a checkpoint folder, or "latest"
+    overwrite: bool = False  # replace a run already in output_dir (deletes its checkpoints and pipeline)
+    init_from: str | None = None  # start from a bundled model, a saved pipeline folder or a Hub repo's weights
+    balanced_batches: bool = False  # draw every class equally often (with replacement), not in proportion
+    # Train on the class-stratified subset of --split that augment-study gives its classifier at this fraction
+    # and seed (bloodgen_hf.provenance.real_subset); the pipeline's provenance records the indices' count and hash.
+    subset_fraction: float | None = None
+    subset_seed: int = 0
+    cpu_budget_minutes: float | None = None  # stop after this much process CPU time (ablations at equal cost)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,6 +130,11 @@ class TrainTask:
     models: dict[str, torch.nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, Any] = field(default_factory=dict)
+    # `--init-from`: model key -> the saved pipeline's component holding its weights ("" = the folder
+    # is that model itself, as for BloodNet). Models not named here start from scratch.
+    init_components: dict[str, str] = field(default_factory=dict)
+    # The data it trains on (bloodgen_hf.provenance); run_training fills it, save_pipeline saves it in the config.
+    provenance: dict[str, Any] | None = None
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
         raise NotImplementedError
@@ -77,6 +148,9 @@ class TrainTask:
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+    def after_init_from(self) -> None:
+        """Called after `--init-from` replaced the weights (so an EMA can start from them)."""
 
     def sample_grid(self, accelerator: Accelerator) -> torch.Tensor:
         """uint8 [N,H,W,3] images for the progress grid, one row per class."""
@@ -103,6 +177,10 @@ class EMATask(TrainTask):
         self.ema.load_state_dict(state["ema"])
         self.ema.to(next(self.models[self.ema_of].parameters()).device)
 
+    def after_init_from(self) -> None:
+        for shadow, param in zip(self.ema.shadow_params, self.models[self.ema_of].parameters()):
+            shadow.data.copy_(param.data)
+
     def ema_model(self, accelerator: Accelerator) -> torch.nn.Module:
         """A copy of the live model (buffers such as batch-norm statistics included) with the EMA weights."""
         live = accelerator.unwrap_model(self.models[self.ema_of])
@@ -123,7 +201,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> arg
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
-            kind = int if f.type in ("int", "int | None") else str
+            kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=value)
     return parser
 
@@ -173,14 +251,29 @@ def check_launch(accelerator: Accelerator) -> None:
             raise LaunchError(f"process ranks {ranks.tolist()} are not 0..{accelerator.num_processes - 1}")
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
-    """[num_batches, batch_size] indices for this rank: a permutation fixed by (seed, epoch)."""
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[num_batches, batch_size] indices for this rank: a permutation fixed by (seed, epoch).
+
+    With `labels`, the epoch is n draws with replacement in which every class is equally likely
+    (rare classes repeat, common ones are subsampled), still fixed by (seed, epoch).
+    """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=generator)
+    if labels is None:
+        order = torch.randperm(n, generator=generator)
+    else:
+        order = torch.multinomial(class_balanced_weights(labels), n, replacement=True, generator=generator)
     per_step = batch_size * world
     if n < per_step:
         raise ValueError(f"{n} images cannot fill one batch of {batch_size} x {world} processes")
     return order[: n // per_step * per_step].view(-1, world, batch_size)[:, rank]
+
+
+def class_balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per-image sampling weights 1 / (count of its class): each class gets the same total weight."""
+    counts = torch.bincount(labels)
+    return 1.0 / counts[labels].double()
 
 
 def total_optimizer_steps(config: TrainConfig, num_images: int, num_processes: int = 1) -> int:
@@ -191,8 +284,26 @@ def total_optimizer_steps(config: TrainConfig, num_images: int, num_processes: i
 
 
 def train(task: TrainTask, config: TrainConfig, accelerator: Accelerator, dataset: BloodMNIST) -> Path:
-    """Train until `epochs` or `max_steps`; returns the folder of the saved pipeline."""
+    """Train until `epochs` or `max_steps`; returns the folder of the saved pipeline.
+
+    The main process holds the output folder's lock throughout, so a second run into it is refused.
+    """
     out = Path(config.output_dir)
+    Path(os.path.abspath(out)).parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out) if accelerator.is_main_process else contextlib.nullcontext():
+        return train_locked(task, config, accelerator, dataset)
+
+
+def train_locked(task: TrainTask, config: TrainConfig, accelerator: Accelerator, dataset: BloodMNIST) -> Path:
+    out = Path(config.output_dir)
+    settings = run_settings(config, accelerator.num_processes)
+    prepare_output_dir(out, config, accelerator.is_main_process)
+    checkpoint = resolve_resume(out, config.resume) if config.resume else None
+    if checkpoint is not None:
+        check_resume_settings(checkpoint, settings)
+    accelerator.wait_for_everyone()
+    if config.init_from and not config.resume:  # a resumed run takes its weights from the checkpoint
+        init_from_pretrained(task, config.init_from)
     names = list(task.models)
     prepared = accelerator.prepare(*task.models.values(), *task.optimizers.values())
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)
@@ -200,57 +311,247 @@ def train(task: TrainTask, config: TrainConfig, accelerator: Accelerator, datase
     task.optimizers = dict(zip(task.optimizers, prepared[len(names) :]))
 
     total_steps = total_optimizer_steps(config, len(dataset), accelerator.num_processes)
-    step, epoch, batch_in_epoch = 0, 0, 0
+    step, epoch, batch_in_epoch, cpu_used = 0, 0, 0, 0.0
     set_seed(config.seed + accelerator.process_index)  # per-rank noise; weights were seeded before
-    if config.resume:
-        step, epoch, batch_in_epoch = load_checkpoint(task, accelerator, resolve_resume(out, config.resume))
+    if checkpoint is not None:
+        step, epoch, batch_in_epoch, cpu_used = load_checkpoint(task, accelerator, checkpoint)
+        if accelerator.is_main_process:
+            trim_metrics(out / "metrics.jsonl", step)
+    check_cpu_budget(config, accelerator)
+    cpu_started = time.process_time() - cpu_used
+    balance_labels = dataset.labels if config.balanced_batches else None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         launch = {"command": launch_command(accelerator.num_processes), "num_processes": accelerator.num_processes}
-        (out / "train_config.json").write_text(json.dumps({**config.__dict__, **launch}, indent=2, default=str))
+        with atomic_path(out / "train_config.json") as tmp:
+            recorded = {**config.__dict__, **launch, "provenance": task.provenance}
+            tmp.write_text(json.dumps(recorded, indent=2, default=str))
     if config.log_with != "none":
         accelerator.init_trackers("logs", config={k: str(v) for k, v in config.__dict__.items()})
 
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    started, seen = time.time(), 0
-    while step < total_steps:
-        order = epoch_batches(
-            len(dataset), config.batch_size, config.seed, epoch, accelerator.process_index, accelerator.num_processes
-        )
-        for idx in order[batch_in_epoch:]:
-            images, labels = dataset.batch(idx)
-            images, labels = images.to(accelerator.device), labels.to(accelerator.device)
-            with accelerator.accumulate(*task.models.values()):
-                metrics = task.training_step(images, labels, accelerator)
-            batch_in_epoch += 1
-            seen += len(idx) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            task.after_optimizer_step()
-            step += 1
-            bar.update(1)
-            if step % config.log_every == 0 or step == total_steps:
-                metrics = {**metrics, "epoch": epoch, "images_per_s": seen / (time.time() - started)}
-                log_metrics(accelerator, out, step, metrics, config.log_with != "none")
-                bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "epoch"})
-            if config.sample_every and step % config.sample_every == 0:
-                save_sample_grid(task, accelerator, out / "samples" / f"step_{step:07d}.png")
-            if step % config.checkpoint_every == 0 or step == total_steps:
-                save_checkpoint(task, accelerator, out, step, epoch, batch_in_epoch, config.keep_checkpoints)
-            if step >= total_steps:
-                break
-        if batch_in_epoch == len(order):  # the epoch is complete
-            epoch, batch_in_epoch = epoch + 1, 0
-            if not config.sample_every:
-                save_sample_grid(task, accelerator, out / "samples" / f"epoch_{epoch:04d}.png")
-    bar.close()
+    with tqdm(
+        total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train"
+    ) as bar:  # closed on errors too, so an error line starts a line
+        started, seen = time.time(), 0
+        while step < total_steps:
+            order = epoch_batches(
+                len(dataset),
+                config.batch_size,
+                config.seed,
+                epoch,
+                accelerator.process_index,
+                accelerator.num_processes,
+                balance_labels,
+            )
+            for idx in order[batch_in_epoch:]:
+                images, labels = dataset.batch(idx)
+                images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+                with accelerator.accumulate(*task.models.values()):
+                    metrics = task.training_step(images, labels, accelerator)
+                batch_in_epoch += 1
+                seen += len(idx) * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                task.after_optimizer_step()
+                step += 1
+                bar.update(1)
+                cpu_used = time.process_time() - cpu_started
+                if config.cpu_budget_minutes and cpu_used >= config.cpu_budget_minutes * 60:
+                    total_steps = step  # the budget is spent: log, checkpoint and save as at a planned end
+                if step % config.log_every == 0 or step == total_steps:
+                    metrics = {
+                        **metrics,
+                        "epoch": epoch,
+                        "images_per_s": seen / (time.time() - started),
+                        "cpu_minutes": cpu_used / 60,
+                    }
+                    log_metrics(accelerator, out, step, metrics, config.log_with != "none")
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "epoch"})
+                if config.sample_every and step % config.sample_every == 0:
+                    save_sample_grid(task, accelerator, out / "samples" / f"step_{step:07d}.png")
+                if step % config.checkpoint_every == 0 or step == total_steps:
+                    progress = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "cpu_seconds": cpu_used}
+                    save_checkpoint(task, accelerator, out, progress, config.keep_checkpoints, settings)
+                if step >= total_steps:
+                    break
+            if batch_in_epoch == len(order):  # the epoch is complete
+                epoch, batch_in_epoch = epoch + 1, 0
+                if not config.sample_every:
+                    save_sample_grid(task, accelerator, out / "samples" / f"epoch_{epoch:04d}.png")
     accelerator.wait_for_everyone()
     pipeline_dir = out / "pipeline"
     if accelerator.is_main_process:
-        with atomic_path(pipeline_dir, is_dir=True) as tmp:
-            task.save_pipeline(accelerator, tmp)
+        save_final_pipeline(task, accelerator, pipeline_dir, replace=checkpoint is not None)
     accelerator.end_training()
     return pipeline_dir
+
+
+def save_final_pipeline(task: TrainTask, accelerator: Accelerator, folder: Path, replace: bool) -> None:
+    """Write pipeline/ atomically. Only a resumed run replaces one; a fresh run refuses a pipeline that
+    appeared while it trained (the folder held none when it started)."""
+    try:
+        with atomic_path(folder, is_dir=True, overwrite=replace) as tmp:
+            task.save_pipeline(accelerator, tmp)
+    except FileExistsError:
+        raise
+    except (OSError, SafetensorError) as err:
+        raise OSError(
+            f"could not save the pipeline to {folder} ({reason(err)}); the checkpoints are kept, so "
+            "`--resume latest` saves it once there is room"
+        ) from err
+
+
+def reason(err: BaseException) -> str:
+    """The short cause of a write failure ("No space left on device"), without errno decoration."""
+    return getattr(err, "strerror", None) or str(err)
+
+
+# --- the output folder ---------------------------------------------------------------------------
+
+
+def run_settings(config: TrainConfig, num_processes: int) -> dict[str, Any]:
+    """Everything that defines the run, flat (shared and model options), as recorded in each checkpoint."""
+    shared = {k: v for k, v in config.__dict__.items() if k != "extra"}
+    return plain({**shared, **config.extra, "num_processes": num_processes})
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-???????"))
+
+
+def existing_run(out: Path) -> str | None:
+    """What an earlier run left in `out`, in words (None if nothing): its last checkpoint, its pipeline."""
+    steps = checkpoint_steps(out)
+    finished = (out / "pipeline").exists()
+    if not steps and not finished and not any((out / name).exists() for name in ("train_config.json", "metrics.jsonl")):
+        return None
+    last = f"last checkpoint at step {steps[-1]}" if steps else "no checkpoint"
+    return f"{last}, {'a' if finished else 'no'} final pipeline/"
+
+
+def prepare_output_dir(out: Path, config: TrainConfig, main: bool) -> None:
+    """Refuse to start a new run over an old one unless asked; with --overwrite, delete the old run.
+
+    The main process (which holds the lock) also removes temporaries that killed runs left behind.
+    """
+    if config.resume and config.overwrite:
+        raise ValueError("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
+    found = existing_run(out)
+    if found and not config.resume and not config.overwrite:
+        raise ValueError(
+            f"{out} already holds a training run ({found}); pass --resume latest to continue it, "
+            "or --overwrite to delete it and start again"
+        )
+    if not main:
+        return
+    remove_leftovers(out)
+    if found and config.overwrite:
+        for name in RUN_OUTPUTS:  # checkpoints first: nothing of the old run stays resumable
+            remove(out / name)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or folder; a folder is first renamed aside, so a kill leaves no half of it in place."""
+    if path.is_dir() and not path.is_symlink():
+        aside = path.with_name(f".{path.name}.deleted.tmp")
+        shutil.rmtree(aside, ignore_errors=True)
+        path.rename(aside)
+        shutil.rmtree(aside)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def remove_leftovers(out: Path) -> None:
+    """Temporaries of runs that were killed while writing (only ours: the lock says no one else writes)."""
+    patterns = [".pipeline.*", ".*.deleted.tmp", ".metrics.jsonl.*.tmp", ".train_config.json.*.tmp"]
+    found = [p for pattern in patterns for p in out.glob(pattern)]
+    found += [*(out / "checkpoints").glob("*.tmp"), *(out / "samples").glob(".*.tmp")]
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the log lines up to the resumed step (the later ones are logged again), dropping a line that
+    a kill cut short, so a resumed run's metrics.jsonl equals an uninterrupted one's."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(kept))
+
+
+def check_resume_settings(checkpoint: Path, settings: dict[str, Any]) -> None:
+    """The checkpoint's recorded settings must match this command's, but for RESUME_MAY_CHANGE.
+
+    Checkpoints from before settings were recorded fall back to their run's train_config.json. Only
+    keys the record has are compared: an option added later cannot have been set then.
+    """
+    before = recorded_settings(checkpoint)
+    if before is None:
+        print(f"warning: {checkpoint} records no settings; resuming without checking them", file=sys.stderr)
+        return
+    now = {k: v for k, v in settings.items() if k in before}
+    check_unchanged(
+        before,
+        now,
+        f"--resume: {checkpoint}",
+        "pass the options it was started with (only the run's length, logging and checkpointing may change), "
+        "or train into a new --output-dir",
+        RESUME_MAY_CHANGE,
+    )
+
+
+def recorded_settings(checkpoint: Path) -> dict[str, Any] | None:
+    own = checkpoint / "config.json"
+    if own.is_file():
+        return json.loads(own.read_text())
+    legacy = checkpoint.parent.parent / "train_config.json"
+    if not legacy.is_file():
+        return None
+    config = json.loads(legacy.read_text())
+    config.pop("command", None)
+    config.pop("provenance", None)
+    extra = config.pop("extra", None) or {}
+    return plain({**config, **extra})
+
+
+def init_from_pretrained(task: TrainTask, source: str) -> None:
+    """Copy the weights of a bundled model, saved folder or Hub repo into the task's models (step 0),
+    refusing a source whose architecture differs from the one this command builds."""
+    from bloodgen_hf.hub import load_pretrained_component
+
+    if not task.init_components:
+        raise ValueError("--init-from is not supported for this model family")
+    for key, component in task.init_components.items():
+        model = task.models[key]
+        pretrained = load_pretrained_component(source, component, type(model))
+        check_same_architecture(model, pretrained, f"--init-from {source}" + (f" ({component})" if component else ""))
+        model.load_state_dict(pretrained.state_dict())
+    task.after_init_from()
+
+
+def check_same_architecture(model: torch.nn.Module, pretrained: torch.nn.Module, what: str) -> None:
+    """Both models' configs (ConfigMixin) must agree on every public key."""
+    ours = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    theirs = {k: v for k, v in dict(pretrained.config).items() if not k.startswith("_")}
+    differing = sorted(k for k in ours.keys() | theirs.keys() if normalise(ours.get(k)) != normalise(theirs.get(k)))
+    if differing:
+        shown = ", ".join(
+            f"{k}: {normalise(theirs.get(k))!r} there, {normalise(ours.get(k))!r} here" for k in differing[:4]
+        )
+        more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""
+        raise ValueError(f"{what} has a different architecture from this run's ({shown}{more})")
+
+
+def normalise(value: Any) -> Any:
+    """Configs read back from JSON hold lists where freshly built ones hold tuples."""
+    return [normalise(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def launch_command(num_processes: int) -> str:
@@ -278,21 +579,49 @@ def save_sample_grid(task: TrainTask, accelerator: Accelerator, path: Path) -> N
 # --- checkpoints -----------------------------------------------------------------------------
 
 
+def check_cpu_budget(config: TrainConfig, accelerator: Accelerator) -> None:
+    if config.cpu_budget_minutes is None:
+        return
+    if not config.cpu_budget_minutes > 0:
+        raise ValueError(f"--cpu-budget-minutes must be positive, got {config.cpu_budget_minutes}")
+    if accelerator.num_processes > 1:  # each rank would stop at its own step and the others would wait forever
+        raise ValueError("--cpu-budget-minutes works with one process; use --max-steps with several")
+
+
 def save_checkpoint(
-    task: TrainTask, accelerator: Accelerator, out: Path, step: int, epoch: int, batch_in_epoch: int, keep: int
+    task: TrainTask, accelerator: Accelerator, out: Path, progress: dict, keep: int, settings: dict
 ) -> Path:
     """checkpoints/checkpoint-<step>/: weights (safetensors), optimizer/EMA/RNG state (safetensors +
-    JSON), written to a temporary folder and renamed, so a crash never leaves a half checkpoint."""
-    final = out / "checkpoints" / f"checkpoint-{step:07d}"
+    JSON), the run's settings (config.json, checked on resume), written to a temporary folder, fsynced
+    and renamed, so a crash or a full disk never leaves a half checkpoint or harms the earlier ones."""
+    final = out / "checkpoints" / f"checkpoint-{progress['step']:07d}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    try:
+        write_checkpoint(task, accelerator, tmp, progress, settings)
+    except (OSError, SafetensorError) as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write checkpoint {final} ({reason(err)}); the earlier ones are intact") from err
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        fsync_dir(final.parent)
+        for old in sorted(final.parent.glob("checkpoint-???????"))[:-keep]:
+            remove(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def write_checkpoint(task: TrainTask, accelerator: Accelerator, tmp: Path, progress: dict, settings: dict) -> None:
     save_state(rng_state(), tmp / f"rng_{accelerator.process_index}")
     if accelerator.is_main_process:
         for name, model in task.models.items():
-            save_file(accelerator.unwrap_model(model).state_dict(), str(tmp / f"{name}.safetensors"))
+            save_tensors(accelerator.unwrap_model(model).state_dict(), tmp / f"{name}.safetensors")
         save_state(
             {
                 "optimizers": {k: o.state_dict() for k, o in task.optimizers.items()},
@@ -301,15 +630,8 @@ def save_checkpoint(
             },
             tmp / "training_state",
         )
-        (tmp / "progress.json").write_text(json.dumps({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted(final.parent.glob("checkpoint-???????"))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
+        write_durably(tmp / "config.json", json.dumps(settings, indent=2))
+        write_durably(tmp / "progress.json", json.dumps(progress))
 
 
 def resolve_resume(out: Path, resume: str) -> Path:
@@ -321,7 +643,7 @@ def resolve_resume(out: Path, resume: str) -> Path:
     return found[-1]
 
 
-def load_checkpoint(task: TrainTask, accelerator: Accelerator, path: Path) -> tuple[int, int, int]:
+def load_checkpoint(task: TrainTask, accelerator: Accelerator, path: Path) -> tuple[int, int, int, float]:
     if not (path / "progress.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no progress.json)")
     for name, model in task.models.items():
@@ -329,7 +651,7 @@ def load_checkpoint(task: TrainTask, accelerator: Accelerator, path: Path) -> tu
         try:
             accelerator.unwrap_model(model).load_state_dict(load_file(str(file)))
         except Exception as err:
-            raise RuntimeError(f"cannot load {file}: {err}") from err
+            raise CheckpointError(f"cannot load {file}: {err}") from err
     state = load_state(path / "training_state")
     for name, optimizer in task.optimizers.items():
         optimizer.load_state_dict(state["optimizers"][name])
@@ -341,16 +663,55 @@ def load_checkpoint(task: TrainTask, accelerator: Accelerator, path: Path) -> tu
         raise LaunchError(f"{path} was written by fewer processes than the {accelerator.num_processes} running now")
     set_rng_state(load_state(rng_file))
     progress = json.loads((path / "progress.json").read_text())
-    return progress["step"], progress["epoch"], progress["batch_in_epoch"]
+    return progress["step"], progress["epoch"], progress["batch_in_epoch"], progress.get("cpu_seconds", 0.0)
+
+
+BAD_INPUT = (
+    LaunchError,
+    DataError,
+    CheckpointError,
+    OutputLockedError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    ValueError,
+)
+
+
+def training_data(config: TrainConfig, dataset: BloodMNIST) -> tuple[BloodMNIST, dict[str, Any]]:
+    """The images the run trains on (with --subset-fraction, only the subset R_f of the split) and their
+    provenance, which the saved pipeline and train_config.json record."""
+    check_subset_options(config.subset_fraction, config.subset_seed)
+    subset = None
+    if config.subset_fraction is not None:
+        indices = real_subset(dataset.labels.numpy(), config.subset_fraction, config.subset_seed)
+        subset = subset_record(indices, config.subset_fraction, config.subset_seed, len(dataset))
+        index = torch.from_numpy(indices)
+        dataset = BloodMNIST(
+            dataset.images[index].numpy(), dataset.labels[index].numpy(), dataset.flip, dataset.class_names
+        )
+    origin = origin_record(weights_origin(config))
+    return dataset, training_provenance(config.dataset, config.resolution, config.split, len(dataset), subset, origin)
+
+
+def weights_origin(config: TrainConfig) -> str | None:
+    """The model the weights started from (its data is in them too): --init-from, or on --resume the one the
+    run was started with, as its checkpoint recorded (a resume takes its weights from there)."""
+    if not config.resume:
+        return config.init_from
+    recorded = recorded_settings(resolve_resume(Path(config.output_dir), config.resume)) or {}
+    return recorded.get("init_from", config.init_from)
 
 
 def run_training(description: str, build_task, add_model_arguments, argv: list[str] | None = None, **defaults) -> Path:
     """What every train script's main() does: parse flags, set up Accelerate, load data, train.
 
-    `build_task(config, num_images)` makes the TrainTask; it gets the image count because learning-rate
-    schedules that span the run need the number of steps before it starts.
+    `build_task(config, num_images, class_names)` makes the TrainTask; it gets the image count because
+    learning-rate schedules that span the run need the number of steps before it starts, and the class
+    names of the data, which size the models and are saved with them.
 
-    Bad input (missing data, bad launch, bad checkpoint) ends with one clear line and exit code 2.
+    Bad input (missing data, bad launch, bad checkpoint, a folder that holds a run or is in use) ends
+    with one clear line and exit code 2; a failure while working (a full disk) with one line and 1.
     """
     parser = argparse.ArgumentParser(description=description)
     add_model_arguments(add_train_arguments(parser, **defaults))
@@ -358,11 +719,15 @@ def run_training(description: str, build_task, add_model_arguments, argv: list[s
     try:
         accelerator = make_accelerator(config)
         set_seed(config.seed)  # identical initial weights on every rank
-        dataset = BloodMNIST.load(config.split, config.resolution, config.data_dir, flip=config.flip)
-        task = build_task(config, len(dataset))
+        dataset = BloodMNIST.load(config.split, config.resolution, config.data_dir, config.flip, config.dataset)
+        dataset, provenance = training_data(config, dataset)
+        task = build_task(config, len(dataset), class_names=dataset.class_names)
+        task.provenance = provenance
         pipeline_dir = train(task, config, accelerator, dataset)
-    except (LaunchError, DataError, FileNotFoundError, RuntimeError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except BAD_INPUT as err:
+        raise ErrorExit(str(err), 2) from None
+    except (OSError, RuntimeError) as err:
+        raise ErrorExit(str(err), 1) from None
     if accelerator.is_main_process:
         print(f"saved pipeline to {pipeline_dir}")
     return pipeline_dir

@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 
 from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, to_uint8
 from bloodgen_hf.io import make_grid
+from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import SCHEDULERS, BloodDDPMPipeline, make_scheduler
 from bloodgen_hf.training.core import EMATask, TrainConfig, run_training, total_optimizer_steps
-from pipelines.pipeline_bloodgen_ddpm import SCHEDULERS, BloodDDPMPipeline, make_scheduler
 
 
 @dataclass(frozen=True)
@@ -52,24 +52,37 @@ PRESETS = {
     "base": UNetPreset({28: (64, 128, 256), 64: (64, 128, 256, 256)}, 2, 2, 32, 32),
 }
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")  # flow: rectified-flow velocity, noise - image
 
 
-def build_unet(preset: str, resolution: int, num_classes: int = NUM_CLASSES, dropout: float = 0.0) -> UNet2DModel:
-    """A UNet2DModel with one class-embedding row per class plus the null class of guidance."""
+def build_unet(
+    preset: str,
+    resolution: int,
+    num_classes: int = NUM_CLASSES,
+    dropout: float = 0.0,
+    channels: tuple[int, ...] | None = None,
+    layers_per_block: int | None = None,
+    attention_levels: int | None = None,
+) -> UNet2DModel:
+    """A UNet2DModel with one class-embedding row per class plus the null class of guidance.
+
+    `channels`, `layers_per_block` and `attention_levels` override the preset (the ablation's knobs)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown UNet preset {preset!r}; choose from: {', '.join(PRESETS)}")
     p = PRESETS[preset]
-    if resolution not in p.channels:
+    if channels is None and resolution not in p.channels:
         raise ValueError(f"the UNet presets are defined for resolutions {sorted(p.channels)}, not {resolution}")
-    channels = p.channels[resolution]
-    attention = [i >= len(channels) - p.attention_levels for i in range(len(channels))]
+    channels = tuple(channels or p.channels[resolution])
+    layers_per_block = p.layers_per_block if layers_per_block is None else layers_per_block
+    attention_levels = p.attention_levels if attention_levels is None else attention_levels
+    check_unet_shape(channels, resolution, layers_per_block, attention_levels, p.norm_num_groups)
+    attention = [i >= len(channels) - attention_levels for i in range(len(channels))]
     unet = UNet2DModel(
         sample_size=resolution,
         in_channels=3,
         out_channels=3,
         block_out_channels=channels,
-        layers_per_block=p.layers_per_block,
+        layers_per_block=layers_per_block,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         norm_num_groups=p.norm_num_groups,
@@ -83,12 +96,38 @@ def build_unet(preset: str, resolution: int, num_classes: int = NUM_CLASSES, dro
     return unet
 
 
-def build_noise_scheduler(beta_schedule: str, prediction_type: str, num_train_timesteps: int = 1000) -> DDPMScheduler:
-    """The training noise schedule; "trailing" spacing makes few-step samplers start at pure noise (t = T-1)."""
+def check_unet_shape(channels, resolution: int, layers: int, attention_levels: int, groups: int) -> None:
+    if len(channels) < 2 or any(c < 1 or c % groups for c in channels):
+        raise ValueError(f"--channels needs at least 2 levels, each a multiple of {groups}; got {list(channels)}")
+    if resolution % 2 ** (len(channels) - 1):
+        raise ValueError(f"{len(channels)} UNet levels halve {resolution} pixels {len(channels) - 1} times: not whole")
+    if layers < 1:
+        raise ValueError(f"--layers-per-block must be at least 1, got {layers}")
+    if not 0 <= attention_levels <= len(channels):
+        raise ValueError(f"--attention-levels must be between 0 and {len(channels)}, got {attention_levels}")
+
+
+def parse_channels(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(c) for c in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"--channels takes comma-separated integers such as 32,64,64; got {text!r}") from None
+
+
+def build_noise_scheduler(
+    beta_schedule: str, prediction_type: str, num_train_timesteps: int = 1000
+) -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:
+    """The training noise schedule; "trailing" spacing makes few-step samplers start at pure noise (t = T-1).
+
+    Flow matching has no betas: x_t = (1 - t) x + t noise for t in [0, 1], which the UNet sees as 1000 t."""
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta schedule {beta_schedule!r}; choose from: {', '.join(BETA_SCHEDULES)}")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction type {prediction_type!r}; choose from: {', '.join(PREDICTION_TYPES)}")
+    if prediction_type == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
@@ -102,7 +141,21 @@ def add_ddpm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--preset", choices=PRESETS, default="small", help="UNet size at 28x28: tiny 0.30M (tests), small 1.19M "
         "parameters (CPU), base 16.77M (GPU); see bloodgen_hf/training/ddpm.py"
     )  # fmt: skip
+    parser.add_argument("--channels", default=None, help="UNet channels per level, e.g. 64,128,128 (default: preset)")
+    parser.add_argument("--layers-per-block", type=int, default=None, help="resnets per UNet level (default: preset)")
+    parser.add_argument(
+        "--attention-levels",
+        type=int,
+        default=None,
+        help="lowest-resolution levels with self-attention (default: preset)",
+    )
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout inside the UNet's resnets")
+    parser.add_argument(
+        "--snr-gamma",
+        type=float,
+        default=0.0,
+        help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); 0 = plain MSE",
+    )
     parser.add_argument("--cfg-dropout", type=float, default=0.1, help="share of labels replaced by the null class")
     parser.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default="squaredcos_cap_v2")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="v_prediction")
@@ -145,12 +198,21 @@ def planned_steps(config: TrainConfig, num_images: int) -> int:
 class DDPMTask(EMATask):
     noise_scheduler: DDPMScheduler | None = None
     options: dict = field(default_factory=dict)
+    class_names: tuple[str, ...] = CLASS_NAMES  # of the training data; index len(class_names) is the null class
 
     @classmethod
-    def build(cls, config: TrainConfig, num_images: int) -> DDPMTask:
+    def build(cls, config: TrainConfig, num_images: int, class_names: tuple[str, ...] = CLASS_NAMES) -> DDPMTask:
         o = config.extra
         check_options(o)
-        unet = build_unet(o["preset"], config.resolution, dropout=o["dropout"])
+        unet = build_unet(
+            o["preset"],
+            config.resolution,
+            num_classes=len(class_names),
+            dropout=o["dropout"],
+            channels=parse_channels(o["channels"]),
+            layers_per_block=o["layers_per_block"],
+            attention_levels=o["attention_levels"],
+        )
         optimizer = torch.optim.AdamW(
             unet.parameters(), lr=o["lr"], betas=(o["adam_beta1"], o["adam_beta2"]), weight_decay=o["weight_decay"]
         )
@@ -163,6 +225,7 @@ class DDPMTask(EMATask):
         ema = EMAModel(unet.parameters(), decay=o["ema_max_decay"], use_ema_warmup=True, power=o["ema_power"])
         ema.to(PartialState().device)  # the live weights move there in accelerator.prepare
         return cls(
+            init_components={"unet": "unet"},
             models={"unet": unet},
             optimizers={"unet": optimizer},
             schedulers={"lr": lr_scheduler},
@@ -170,22 +233,19 @@ class DDPMTask(EMATask):
             ema=ema,
             ema_of="unet",
             options=o,
+            class_names=tuple(class_names),
         )
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
         unet, optimizer = self.models["unet"], self.optimizers["unet"]
         n, device = images.shape[0], images.device
         noise = torch.randn_like(images)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), device=device)
-        noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
         dropped = torch.rand(n, device=device) < self.options["cfg_dropout"]
-        labels = torch.where(dropped, torch.full_like(labels, NUM_CLASSES), labels)
+        labels = torch.where(dropped, torch.full_like(labels, len(self.class_names)), labels)
+        noisy, timesteps, target, weights = self.noised_batch(images, noise)
         prediction = unet(noisy, timesteps, class_labels=labels).sample
-        if self.noise_scheduler.config.prediction_type == "epsilon":
-            target = noise
-        else:
-            target = self.noise_scheduler.get_velocity(images, noise, timesteps)
-        loss = F.mse_loss(prediction.float(), target.float())
+        per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_image * weights).mean()
         accelerator.backward(loss)
         metrics = {"loss": loss.item(), "lr": self.schedulers["lr"].get_last_lr()[0]}
         if accelerator.sync_gradients and self.options["max_grad_norm"] > 0:
@@ -194,6 +254,24 @@ class DDPMTask(EMATask):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return metrics
+
+    def noised_batch(self, images: torch.Tensor, noise: torch.Tensor):
+        """(noisy images, UNet timesteps, regression target, per-image loss weights) for one batch."""
+        n, device = images.shape[0], images.device
+        scheduler, prediction_type = self.noise_scheduler, self.options["prediction_type"]
+        if prediction_type == "flow":
+            t = torch.rand(n, device=device)
+            noisy = (1 - t.view(-1, 1, 1, 1)) * images + t.view(-1, 1, 1, 1) * noise
+            return noisy, t * scheduler.config.num_train_timesteps, noise - images, torch.ones(n, device=device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), device=device)
+        noisy = scheduler.add_noise(images, noise, timesteps)
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(images, noise, timesteps)
+        return (
+            noisy,
+            timesteps,
+            target,
+            min_snr_weights(scheduler, timesteps, prediction_type, self.options["snr_gamma"]),
+        )
 
     def after_optimizer_step(self) -> None:
         self.schedulers["lr"].step()
@@ -207,9 +285,10 @@ class DDPMTask(EMATask):
         pipe = BloodDDPMPipeline(
             unet=self.ema_unet(accelerator),
             scheduler=make_scheduler(self.options["sampler"], self.noise_scheduler.config),
-            class_names=list(CLASS_NAMES),
+            class_names=list(self.class_names),
             default_guidance_scale=self.options["guidance_scale"],
             default_num_inference_steps=self.options["sampler_steps"],
+            provenance=self.provenance,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -218,7 +297,7 @@ class DDPMTask(EMATask):
         """One row per class, from fixed per-image seeds (so grids of successive epochs compare, and the
         global RNG, which exact resume depends on, is left alone)."""
         per_class = self.options["grid_per_class"]
-        labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+        labels = torch.arange(len(self.class_names)).repeat_interleave(per_class)
         generators = [torch.Generator(accelerator.device).manual_seed(i) for i in range(len(labels))]
         images = self.pipeline(accelerator)(
             len(labels), class_labels=labels.tolist(), generator=generators, output_type="pt"
@@ -231,8 +310,22 @@ class DDPMTask(EMATask):
         save_pipeline(self.pipeline(accelerator), path)
 
 
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, prediction_type: str, gamma: float):
+    """min(SNR, gamma) / SNR for epsilon targets, min(SNR, gamma) / (SNR + 1) for v targets: both weight
+    the implied image-space error by min(SNR, gamma), so nearly clean timesteps stop dominating the loss."""
+    if not gamma:
+        return torch.ones(len(timesteps), device=timesteps.device)
+    snr = compute_snr(scheduler, timesteps)
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
+
+
 def check_options(o: dict) -> None:
     """Refuse nonsensical settings before any work is done."""
+    if o["snr_gamma"] < 0 or not math.isfinite(o["snr_gamma"]):
+        raise ValueError(f"--snr-gamma must be >= 0 (0 turns it off), got {o['snr_gamma']}")
+    if o["snr_gamma"] and o["prediction_type"] == "flow":
+        raise ValueError("--snr-gamma weights the DDPM targets (epsilon, v_prediction), not --prediction-type flow")
     if not 0 <= o["cfg_dropout"] < 1:
         raise ValueError(f"--cfg-dropout must be in [0, 1), got {o['cfg_dropout']}")
     if o["sampler_steps"] < 1:

@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from diffusers.training_utils import EMAModel
 
-from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, to_uint8
+from bloodgen_hf.data import CLASS_NAMES, to_uint8
 from bloodgen_hf.io import make_grid
 from bloodgen_hf.models.gan import ConditionalDiscriminator, ConditionalGenerator
 from bloodgen_hf.training.core import EMATask, TrainConfig, run_training
@@ -54,7 +54,8 @@ class GANTask(EMATask):
     options: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, config: TrainConfig, num_images: int) -> GANTask:
+    def build(cls, config: TrainConfig, num_images: int, class_names: tuple[str, ...] = CLASS_NAMES) -> GANTask:
+        """The models get one class per name in the training data (saved with the generator)."""
         o = config.extra
         group = o.get("minibatch_std_group", 0)  # absent from runs made before it existed
         if group > 0 and config.batch_size % group:
@@ -63,13 +64,13 @@ class GANTask(EMATask):
         generator = ConditionalGenerator(
             resolution=config.resolution,
             latent_dim=o["latent_dim"],
-            num_classes=NUM_CLASSES,
+            num_classes=len(class_names),
             base_channels=o["base_channels"],
-            class_names=list(CLASS_NAMES),
+            class_names=list(class_names),
         )
         discriminator = ConditionalDiscriminator(
             resolution=config.resolution,
-            num_classes=NUM_CLASSES,
+            num_classes=len(class_names),
             base_channels=o["base_channels"],
             use_spectral_norm=o["spectral_norm"],
             minibatch_std_group=group,
@@ -78,6 +79,7 @@ class GANTask(EMATask):
         ema = EMAModel(generator.parameters(), decay=o["ema_decay"])
         ema.to(PartialState().device)  # the live weights move there in accelerator.prepare
         return cls(
+            init_components={"generator": "gan"},
             models={"generator": generator, "discriminator": discriminator},
             optimizers={
                 "generator": torch.optim.Adam(generator.parameters(), lr=o["lr_g"], betas=betas),
@@ -131,7 +133,7 @@ class GANTask(EMATask):
     def sample_grid(self, accelerator: Accelerator) -> torch.Tensor:
         g = self.ema_generator(accelerator)
         per_class = 10
-        labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class).to(accelerator.device)
+        labels = torch.arange(g.config.num_classes).repeat_interleave(per_class).to(accelerator.device)
         z = torch.randn(len(labels), g.config.latent_dim, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             images = to_uint8(g(z.to(accelerator.device), labels)).cpu().numpy()
@@ -139,15 +141,15 @@ class GANTask(EMATask):
 
     def save_pipeline(self, accelerator: Accelerator, path: Path) -> None:
         from bloodgen_hf.hub import save_pipeline
-        from pipelines import BloodGANPipeline
+        from bloodgen_hf.pipelines import BloodGANPipeline
 
-        save_pipeline(BloodGANPipeline(gan=self.ema_generator(accelerator)), path)
+        save_pipeline(BloodGANPipeline(gan=self.ema_generator(accelerator), provenance=self.provenance), path)
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Entry point of `train_scripts/train_gan.py` and `bloodgen-hf train gan`."""
     return run_training(
-        "Train the conditional DCGAN on BloodMNIST.",
+        "Train the conditional DCGAN on BloodMNIST or any labelled image set (--dataset).",
         GANTask.build,
         add_gan_arguments,
         argv,

@@ -20,14 +20,21 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, load_arrays, to_model_range, to_uint8
+from bloodgen_hf.data import (
+    CLASS_NAMES,
+    DEFAULT_DATASET,
+    describe_classes,
+    load_data,
+    same_classes,
+    to_model_range,
+    to_uint8,
+)
 from bloodgen_hf.io import atomic_path, labelled_class_grid, make_grid, save_image
 from bloodgen_hf.models.vae import ConditionalAutoencoderKL, gaussian_nll, kl_per_dimension
 from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training
 
 RECON_LOSSES = ("gaussian", "mse")
-# Encoder/decoder widths per resolution: the image is halved between blocks, down to 7x7 or 8x8.
-DEFAULT_BLOCKS = {28: (16, 32, 64), 64: (16, 32, 64, 64)}
+MIN_LATENT_SIDE = 7  # default blocks halve the image while it stays even and at least this big
 SIGMA_EMA_DECAY = 0.99
 
 
@@ -53,9 +60,7 @@ def add_vae_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 def parse_blocks(text: str | None, resolution: int) -> tuple[int, ...]:
     if not text:
-        if resolution not in DEFAULT_BLOCKS:
-            raise ValueError(f"no default --block-out-channels for resolution {resolution}; pass them")
-        return DEFAULT_BLOCKS[resolution]
+        return default_blocks(resolution)
     try:
         blocks = tuple(int(c) for c in text.split(","))
     except ValueError:
@@ -63,6 +68,15 @@ def parse_blocks(text: str | None, resolution: int) -> tuple[int, ...]:
     if not blocks or min(blocks) < 1:
         raise ValueError(f"--block-out-channels must be positive, got {text!r}")
     return blocks
+
+
+def default_blocks(resolution: int) -> tuple[int, ...]:
+    """Encoder/decoder widths 16, 32, 64, 64, ...: one block more per halving of the image while it stays
+    even and at least MIN_LATENT_SIDE (28 -> 7: (16, 32, 64); 64 -> 8: (16, 32, 64, 64); 128 -> 8: 5 blocks)."""
+    side, blocks = resolution, 1
+    while side % 2 == 0 and side // 2 >= MIN_LATENT_SIDE:
+        side, blocks = side // 2, blocks + 1
+    return (16, 32, 64, *([64] * max(0, blocks - 3)))[:blocks]
 
 
 def check_options(o: dict) -> None:
@@ -91,12 +105,13 @@ class VAETask(TrainTask):
     sigma_ema: float | None = None  # running maximum-likelihood decoder sigma (--recon gaussian)
 
     @classmethod
-    def build(cls, config: TrainConfig, num_images: int) -> VAETask:
+    def build(cls, config: TrainConfig, num_images: int, class_names: tuple[str, ...] = CLASS_NAMES) -> VAETask:
+        """The model gets one class per name in the training data (saved in its config)."""
         o = config.extra
         check_options(o)
         vae = ConditionalAutoencoderKL(
             resolution=config.resolution,
-            num_classes=NUM_CLASSES,
+            num_classes=len(class_names),
             class_embed_dim=o["class_embed_dim"],
             block_out_channels=parse_blocks(o["block_out_channels"], config.resolution),
             layers_per_block=o["layers_per_block"],
@@ -105,9 +120,14 @@ class VAETask(TrainTask):
             latent_channels=o["latent_channels"],
             latent_dim=o["latent_dim"] or None,
             decoder_sigma=o["recon_sigma"],
-            class_names=list(CLASS_NAMES),
+            class_names=list(class_names),
         )
-        return cls(models={"vae": vae}, optimizers={"vae": torch.optim.Adam(vae.parameters(), lr=o["lr"])}, options=o)
+        return cls(
+            models={"vae": vae},
+            optimizers={"vae": torch.optim.Adam(vae.parameters(), lr=o["lr"])},
+            init_components={"vae": "vae"},
+            options=o,
+        )
 
     def recon_sigma(self, images: torch.Tensor, decoded: torch.Tensor) -> float:
         """The likelihood's sigma for this batch: fixed, or the maximum-likelihood sqrt(mean squared error)."""
@@ -151,18 +171,18 @@ class VAETask(TrainTask):
 
     def pipeline(self, accelerator: Accelerator):
         """The live model in a BloodVAEPipeline, its likelihood sigma set to what training used."""
-        from pipelines import BloodVAEPipeline
+        from bloodgen_hf.pipelines import BloodVAEPipeline
 
         vae = accelerator.unwrap_model(self.models["vae"])
         if self.options["recon"] == "gaussian" and self.sigma_ema is not None:
             vae.register_to_config(decoder_sigma=self.sigma_ema)
-        return BloodVAEPipeline(vae=vae)
+        return BloodVAEPipeline(vae=vae, provenance=self.provenance)
 
     def sample_grid(self, accelerator: Accelerator) -> torch.Tensor:
         """One row per class of prior samples at temperature 1, from fixed noise (no global RNG use)."""
         per_class = 10
-        labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class).tolist()
         pipe = self.pipeline(accelerator)
+        labels = torch.arange(pipe.vae.config.num_classes).repeat_interleave(per_class).tolist()
         images = pipe(len(labels), labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
         pipe.vae.train()  # the pipeline switched the live model to eval mode
         return make_grid(to_uint8(images * 2 - 1).numpy(), nrow=per_class)
@@ -178,7 +198,13 @@ SWEEP_TEMPERATURES = (0.0, 0.5, 0.8, 1.0, 1.2)
 
 @torch.no_grad()
 def write_model_figures(
-    model: str, data_dir: str | None, out: str | Path, split: str = "test", per_class: int = 2, seed: int = 0
+    model: str,
+    data_dir: str | None,
+    out: str | Path,
+    split: str = "test",
+    per_class: int = 2,
+    seed: int = 0,
+    dataset: str = DEFAULT_DATASET,
 ) -> dict[str, float]:
     """Model-card material for a trained VAE, written atomically into `out`.
 
@@ -191,23 +217,27 @@ def write_model_figures(
 
     pipe = load_pipeline(model)
     vae, size = pipe.vae.eval(), pipe.vae.config.resolution
-    images, labels = load_arrays(split, size, data_dir)
+    images, labels, names, _ = load_data(dataset, split, size, data_dir)
+    if not same_classes(names, pipe.class_names or names):
+        theirs = describe_classes(pipe.class_names)
+        raise ValueError(f"{dataset} has other classes ({describe_classes(names)}) than the VAE ({theirs})")
+    num_classes = len(names)
     x_all, y_all = to_model_range(torch.from_numpy(images)), torch.from_numpy(labels)
     scale = max(1, 96 // size)
     out = Path(out)
 
-    picks = torch.cat([torch.nonzero(y_all == c).flatten()[:per_class] for c in range(NUM_CLASSES)])
+    picks = torch.cat([torch.nonzero(y_all == c).flatten()[:per_class] for c in range(num_classes)])
     recon = pipe.reconstruct(x_all[picks], class_labels=y_all[picks].tolist(), output_type="pt").images
     pairs = np.stack([images[picks.numpy()], to_uint8(recon * 2 - 1).numpy()])
     save_image(labelled_class_grid(pairs, ["real", "reconstruction"], scale), out / "reconstructions.png")
 
-    classes = torch.arange(NUM_CLASSES).repeat_interleave(10).tolist()
+    classes = torch.arange(num_classes).repeat_interleave(10).tolist()
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(classes))]
     samples = to_uint8(pipe(len(classes), classes, generator=generators, output_type="pt").images * 2 - 1)
-    grid = labelled_class_grid(samples.numpy().reshape(NUM_CLASSES, 10, size, size, 3), list(CLASS_NAMES), scale)
+    grid = labelled_class_grid(samples.numpy().reshape(num_classes, 10, size, size, 3), list(names), scale)
     save_image(grid, out / "samples.png")
 
-    sweep_classes = torch.arange(NUM_CLASSES).repeat_interleave(per_class).tolist()
+    sweep_classes = torch.arange(num_classes).repeat_interleave(per_class).tolist()
     rows = []
     for temperature in SWEEP_TEMPERATURES:
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(sweep_classes))]
@@ -235,7 +265,7 @@ def write_model_figures(
 def main(argv: list[str] | None = None) -> Path:
     """Entry point of `train_scripts/train_vae.py` and `bloodgen-hf train vae`."""
     return run_training(
-        "Train the class-conditional VAE (AutoencoderKL-style CVAE) on BloodMNIST.",
+        "Train the class-conditional VAE (AutoencoderKL-style CVAE) on BloodMNIST or any labelled images (--dataset).",
         VAETask.build,
         add_vae_arguments,
         argv,

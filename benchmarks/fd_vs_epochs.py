@@ -1,0 +1,101 @@
+"""Quality against training time for a DDPM run that goes on over several sessions.
+
+    python benchmarks/fd_vs_epochs.py runs/ddpm-v2 [--checkpoint latest] [--n 2000] [--curve FILE.json]
+
+Turns one checkpoint's EMA weights into a pipeline (the one the run would save if it stopped there),
+scores `--n` samples with the saved defaults in BloodNet features (Fréchet distance, class accuracy,
+recall), and appends the point to a JSON curve file that is kept in the repo, because the checkpoints
+themselves are pruned. Then it redraws the curve's PNG beside the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from bloodgen_hf.evaluation.protocol import Protocol
+from bloodgen_hf.evaluation.runner import build_tools, evaluate_to_folder
+from bloodgen_hf.training.checkpoint import load_state
+from bloodgen_hf.training.core import TrainConfig, resolve_resume
+from bloodgen_hf.training.ddpm import DDPMTask
+
+
+def checkpoint_pipeline(run: Path, checkpoint: Path, num_images: int):
+    """The pipeline a DDPM run would have saved at `checkpoint`: its config, its EMA weights."""
+    recorded = json.loads((run / "train_config.json").read_text())
+    names = {f.name for f in fields(TrainConfig)} - {"extra"}
+    config = TrainConfig(**{k: v for k, v in recorded.items() if k in names}, extra=recorded["extra"])
+    task = DDPMTask.build(config, num_images)
+    task.ema.load_state_dict(load_state(checkpoint / "training_state")["extra"]["ema"])
+    task.ema.copy_to(task.models["unet"].parameters())
+
+    class NoAccelerator:  # DDPMTask.pipeline() unwraps the live model; here it is not wrapped
+        device = "cpu"
+
+        @staticmethod
+        def unwrap_model(model):
+            return model
+
+    return task.pipeline(NoAccelerator())
+
+
+def plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3))
+    epochs = [p["epochs"] for p in points]
+    for ax, key, label in (
+        (axes[0], "fd_bloodnet", "FD (BloodNet) ↓"),
+        (axes[1], "class_accuracy", "class accuracy ↑"),
+    ):
+        ax.plot(epochs, [p[key] for p in points], marker="o")
+        ax.set_xlabel("cumulative epochs")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--checkpoint", default="latest")
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--num-images", type=int, default=17092, help="the run's training images (for epochs)")
+    parser.add_argument("--curve", type=Path, default=Path("model_cards/images/ddpm-v2/fd_vs_epochs.json"))
+    args = parser.parse_args()
+    checkpoint = resolve_resume(args.run, args.checkpoint)
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    pipe = checkpoint_pipeline(args.run, checkpoint, args.num_images)
+    pipe.set_progress_bar_config(disable=True)
+    metrics = ("fd", "pr", "accuracy")
+    protocol = Protocol(runs=1, n=args.n, metrics=metrics, with_floor=False)
+    out = args.run / "fd_vs_epochs" / checkpoint.name
+    result = evaluate_to_folder(pipe, str(checkpoint), out, *build_tools("bloodnet", metrics), protocol, args.data_dir)
+    batch = json.loads((args.run / "train_config.json").read_text())["batch_size"]
+    point = {
+        "step": progress["step"],
+        "epochs": round(progress["step"] * batch / args.num_images, 2),
+        "n": args.n,
+        "fd_bloodnet": result["metrics"]["fd_bloodnet"]["mean"],
+        "class_accuracy": result["metrics"]["class_accuracy"]["mean"],
+        "recall": result["metrics"]["recall_bloodnet"]["mean"],
+        "per_class_accuracy": {k: round(v["mean"], 3) for k, v in result["per_class"]["class_accuracy"].items()},
+    }
+    points = json.loads(args.curve.read_text()) if args.curve.is_file() else []
+    points = sorted([p for p in points if p["step"] != point["step"]] + [point], key=lambda p: p["step"])
+    args.curve.parent.mkdir(parents=True, exist_ok=True)
+    args.curve.write_text(json.dumps(points, indent=2) + "\n")
+    plot(points, args.curve.with_suffix(".png"))
+    print(json.dumps(point, indent=2))
+
+
+if __name__ == "__main__":
+    main()
