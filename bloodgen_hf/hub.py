@@ -297,7 +297,6 @@ def push_to_hub(
     `revision` is the branch to commit to (created if missing); `grid_options` go to the pipeline
     for the sample grid (e.g. num_inference_steps).
     """
-    from bloodgen_hf.data import CLASS_NAMES
     from bloodgen_hf.io import save_image
     from bloodgen_hf.model_card import (
         EVAL_RESULTS_NAME,
@@ -310,6 +309,7 @@ def push_to_hub(
         sample_images,
     )
     from bloodgen_hf.provenance import pipeline_provenance
+    from bloodgen_hf.sampling import pipeline_class_names
 
     check_repo_id(repo_id)
     api = HfApi(token=resolve_token(token))
@@ -323,7 +323,8 @@ def push_to_hub(
     with tempfile.TemporaryDirectory(prefix="bloodgen-push-") as tmp:
         repo = save_pipeline(pipe, Path(tmp) / "repo")
         images = sample_images(pipe, grid_per_class, **(grid_options or {}))
-        save_image(grid_image(images, grid_per_class), repo / SAMPLE_GRID_NAME)
+        class_names = pipeline_class_names(pipe)
+        save_image(grid_image(images, grid_per_class, class_names), repo / SAMPLE_GRID_NAME)
         for name, content in ((TRAIN_CONFIG_NAME, train_config), (EVAL_RESULTS_NAME, eval_results)):
             if content is not None:
                 (repo / name).write_text(json.dumps(content, indent=2) + "\n")
@@ -343,7 +344,7 @@ def push_to_hub(
             revision=files.oid,
             pipeline_class=type(pipe).__name__,
             family=family_of(spec),
-            class_names=CLASS_NAMES,
+            class_names=class_names,
             parameters=count_parameters(pipe),
             resolution=images.shape[1],
             grid_per_class=grid_per_class,

@@ -40,6 +40,11 @@ def resolve_class_labels(
     return torch.tensor(labels, dtype=torch.long)
 
 
+def normalise_class_name(name) -> str:
+    """Case-insensitive, with '-', ' ' and '_' alike: "Immature granulocyte" == "immature_granulocyte"."""
+    return str(name).strip().lower().replace("-", "_").replace(" ", "_")
+
+
 def class_to_index(label: int | str, class_names: Sequence[str] | None, num_classes: int) -> int:
     if isinstance(label, torch.Tensor):
         label = int(label)
@@ -47,11 +52,11 @@ def class_to_index(label: int | str, class_names: Sequence[str] | None, num_clas
         if 0 <= int(label) < num_classes:
             return int(label)
         raise ValueError(f"class index {label} out of range 0..{num_classes - 1}")
-    key = str(label).strip().lower().replace("-", "_").replace(" ", "_")
+    key = normalise_class_name(label)
     if key.isdigit():
         return class_to_index(int(key), class_names, num_classes)
     for i, name in enumerate(class_names or ()):
-        if key in (name, name + "s"):
+        if key in (normalise_class_name(name), normalise_class_name(name) + "s"):
             return i
     raise ValueError(f"unknown class {label!r}; choose from: {', '.join(class_names or map(str, range(num_classes)))}")
 

@@ -110,6 +110,14 @@ def test_unet_shape_overrides_and_their_errors():
         ddpm.parse_channels("16;32")
 
 
+@pytest.mark.parametrize(("resolution", "levels"), [(32, 3), (36, 3), (96, 4)])
+def test_resolutions_without_a_preset_entry_get_the_nearest_layout(resolution, levels):
+    unet = ddpm.build_unet("tiny", resolution)
+    assert len(unet.config.block_out_channels) == levels
+    x = torch.randn(1, 3, resolution, resolution)
+    assert unet(x, torch.tensor([10]), class_labels=torch.tensor([0])).sample.shape == x.shape
+
+
 def test_cpu_budget_stops_the_run_and_saves_it(fake_data_dir, tmp_path):
     out = tmp_path / "budget"
     ddpm.main(train_args(fake_data_dir, out, "--cpu-budget-minutes", "0.000001", "--max-steps", "50"))

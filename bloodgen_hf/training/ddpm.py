@@ -70,9 +70,7 @@ def build_unet(
     if preset not in PRESETS:
         raise ValueError(f"unknown UNet preset {preset!r}; choose from: {', '.join(PRESETS)}")
     p = PRESETS[preset]
-    if channels is None and resolution not in p.channels:
-        raise ValueError(f"the UNet presets are defined for resolutions {sorted(p.channels)}, not {resolution}")
-    channels = tuple(channels or p.channels[resolution])
+    channels = tuple(channels or preset_channels(p, resolution))
     layers_per_block = p.layers_per_block if layers_per_block is None else layers_per_block
     attention_levels = p.attention_levels if attention_levels is None else attention_levels
     check_unet_shape(channels, resolution, layers_per_block, attention_levels, p.norm_num_groups)
@@ -94,6 +92,18 @@ def build_unet(
     # diffusers would silently drop class_labels in a UNet without class embeddings.
     assert unet.class_embedding is not None and unet.class_embedding.num_embeddings == num_classes + 1
     return unet
+
+
+def preset_channels(p: UNetPreset, resolution: int) -> tuple[int, ...]:
+    """The preset's widths for `resolution`: its own entry, else the 64 px layout (4 levels) for sizes from
+    64 that halve 3 times, else the 28 px layout (3 levels) for any multiple of 4."""
+    if resolution in p.channels:
+        return p.channels[resolution]
+    if resolution >= 64 and resolution % 8 == 0:
+        return p.channels[64]
+    if resolution % 4 == 0:
+        return p.channels[28]
+    raise ValueError(f"the DDPM's UNet needs a resolution that is a multiple of 4, not {resolution}")
 
 
 def check_unet_shape(channels, resolution: int, layers: int, attention_levels: int, groups: int) -> None:

@@ -1,0 +1,224 @@
+"""Provenance: pipelines record their training data, and nothing is scored on data it may have seen.
+
+The refusal (augment-study, compare --tstr), the round trip of the record through save/load, a
+per-fraction generator that sees only the classifier's subset R_f, and TSTR, on tiny models and data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bloodgen_hf.cli import app
+from bloodgen_hf.data import CLASS_NAMES, load_data
+from bloodgen_hf.evaluation.bloodnet import BloodNet
+from bloodgen_hf.hub import bundled_models, load_pipeline, read_model_index, save_pipeline
+from bloodgen_hf.provenance import (
+    LeakError,
+    check_unseen,
+    indices_fingerprint,
+    real_subset,
+    training_provenance,
+)
+from tests.conftest import tiny_ddpm_pipeline, tiny_gan_pipeline, tiny_vae_pipeline
+
+TRAIN = training_provenance("bloodmnist", 28, "train", 48)
+ALL = training_provenance("bloodmnist", 28, "all", 80)
+STUDY = ["--seeds", "0", "--steps", "2", "--batch-size", "8", "--device", "cpu"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def with_provenance(pipe, provenance: dict | None):
+    return type(pipe)(**pipe.components, provenance=provenance)
+
+
+def saved_gan(folder: Path, provenance: dict | None) -> Path:
+    return save_pipeline(with_provenance(tiny_gan_pipeline(), provenance), folder)
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+# --- the refusal ---------------------------------------------------------------------------------------
+
+
+def test_augment_study_refuses_a_generator_trained_on_all_splits(fake_data_dir, tmp_path):
+    model = saved_gan(tmp_path / "leaky_gan", ALL)
+    out = tmp_path / "study"
+    result = invoke("augment-study", "--model", model, "--data-dir", fake_data_dir, "--out", out, *STUDY)
+    line = one_error_line(result)
+    assert "leaky_gan" in line and "split 'all'" in line and "the 'test' split augment-study scores on" in line
+    assert not out.exists()
+
+
+def test_augment_study_refuses_a_generator_without_provenance(tiny_gan_dir, fake_data_dir, tmp_path):
+    out = tmp_path / "study"
+    result = invoke("augment-study", "--model", tiny_gan_dir, "--data-dir", fake_data_dir, "--out", out, *STUDY)
+    line = one_error_line(result)
+    assert "tiny_gan records no training data" in line and "retrain it with a train script" in line
+
+
+@pytest.mark.parametrize(
+    "provenance, message",
+    [
+        (training_provenance("bloodmnist", 28, "test", 16), "which includes the 'test' split"),
+        (training_provenance("pathmnist", 28, "train", 16), "not on bloodmnist"),
+        (
+            {**TRAIN, "init_from": {"model": "ddpm", "provenance": ALL}},
+            "(started from ddpm) was trained on split 'all'",
+        ),
+        ({**TRAIN, "init_from": {"model": "old", "provenance": None}}, "(started from old) records no training data"),
+    ],
+)
+def test_check_unseen_follows_split_dataset_and_starting_weights(provenance, message):
+    with pytest.raises(LeakError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_unseen(provenance, "m", "test", "bloodmnist", "augment-study")
+    check_unseen(TRAIN, "m", "test", "BloodMNIST", "augment-study")  # the train split alone passes
+
+
+def test_bundled_generators_record_that_they_saw_every_split():
+    for name in ("gan", "ddpm", "vae"):
+        provenance = read_model_index(bundled_models()[name])["provenance"]
+        assert provenance["split"] == "all" and provenance["subset"] is None and provenance["num_images"] == 17092
+        with pytest.raises(LeakError, match=f"{name} was trained on split 'all' of bloodmnist"):
+            check_unseen(provenance, name, "test", "bloodmnist", "augment-study")
+
+
+# --- the round trip ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [tiny_gan_pipeline, tiny_ddpm_pipeline, tiny_vae_pipeline])
+def test_provenance_round_trips_through_save_and_both_loaders(make, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    subset = {"method": "stratified_subset", "fraction": 0.5, "seed": 3, "size": 24, "of": 48}
+    provenance = {**TRAIN, "num_images": 24, "subset": {**subset, "indices_sha256": "ab" * 32}}
+    pipe = with_provenance(make(), provenance)
+    pipe.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["provenance"] == provenance
+    assert load_pipeline(str(tmp_path / "saved")).config.provenance == provenance  # no diffusers loader
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    assert loaded.config.provenance == provenance
+    loaded.save_pretrained(tmp_path / "again")  # the remote-code copy saves it again
+    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["provenance"] == provenance
+    assert load_pipeline(str(tmp_path / "again")).config.provenance == provenance
+    if hasattr(pipe, "with_scheduler"):
+        assert pipe.with_scheduler("ddim").config.provenance == provenance
+
+
+# --- a generator per fraction ------------------------------------------------------------------------
+
+
+GAN_OPTIONS = "--batch-size 8 --latent-dim 16 --base-channels 8 --minibatch-std-group 0 --diffaugment color,translation"
+
+
+def test_per_fraction_generator_sees_only_the_classifiers_subset(fake_data_dir, tmp_path):
+    out = tmp_path / "study"
+    args = ["augment-study", "--generator-per-fraction", "gan", "--generator-steps", "3"]
+    args += ["--generator-options", GAN_OPTIONS, "--fractions", "0.25", "--settings", "synthetic", *STUDY]
+    args += ["--data-dir", fake_data_dir, "--out", out]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+
+    labels = load_data("bloodmnist", "train", 28, fake_data_dir).labels
+    subset = real_subset(labels, 0.25, 0)  # what the classifier at 25%, seed 0 trains on
+    assert indices_fingerprint(subset) != indices_fingerprint(real_subset(labels, 0.25, 1))
+    (generator,) = json.loads((out / "results.json").read_text())["generators"]
+    recorded = generator["provenance"]
+    assert recorded["split"] == "train" and recorded["num_images"] == len(subset) == 16
+    assert recorded["subset"]["indices_sha256"] == indices_fingerprint(subset) and recorded["subset"]["of"] == 48
+    saved = load_pipeline(str(out / "generators" / "0.25-seed0" / "pipeline")).config.provenance
+    assert saved == recorded
+    train_config = json.loads((out / "generators" / "0.25-seed0" / "train_config.json").read_text())
+    assert train_config["provenance"] == recorded and train_config["max_steps"] == 3
+    assert train_config["command"].startswith("bloodgen-hf train gan ") and "--diffaugment" in train_config["command"]
+    assert generator["steps"] == 3 and "--subset-fraction 0.25" in (out / "report.md").read_text()
+
+    resumed = invoke(*args, "--resume")
+    assert resumed.exit_code == 0 and "generator 0.25-seed0: finished earlier" in resumed.output
+    other_budget = [("4" if a == "3" else a) for a in args]  # --generator-steps 4
+    assert "was started with other settings (generators)" in one_error_line(invoke(*other_budget, "--resume"))
+    index = out / "generators" / "0.25-seed0" / "pipeline" / "model_index.json"
+    tampered = json.loads(index.read_text())
+    tampered["provenance"]["subset"]["indices_sha256"] = indices_fingerprint(real_subset(labels, 0.25, 1))
+    index.write_text(json.dumps(tampered))
+    refused = invoke(*args, "--resume")
+    assert refused.exit_code == 2 and "not on exactly the classifier's 16 train images" in refused.output
+    assert refused.output.strip().splitlines()[-1].startswith("error: the gan generator for 0.25-seed0")
+
+
+def test_per_fraction_options_may_not_change_the_data(fake_data_dir, tmp_path):
+    args = ["augment-study", "--generator-per-fraction", "gan", "--generator-steps", "3", "--out", tmp_path / "s"]
+    line = one_error_line(invoke(*args, "--generator-options", "--split all"))
+    assert "--generator-options may not set --split" in line
+    line = one_error_line(invoke("augment-study", "--generator-per-fraction", "gan", "--out", tmp_path / "s"))
+    assert "needs --generator-steps" in line
+
+
+def test_train_script_refuses_a_subset_seed_without_a_fraction(fake_data_dir, tmp_path):
+    from bloodgen_hf.training.core import ErrorExit
+    from bloodgen_hf.training.gan import main
+
+    with pytest.raises(ErrorExit, match="--subset-seed only picks a subset together with --subset-fraction"):
+        main(["--data-dir", str(fake_data_dir), "--output-dir", str(tmp_path / "g"), "--subset-seed", "2"])
+
+
+# --- TSTR ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def compare_args(fake_data_dir, tmp_path) -> list:
+    torch.manual_seed(0)
+    bloodnet = tmp_path / "bloodnet"
+    BloodNet(channels=[4, 8], blocks_per_stage=1, class_names=list(CLASS_NAMES)).save_pretrained(
+        bloodnet / "classifier"
+    )
+    args = ["--extractor", "bloodnet", "--bloodnet", bloodnet, "--data-dir", fake_data_dir, "--device", "cpu"]
+    args += ["--cache-dir", tmp_path / "cache", "--runs", "1", "--n", "12", "--no-floor", "--metrics", "fd"]
+    return [*args, "--memorization-n", "10", "--batch-size", "8"]
+
+
+def test_compare_tstr_reports_synthetic_against_real(compare_args, tmp_path):
+    model = saved_gan(tmp_path / "honest_gan", TRAIN)
+    out = tmp_path / "report"
+    result = invoke("compare", "--models", model, *compare_args, "--tstr", 16, "--tstr-steps", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    tstr = json.loads((out / "tstr.json").read_text())["honest_gan"]
+    assert tstr["n"] == 16 and sum(tstr["class_counts"]) == 16 and tstr["steps"] == 2
+    for key in ("accuracy", "macro_f1"):
+        assert 0 <= tstr["synthetic"][key] <= 1 and 0 < tstr["real"][key] <= 1
+        assert tstr["ratio"][key] == pytest.approx(tstr["synthetic"][key] / tstr["real"][key])
+    report = (out / "report.md").read_text()
+    assert "## TSTR: train on synthetic, test on real" in report and "| honest_gan |" in report
+    confusion = json.loads((out / "tstr" / "honest_gan" / "result.json").read_text())["report"]["confusion"]
+    assert np.asarray(confusion).sum() == 16  # scored on the real test split
+
+
+def test_compare_tstr_refuses_a_generator_trained_on_the_test_split(compare_args, tmp_path):
+    model = saved_gan(tmp_path / "leaky_gan", ALL)
+    result = invoke("compare", "--models", model, *compare_args, "--tstr", 16, "--out", tmp_path / "report")
+    line = one_error_line(result)
+    assert "leaky_gan was trained on split 'all'" in line and "the 'test' split TSTR scores on" in line
+    assert not (tmp_path / "report" / "tstr").exists()
+
+
+def test_model_card_shows_the_training_data():
+    from bloodgen_hf.model_card import render_model_card
+
+    common = {"repo_id": "org/m", "revision": "abc", "pipeline_class": "BloodGANPipeline", "family": "gan"}
+    common |= {"class_names": CLASS_NAMES, "parameters": 10, "resolution": 28, "grid_per_class": 2}
+    card = str(render_model_card(**common, train_config={"command": "bloodgen-hf train gan", "provenance": ALL}))
+    assert "Training data: split 'all' of bloodmnist at 28x28, 80 images." in card
+    assert "Training data: not recorded with these weights." in str(render_model_card(**common))
