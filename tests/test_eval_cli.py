@@ -176,20 +176,13 @@ def test_augment_study_trains_every_setting_and_fraction(train_split_gan_dir, fa
         assert (out / name).is_file(), name
 
 
+def one_seed_study_args(model, data_dir, out) -> list:
+    return ["--model", model, "--data-dir", data_dir, "--fractions", "1", "--seeds", "0", "--out", out]
+
+
 def test_augment_study_resumes_keeping_the_pool_and_finished_runs(train_split_gan_dir, fake_data_dir, tmp_path):
     out = tmp_path / "study"
-    args = [
-        "--model",
-        train_split_gan_dir,
-        "--data-dir",
-        fake_data_dir,
-        "--fractions",
-        "1",
-        "--seeds",
-        "0",
-        "--out",
-        out,
-    ]
+    args = one_seed_study_args(train_split_gan_dir, fake_data_dir, out)
     args += ["--settings", "real,synthetic", "--steps", "2", "--batch-size", "8", "--device", "cpu"]
     assert invoke("augment-study", *args).exit_code == 0
     # a study stopped after its first classifier: the second has no result yet, the first is marked
@@ -208,18 +201,7 @@ def test_augment_study_resumes_keeping_the_pool_and_finished_runs(train_split_ga
 
 def test_augment_study_resume_refuses_other_settings(train_split_gan_dir, fake_data_dir, tmp_path):
     out = tmp_path / "study"
-    args = [
-        "--model",
-        train_split_gan_dir,
-        "--data-dir",
-        fake_data_dir,
-        "--fractions",
-        "1",
-        "--seeds",
-        "0",
-        "--out",
-        out,
-    ]
+    args = one_seed_study_args(train_split_gan_dir, fake_data_dir, out)
     args += ["--settings", "real", "--batch-size", "8", "--device", "cpu"]
     assert invoke("augment-study", *args, "--steps", "2").exit_code == 0
     result = invoke("augment-study", *args, "--steps", "3", "--resume")
