@@ -12,7 +12,8 @@ in the Hub copy) as `provenance`:
 otherwise the images were `real_subset(labels of the split, fraction, seed)`, the very subset R_f that
 augment-study gives its classifier at that fraction and seed, and `indices_sha256` is the fingerprint of
 those indices (`indices_fingerprint`). `init_from` is null, or the model the weights started from with
-that model's own provenance: its data is in the weights too, so the checks follow it.
+that model's own provenance: its data is in the weights too, so the checks follow it. A distilled
+student (bloodgen_hf/training/student.py) names its teacher the same way in `distilled_from`.
 """
 
 from __future__ import annotations
@@ -155,11 +156,12 @@ def check_unseen(provenance: dict | None, model: str, eval_split: str, dataset: 
             f"{model} was trained on {trained_on}, which includes the {eval_split!r} split {purpose} scores on; "
             "use a generator trained on --split train (e.g. `bloodgen-hf train ddpm --split train`)"
         )
-    origin = provenance.get("init_from")
-    if origin:
-        check_unseen(
-            origin.get("provenance"), f"{model} (started from {origin.get('model')})", eval_split, dataset, purpose
-        )
+    for key, how in (("init_from", "started from"), ("distilled_from", "distilled from")):
+        origin = provenance.get(key)
+        if origin:
+            check_unseen(
+                origin.get("provenance"), f"{model} ({how} {origin.get('model')})", eval_split, dataset, purpose
+            )
 
 
 # --- in words, for cards and reports -------------------------------------------------------------------
@@ -178,7 +180,11 @@ def describe_provenance(provenance: dict | None) -> str:
             f": the stratified subset at fraction {subset['fraction']:g}, seed {subset['seed']} "
             f"({subset['size']:,} of {subset['of']:,} images; indices sha256 {subset['indices_sha256'][:12]})"
         )
-    origin = provenance.get("init_from")
-    if origin:
-        text += f"; started from {origin.get('model')} (trained on {describe_provenance(origin.get('provenance'))})"
+    for key, how in (("init_from", "started from"), ("distilled_from", "distilled from")):
+        origin = provenance.get(key)
+        if origin:
+            text += f"; {how} {origin.get('model')} (trained on {describe_provenance(origin.get('provenance'))})"
+    pairs = (provenance.get("distilled_from") or {}).get("pairs")
+    if pairs:
+        text += f", on {pairs['num_pairs']:,} of its images at guidance {pairs['guidance_scale']:g}"
     return text

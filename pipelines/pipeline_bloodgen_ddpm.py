@@ -192,6 +192,7 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
         null = torch.full_like(labels, self.null_class)
         if guidance_scale == 0:
             return self.unet(x, t, class_labels=null).sample
+        t = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim else t  # one timestep per image (distillation)
         both = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample
         conditional, unconditional = both.chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)

@@ -24,11 +24,12 @@ from setuptools import find_packages
 from setuptools.config.pyprojecttoml import read_configuration
 
 import tests.conftest as fixtures
-from bloodgen_hf.hub import BUNDLED_DIR, SPECS, family_of, load_pipeline
+from bloodgen_hf.hub import BUNDLED_DIR, SPECS, bundled_models, family_of, load_pipeline
 from bloodgen_hf.pipelines.blood_pipeline_utils import remote_code_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [2, 7, 1, 8]
+BUNDLED = sorted(bundled_models())  # every bundled pipeline, a future student included
 LABELS = ["platelet", 0, "lymphocyte", 5]
 BLOCKED = ("bloodgen_hf", "pipelines")
 
@@ -151,7 +152,7 @@ def remote(tmp_path_factory) -> dict:
         expected[class_name] = reference_images(pipe)
         out, resave = work / class_name / "images", work / class_name / "resaved"
         jobs.append({"source": str(folder), "resave": str(resave), "out": str(out), "call": call_kwargs(pipe)})
-    for family in ("gan", "ddpm", "vae"):
+    for family in BUNDLED:
         pipe = load_pipeline(family)
         expected[f"bundled-{family}"] = reference_images(pipe)
         jobs.append(
@@ -204,7 +205,7 @@ def test_a_remote_code_pipeline_saves_the_same_layout_again(class_name, remote):
         assert config == json.loads((saved / relative).read_text()), relative
 
 
-@pytest.mark.parametrize("family", ["gan", "ddpm", "vae"])
+@pytest.mark.parametrize("family", BUNDLED)
 def test_bundled_folders_load_as_remote_code(family, remote):
     loaded = np.load(remote["work"] / f"bundled-{family}.npy")
     np.testing.assert_array_equal(loaded, remote["expected"][f"bundled-{family}"], err_msg=family)
@@ -224,7 +225,7 @@ def test_diffusers_push_of_a_remote_code_pipeline_uploads_a_loadable_repo(remote
     np.testing.assert_array_equal(np.load(pushed.with_suffix(".npy")), remote["expected"]["BloodGANPipeline"])
 
 
-@pytest.mark.parametrize("family", ["gan", "ddpm", "vae"])
+@pytest.mark.parametrize("family", BUNDLED)
 def test_bundled_folders_are_what_save_pretrained_writes(family, tmp_path):
     """Their model_index.json and code are the saver's, the code linked to (or, installed, copied from) the
     single source in pipelines/ and bloodgen_hf/models/; the weights are untouched."""

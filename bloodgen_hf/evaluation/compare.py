@@ -198,3 +198,28 @@ def write_report(
     if curves_file is not None:
         lines += ["", "## Training curves", "", "![training curves](curves.png)"]
     return write_markdown_report(lines, out, html)
+
+
+QUALITY_MARGIN = 0.10  # a model this close to the best in FD and class accuracy counts as equally good
+
+
+def choose_default(results: dict[str, dict]) -> str:
+    """The rule for `bloodgen-hf sample`'s default model (stated in the README): quality first, then speed.
+
+    `results` maps a model name to its compare results.json. The best model has the lowest mean
+    fd_bloodnet. Among the models within QUALITY_MARGIN of it in both mean fd_bloodnet and mean class
+    accuracy, the default is the one that samples the most images per second."""
+    if not results:
+        raise ValueError("no compare results to choose a default model from")
+
+    def mean(name: str, metric: str) -> float:
+        return float(results[name]["metrics"][metric]["mean"])
+
+    best = min(results, key=lambda name: mean(name, "fd_bloodnet"))
+    close = [
+        name
+        for name in results
+        if mean(name, "fd_bloodnet") <= (1 + QUALITY_MARGIN) * mean(best, "fd_bloodnet")
+        and mean(name, "class_accuracy") >= (1 - QUALITY_MARGIN) * mean(best, "class_accuracy")
+    ]
+    return max(close, key=lambda name: np.mean([r["timing"]["images_per_s"] for r in results[name]["runs"]]))

@@ -21,6 +21,12 @@ def _vae_main(argv: list[str]):
     return main(argv)
 
 
+def _student_main(argv: list[str]):
+    from bloodgen_hf.training.student import main
+
+    return main(argv)
+
+
 def _bloodnet_main(argv: list[str]):
     from bloodgen_hf.evaluation.bloodnet_train import main
 
@@ -28,4 +34,10 @@ def _bloodnet_main(argv: list[str]):
 
 
 # family name -> main(argv); used by `bloodgen-hf train <family>`
-TRAIN_ENTRY_POINTS = {"gan": _gan_main, "ddpm": _ddpm_main, "vae": _vae_main, "bloodnet": _bloodnet_main}
+TRAIN_ENTRY_POINTS = {
+    "gan": _gan_main,
+    "ddpm": _ddpm_main,
+    "vae": _vae_main,
+    "student": _student_main,
+    "bloodnet": _bloodnet_main,
+}

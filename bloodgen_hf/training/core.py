@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from bloodgen_hf.data import BloodMNIST, DataError
 from bloodgen_hf.guard import OutputLockedError, check_unchanged, output_lock, plain
 from bloodgen_hf.io import atomic_path, fsync_dir, save_image, write_durably
+from bloodgen_hf.process import tune_malloc
 from bloodgen_hf.provenance import (
     check_subset_options,
     origin_record,
@@ -60,6 +61,7 @@ RESUME_MAY_CHANGE = frozenset(
         "epochs",
         "max_steps",
         "cpu_budget_minutes",
+        "cpu_threads",
         "resume",
         "overwrite",
         "init_from",
@@ -120,6 +122,9 @@ class TrainConfig:
     subset_fraction: float | None = None
     subset_seed: int = 0
     cpu_budget_minutes: float | None = None  # stop after this much process CPU time (ablations at equal cost)
+    # Torch threads per process on CPU; None = the usable cores / processes. `accelerate launch` sets
+    # OMP_NUM_THREADS=1, which left one of two cores idle in a single-process run.
+    cpu_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -137,6 +142,8 @@ class TrainTask:
     provenance: dict[str, Any] | None = None
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
+        """One (micro-)batch; a dataset whose `batch` gives more per-image tensors passes them on after
+        `accelerator` (the distillation pairs' noise)."""
         raise NotImplementedError
 
     def after_optimizer_step(self) -> None:
@@ -223,7 +230,19 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         project_dir=config.output_dir,
     )
     check_launch(accelerator)
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(config.cpu_threads, accelerator.num_processes))
     return accelerator
+
+
+def cpu_threads(requested: int | None, num_processes: int) -> int:
+    """`--cpu-threads`, else this machine's usable cores shared out among the processes."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--cpu-threads must be at least 1, got {requested}")
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // num_processes)
 
 
 def check_launch_environment() -> None:
@@ -344,10 +363,10 @@ def train_locked(task: TrainTask, config: TrainConfig, accelerator: Accelerator,
                 balance_labels,
             )
             for idx in order[batch_in_epoch:]:
-                images, labels = dataset.batch(idx)
-                images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+                # (images, labels) and whatever else a dataset holds per image (TeacherPairs: the noise)
+                images, labels, *extra = (t.to(accelerator.device) for t in dataset.batch(idx))
                 with accelerator.accumulate(*task.models.values()):
-                    metrics = task.training_step(images, labels, accelerator)
+                    metrics = task.training_step(images, labels, accelerator, *extra)
                 batch_in_epoch += 1
                 seen += len(idx) * accelerator.num_processes
                 if not accelerator.sync_gradients:
@@ -703,24 +722,38 @@ def weights_origin(config: TrainConfig) -> str | None:
     return recorded.get("init_from", config.init_from)
 
 
-def run_training(description: str, build_task, add_model_arguments, argv: list[str] | None = None, **defaults) -> Path:
+def load_training_data(config: TrainConfig) -> tuple[BloodMNIST, dict[str, Any]]:
+    """The real images of --dataset/--split (or its subset) and their provenance: what most tasks train on."""
+    dataset = BloodMNIST.load(config.split, config.resolution, config.data_dir, config.flip, config.dataset)
+    return training_data(config, dataset)
+
+
+def run_training(
+    description: str,
+    build_task,
+    add_model_arguments,
+    argv: list[str] | None = None,
+    load_data=load_training_data,
+    **defaults,
+) -> Path:
     """What every train script's main() does: parse flags, set up Accelerate, load data, train.
 
     `build_task(config, num_images, class_names)` makes the TrainTask; it gets the image count because
     learning-rate schedules that span the run need the number of steps before it starts, and the class
-    names of the data, which size the models and are saved with them.
+    names of the data, which size the models and are saved with them. `load_data(config)` gives the
+    data and its provenance (default: the real images, `load_training_data`).
 
     Bad input (missing data, bad launch, bad checkpoint, a folder that holds a run or is in use) ends
     with one clear line and exit code 2; a failure while working (a full disk) with one line and 1.
     """
+    tune_malloc()
     parser = argparse.ArgumentParser(description=description)
     add_model_arguments(add_train_arguments(parser, **defaults))
     config = config_from_args(parser.parse_args(argv))
     try:
         accelerator = make_accelerator(config)
         set_seed(config.seed)  # identical initial weights on every rank
-        dataset = BloodMNIST.load(config.split, config.resolution, config.data_dir, config.flip, config.dataset)
-        dataset, provenance = training_data(config, dataset)
+        dataset, provenance = load_data(config)
         task = build_task(config, len(dataset), class_names=dataset.class_names)
         task.provenance = provenance
         pipeline_dir = train(task, config, accelerator, dataset)

@@ -170,15 +170,7 @@ def add_ddpm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default="squaredcos_cap_v2")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="v_prediction")
     parser.add_argument("--num-train-timesteps", type=int, default=1000)
-    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--adam-beta1", type=float, default=0.9)
-    parser.add_argument("--adam-beta2", type=float, default=0.999)
-    parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
-    parser.add_argument("--lr-warmup-steps", type=int, default=200)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
-    parser.add_argument("--ema-max-decay", type=float, default=0.9999)
-    parser.add_argument("--ema-power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step)^-power")
+    add_optimization_arguments(parser)
     parser.add_argument("--sampler", choices=SCHEDULERS, default="dpm++", help="saved pipeline's scheduler")
     parser.add_argument(
         "--sampler-steps",
@@ -204,6 +196,36 @@ def planned_steps(config: TrainConfig, num_images: int) -> int:
     return steps
 
 
+def unet_optimization(unet: UNet2DModel, o: dict, config: TrainConfig, num_images: int):
+    """(AdamW, warmup + cosine or constant LR schedule, EMA with warmup) for a UNet, from the options."""
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=o["lr"], betas=(o["adam_beta1"], o["adam_beta2"]), weight_decay=o["weight_decay"]
+    )
+    if o["lr_schedule"] == "cosine":
+        lr_scheduler = get_cosine_schedule_with_warmup(
+            optimizer, o["lr_warmup_steps"], planned_steps(config, num_images)
+        )
+    else:
+        lr_scheduler = get_constant_schedule_with_warmup(optimizer, o["lr_warmup_steps"])
+    ema = EMAModel(unet.parameters(), decay=o["ema_max_decay"], use_ema_warmup=True, power=o["ema_power"])
+    ema.to(PartialState().device)  # the live weights move there in accelerator.prepare
+    return optimizer, lr_scheduler, ema
+
+
+def add_optimization_arguments(parser: argparse.ArgumentParser, lr: float = 3e-4, ema_max_decay: float = 0.9999):
+    """The optimizer, schedule and EMA options that `unet_optimization` reads."""
+    parser.add_argument("--lr", type=float, default=lr, help="AdamW peak learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--adam-beta1", type=float, default=0.9)
+    parser.add_argument("--adam-beta2", type=float, default=0.999)
+    parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
+    parser.add_argument("--lr-warmup-steps", type=int, default=200)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
+    parser.add_argument("--ema-max-decay", type=float, default=ema_max_decay)
+    parser.add_argument("--ema-power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step)^-power")
+    return parser
+
+
 @dataclass
 class DDPMTask(EMATask):
     noise_scheduler: DDPMScheduler | None = None
@@ -223,17 +245,7 @@ class DDPMTask(EMATask):
             layers_per_block=o["layers_per_block"],
             attention_levels=o["attention_levels"],
         )
-        optimizer = torch.optim.AdamW(
-            unet.parameters(), lr=o["lr"], betas=(o["adam_beta1"], o["adam_beta2"]), weight_decay=o["weight_decay"]
-        )
-        if o["lr_schedule"] == "cosine":
-            lr_scheduler = get_cosine_schedule_with_warmup(
-                optimizer, o["lr_warmup_steps"], planned_steps(config, num_images)
-            )
-        else:
-            lr_scheduler = get_constant_schedule_with_warmup(optimizer, o["lr_warmup_steps"])
-        ema = EMAModel(unet.parameters(), decay=o["ema_max_decay"], use_ema_warmup=True, power=o["ema_power"])
-        ema.to(PartialState().device)  # the live weights move there in accelerator.prepare
+        optimizer, lr_scheduler, ema = unet_optimization(unet, o, config, num_images)
         return cls(
             init_components={"unet": "unet"},
             models={"unet": unet},
@@ -247,15 +259,18 @@ class DDPMTask(EMATask):
         )
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
-        unet, optimizer = self.models["unet"], self.optimizers["unet"]
         n, device = images.shape[0], images.device
         noise = torch.randn_like(images)
         dropped = torch.rand(n, device=device) < self.options["cfg_dropout"]
         labels = torch.where(dropped, torch.full_like(labels, len(self.class_names)), labels)
         noisy, timesteps, target, weights = self.noised_batch(images, noise)
-        prediction = unet(noisy, timesteps, class_labels=labels).sample
+        prediction = self.models["unet"](noisy, timesteps, class_labels=labels).sample
         per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_image * weights).mean()
+        return self.optimize((per_image * weights).mean(), accelerator)
+
+    def optimize(self, loss: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
+        """Backward, clip (--max-grad-norm), AdamW step: the end of every UNet objective's step."""
+        unet, optimizer = self.models["unet"], self.optimizers["unet"]
         accelerator.backward(loss)
         metrics = {"loss": loss.item(), "lr": self.schedulers["lr"].get_last_lr()[0]}
         if accelerator.sync_gradients and self.options["max_grad_norm"] > 0:

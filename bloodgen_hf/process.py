@@ -1,0 +1,44 @@
+"""Process-level speed settings that the CLI, the train scripts and the benchmarks apply at start-up.
+
+glibc's malloc hands every allocation above its mmap threshold (128 KiB, adapting up to 32 MiB) to a
+fresh mmap and gives freed memory back to the kernel above its trim threshold. A UNet forward pass on a
+batch allocates and frees activations of tens of MB many times per step, so sampling spent about 11%
+of its time in mmap/munmap and page faults (6.0M minor faults for one 250-image batch). Raising both
+thresholds keeps that memory in the heap for reuse: `benchmarks/bench_speed.py` measures the gain.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+M_MMAP_THRESHOLD = -3
+HEAP_KEEP_BYTES = 1 << 30  # keep up to 1 GiB of freed memory in the heap before trimming
+MMAP_ABOVE_BYTES = 1 << 30  # only allocations above 1 GiB get their own mmap
+ENV_OVERRIDES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")  # the user's own settings win
+OPT_OUT = "BLOODGEN_TUNE_MALLOC"  # "0": leave glibc's defaults (benchmarks/bench_speed.py's baseline)
+_applied: bool | None = None
+
+
+def tune_malloc(trim_threshold: int = HEAP_KEEP_BYTES, mmap_threshold: int = MMAP_ABOVE_BYTES) -> bool:
+    """Raise glibc malloc's trim and mmap thresholds for this process; True if both were set.
+
+    Skipped (False) where the C library is not glibc, where the user set MALLOC_*_THRESHOLD_ in the
+    environment, or with BLOODGEN_TUNE_MALLOC=0; either way only speed changes, never a result. Applied
+    once per process."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if os.environ.get(OPT_OUT) == "0" or any(name in os.environ for name in ENV_OVERRIDES):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _applied = bool(mallopt(M_TRIM_THRESHOLD, trim_threshold)) and bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold))
+    return _applied

@@ -1,0 +1,259 @@
+"""A few-step student of a flow-matching DDPM teacher, as a TrainTask on the shared core.
+
+The student is the teacher's UNet, started from the teacher's weights, trained by one of two methods:
+
+reflow (Liu et al. 2023, "2-rectified flow"): the guided teacher maps noise z to an image x at its
+default sampler. `bloodgen-hf sample --format npz` records those images with each image's seed, and
+the seed regenerates z exactly (TeacherPairs). The student learns the straight path between them,
+x_t = (1 - t) x + t z with target z - x. A straight path needs few Euler steps. The guidance is in the
+pairs, so the student samples at guidance 1, with one UNet pass per step.
+
+consistency (Song et al. 2023, consistency distillation, with the stop-gradient target of Song &
+Dhariwal 2023): on real images, noised to t_{n+1} on a grid of `--cd-intervals`, one guided teacher
+Euler step gives x at t_n. The student's image estimate f(x, t) = x - t v(x, t) at t_{n+1} regresses
+onto its own no-gradient estimate at the teacher's point. f(x, 0) = x holds by construction, so
+f(noise, 1) is an image in one pass.
+
+Both save a BloodDDPMPipeline: flow DPM-Solver++ (a plain Euler step at 1 step), guidance 1,
+`--sampler-steps` steps by default. Its provenance is the teacher's data, with the teacher in
+`distilled_from`, so the checks of bloodgen_hf/provenance.py follow the teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from diffusers import UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from bloodgen_hf.data import CLASS_NAMES, BloodMNIST, same_classes
+from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import BloodDDPMPipeline, is_flow
+from bloodgen_hf.provenance import origin_record, pipeline_provenance
+from bloodgen_hf.training.core import TrainConfig, load_training_data, run_training
+from bloodgen_hf.training.ddpm import (
+    DDPMTask,
+    add_optimization_arguments,
+    build_noise_scheduler,
+    unet_optimization,
+)
+
+METHODS = ("reflow", "consistency")
+
+
+class TeacherPairs(BloodMNIST):
+    """Teacher images with the noise each was drawn from: `batch` gives (images, labels, noise).
+
+    Never flipped: a flipped image is not what the teacher made from that noise."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, noise: torch.Tensor, class_names) -> None:
+        super().__init__(images, labels, flip=False, class_names=class_names)
+        self.noise = noise
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, labels = super().batch(indices)
+        return images, labels, self.noise[indices]
+
+
+def pipeline_noise(seeds: np.ndarray, shape: tuple[int, ...], init_noise_sigma: float = 1.0) -> torch.Tensor:
+    """The starting noise BloodDDPMPipeline drew for images made with per-image generators seeded `seeds`
+    (bloodgen_hf.sampling.generate): the same randn_tensor call, so the pairs match bit for bit."""
+    chunks = []
+    for start in range(0, len(seeds), 1024):
+        chunk = seeds[start : start + 1024]
+        generators = [torch.Generator().manual_seed(int(s)) for s in chunk]
+        chunks.append(randn_tensor((len(chunk), *shape), generator=generators) * init_noise_sigma)
+    return torch.cat(chunks)
+
+
+def load_teacher(name: str) -> BloodDDPMPipeline:
+    from bloodgen_hf.hub import load_pipeline, resolve_model
+
+    teacher = load_pipeline(name, PartialState().device)
+    if not isinstance(teacher, BloodDDPMPipeline) or not is_flow(teacher.scheduler.config):
+        kind = type(teacher).__name__
+        raise ValueError(
+            f"--teacher {name} ({resolve_model(name)}) is a {kind} without flow matching; distillation needs a "
+            "BloodDDPMPipeline trained with --prediction-type flow"
+        )
+    return teacher
+
+
+def load_pairs(path: str, teacher_name: str, teacher: BloodDDPMPipeline) -> tuple[TeacherPairs, dict[str, Any]]:
+    """The pairs in an npz written by `bloodgen-hf sample --model TEACHER --format npz`, and how they were drawn.
+
+    Refused, in one line each: another file, pairs drawn by another model, other classes or image size."""
+    from bloodgen_hf.hub import resolve_model
+
+    file = Path(path).expanduser()
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in ("images", "labels", "seeds", "class_names", "info")}
+    except (OSError, KeyError, ValueError) as err:
+        raise ValueError(f"{file} is not an archive written by `bloodgen-hf sample --format npz` ({err})") from None
+    info = json.loads(str(arrays["info"]))
+    drawn_by = resolve_model(str(info.get("model"))).resolve()
+    if drawn_by != resolve_model(teacher_name).resolve():
+        raise ValueError(f"{file} holds images of {info.get('model')} ({drawn_by}), not of --teacher {teacher_name}")
+    names = tuple(str(n) for n in arrays["class_names"])
+    if not same_classes(names, teacher.class_names or CLASS_NAMES):
+        raise ValueError(f"{file} has classes {list(names)}, the teacher {teacher.class_names}")
+    images, labels = arrays["images"], arrays["labels"]
+    size = teacher.unet.config.sample_size
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3) or len(labels) != len(images):
+        raise ValueError(f"{file} holds images of shape {images.shape}; the teacher makes {size}x{size} RGB")
+    shape = (teacher.unet.config.in_channels, size, size)
+    noise = pipeline_noise(arrays["seeds"], shape, getattr(teacher.scheduler, "init_noise_sigma", 1.0))
+    drawn = {
+        "file": str(file),
+        "num_pairs": len(images),
+        "seed": info.get("seed"),
+        "guidance_scale": info.get("guidance_scale", teacher.config.default_guidance_scale),
+        "num_inference_steps": info.get("num_inference_steps", teacher.default_steps()),
+        "scheduler": info.get("scheduler", type(teacher.scheduler).__name__),  # `sample` records what was set
+    }
+    return TeacherPairs(images, labels, noise, names), drawn
+
+
+def load_student_data(config: TrainConfig) -> tuple[BloodMNIST, dict[str, Any]]:
+    """reflow: the teacher's pairs, with the teacher's provenance; consistency: the real images of --split.
+    Either way `distilled_from` names the teacher and its own provenance."""
+    o = config.extra
+    check_student_options(o, config)
+    teacher = load_teacher(o["teacher"])
+    if o["method"] == "consistency":
+        dataset, provenance = load_training_data(config)
+        provenance["distilled_from"] = origin_record(o["teacher"])
+        return dataset, provenance
+    dataset, drawn = load_pairs(o["pairs"], o["teacher"], teacher)
+    provenance = dict(pipeline_provenance(teacher) or {})
+    if not provenance:
+        raise ValueError(f"--teacher {o['teacher']} records no training data (provenance); retrain it with a script")
+    provenance["distilled_from"] = {**origin_record(o["teacher"]), "pairs": drawn}
+    return dataset, provenance
+
+
+def check_student_options(o: dict, config: TrainConfig) -> None:
+    if o["method"] == "reflow":
+        if not o["pairs"]:
+            raise ValueError(
+                "--method reflow needs --pairs, teacher images with their seeds: "
+                "`bloodgen-hf sample --model TEACHER --format npz --n 20000 --out pairs.npz`"
+            )
+        if config.flip:
+            raise ValueError("--flip would break the (noise, image) pairs of --method reflow; leave it off")
+        if config.subset_fraction is not None:
+            raise ValueError("--subset-fraction picks real images; --method reflow trains on the teacher's pairs")
+    elif o["pairs"]:
+        raise ValueError("--pairs is for --method reflow; consistency distillation trains on the real images")
+    if o["cd_intervals"] < 1:
+        raise ValueError(f"--cd-intervals must be at least 1, got {o['cd_intervals']}")
+    if o["sampler_steps"] < 1:
+        raise ValueError(f"--sampler-steps must be at least 1, got {o['sampler_steps']}")
+
+
+@dataclass
+class StudentTask(DDPMTask):
+    teacher: BloodDDPMPipeline | None = None
+
+    @classmethod
+    def build(cls, config: TrainConfig, num_images: int, class_names: tuple[str, ...] = CLASS_NAMES) -> StudentTask:
+        o = config.extra
+        teacher = load_teacher(o["teacher"])
+        teacher.unet.requires_grad_(False).eval()
+        if not same_classes(tuple(class_names), teacher.class_names or CLASS_NAMES):
+            raise ValueError(f"the data's classes {list(class_names)} are not the teacher's {teacher.class_names}")
+        unet = UNet2DModel.from_config(teacher.unet.config)
+        unet.load_state_dict(teacher.unet.state_dict())
+        optimizer, lr_scheduler, ema = unet_optimization(unet, o, config, num_images)
+        steps = teacher.scheduler.config["num_train_timesteps"]
+        guidance = teacher.config.default_guidance_scale if o["teacher_guidance"] is None else o["teacher_guidance"]
+        options = {**o, "teacher_guidance": guidance, "sampler": "dpm++", "guidance_scale": 1.0}
+        return cls(
+            init_components={"unet": "unet"},
+            models={"unet": unet},
+            optimizers={"unet": optimizer},
+            schedulers={"lr": lr_scheduler},
+            noise_scheduler=build_noise_scheduler("squaredcos_cap_v2", "flow", steps),
+            ema=ema,
+            ema_of="unet",
+            options=options,
+            class_names=tuple(teacher.class_names or class_names),
+            teacher=teacher,
+        )
+
+    def training_step(
+        self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator, noise: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        if self.options["method"] == "reflow":
+            loss = self.reflow_loss(images, labels, noise)
+        else:
+            loss = self.consistency_loss(images, labels)
+        return self.optimize(loss, accelerator)
+
+    def velocity(self, unet, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return unet(x, t * self.noise_scheduler.config.num_train_timesteps, class_labels=labels).sample
+
+    def reflow_loss(self, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        t = torch.rand(len(images), device=images.device).view(-1, 1, 1, 1)
+        noisy = (1 - t) * images + t * noise
+        prediction = self.velocity(self.models["unet"], noisy, t.flatten(), labels)
+        return F.mse_loss(prediction.float(), (noise - images).float())
+
+    def consistency_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n, intervals = len(images), self.options["cd_intervals"]
+        step = torch.randint(0, intervals, (n,), device=images.device)
+        t_low, t_high = step / intervals, (step + 1) / intervals
+        low, high = t_low.view(-1, 1, 1, 1), t_high.view(-1, 1, 1, 1)
+        x_high = (1 - high) * images + high * torch.randn_like(images)
+        unet = self.models["unet"]
+        with torch.no_grad():
+            scale = self.options["teacher_guidance"]
+            timesteps = t_high * self.noise_scheduler.config.num_train_timesteps
+            v = self.teacher.guided_prediction(x_high, timesteps, labels, scale)
+            x_low = x_high - (high - low) * v
+            target = x_low - low * self.velocity(unet, x_low, t_low, labels)
+        estimate = x_high - high * self.velocity(unet, x_high, t_high, labels)
+        return F.mse_loss(estimate.float(), target.float())
+
+
+def add_student_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "--teacher", required=True, help="the flow-matching DDPM to distil: a bundled name, folder or Hub id"
+    )
+    parser.add_argument("--method", choices=METHODS, default="reflow", help="see bloodgen_hf/training/student.py")
+    parser.add_argument(
+        "--pairs", default=None, help="reflow: `bloodgen-hf sample --model TEACHER --format npz` output"
+    )
+    parser.add_argument(
+        "--teacher-guidance", type=float, default=None, help="consistency: guidance of the teacher's steps "
+        "(default: the teacher's own); reflow takes it from the pairs"
+    )  # fmt: skip
+    parser.add_argument("--cd-intervals", type=int, default=20, help="consistency: teacher Euler steps over [0, 1]")
+    add_optimization_arguments(parser, lr=1e-4, ema_max_decay=0.999)
+    parser.add_argument("--sampler-steps", type=int, default=2, help="saved pipeline's default steps")
+    parser.add_argument("--grid-per-class", type=int, default=8, help="images per class row in sample grids")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Entry point of `train_scripts/train_student.py` and `bloodgen-hf train student`."""
+    return run_training(
+        "Distil a flow-matching DDPM teacher into a few-step student (reflow or consistency distillation).",
+        StudentTask.build,
+        add_student_arguments,
+        argv,
+        load_data=load_student_data,
+        output_dir="runs/ddpm-student",
+        epochs=10,
+        batch_size=64,
+        flip=False,
+        split="train",  # consistency: the real images the study may use; `all` would add the test split
+    )

@@ -1,0 +1,163 @@
+"""Issue 14: the few-step student (reflow on teacher pairs, consistency distillation) and its refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bloodgen_hf.cli import app
+from bloodgen_hf.data import CLASS_NAMES
+from bloodgen_hf.hub import load_pipeline, save_pipeline
+from bloodgen_hf.pipelines import pipeline_bloodgen_ddpm
+from bloodgen_hf.provenance import LeakError, check_unseen
+from bloodgen_hf.training import student
+from bloodgen_hf.training.core import TrainConfig
+from tests.conftest import tiny_ddpm_pipeline
+from tests.test_ddpm import sample
+
+
+def tiny_flow_teacher(folder: Path, split: str = "train", guidance: float = 2.0) -> Path:
+    from bloodgen_hf.pipelines import BloodDDPMPipeline
+    from bloodgen_hf.training.ddpm import build_noise_scheduler, build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny", 28)
+    with torch.no_grad():  # a UNet whose output depends on its input, so pairs differ from noise
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    scheduler = pipeline_bloodgen_ddpm.make_scheduler(
+        "dpm++", build_noise_scheduler("squaredcos_cap_v2", "flow").config
+    )
+    provenance = {"dataset": "bloodmnist", "resolution": 28, "split": split, "num_images": 48, "subset": None}
+    pipe = BloodDDPMPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        class_names=list(CLASS_NAMES),
+        default_guidance_scale=guidance,
+        default_num_inference_steps=3,
+        provenance={**provenance, "init_from": None},
+    )
+    return save_pipeline(pipe, folder)
+
+
+def draw_pairs(teacher: Path, out: Path, n: int = 32, *extra: str) -> Path:
+    args = ["sample", "--model", str(teacher), "--n", str(n), "--format", "npz", "--out", str(out), *extra]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def student_args(teacher: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--teacher", str(teacher), "--output-dir", str(out), "--batch-size", "8", "--log-every", "1",
+        "--log-with", "none", "--grid-per-class", "1", "--lr-warmup-steps", "0", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def teacher(tmp_path: Path) -> Path:
+    return tiny_flow_teacher(tmp_path / "teacher")
+
+
+def test_pairs_hold_the_noise_the_teacher_drew(teacher, tmp_path, monkeypatch):
+    """TeacherPairs regenerates, from the recorded seeds, exactly the starting noise of each image."""
+    drawn = []
+    real_randn = pipeline_bloodgen_ddpm.randn_tensor
+    monkeypatch.setattr(
+        pipeline_bloodgen_ddpm, "randn_tensor", lambda *a, **k: drawn.append(real_randn(*a, **k)) or drawn[-1]
+    )
+    pairs_file = draw_pairs(teacher, tmp_path / "pairs.npz", 12, "--seed", "5", "--batch-size", "5")
+    pairs, info = student.load_pairs(str(pairs_file), str(teacher), load_pipeline(str(teacher)))
+    assert torch.equal(pairs.noise, torch.cat(drawn))
+    images, labels, noise = pairs.batch(torch.tensor([3, 0]))
+    assert images.shape == noise.shape == (2, 3, 28, 28) and labels.tolist() == [3, 0]
+    assert torch.equal(noise, torch.cat(drawn)[[3, 0]])
+    assert info["num_pairs"] == 12 and info["guidance_scale"] == 2.0 and info["num_inference_steps"] == 3
+    with np.load(pairs_file) as archive:
+        assert archive["seeds"].tolist() == list(range(5, 17))
+
+
+def test_the_student_starts_as_the_teacher(teacher, tmp_path):
+    pairs = draw_pairs(teacher, tmp_path / "pairs.npz", 16)
+    config = TrainConfig(flip=False, batch_size=8, extra={**student_options(teacher), "pairs": str(pairs)})
+    dataset, _ = student.load_student_data(config)
+    task = student.StudentTask.build(config, len(dataset))
+    source = load_pipeline(str(teacher)).unet.state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in task.models["unet"].state_dict().items())
+    assert not any(p.requires_grad for p in task.teacher.unet.parameters())
+
+
+def student_options(teacher: Path, **overrides) -> dict:
+    import argparse
+
+    parser = student.add_student_arguments(argparse.ArgumentParser())
+    return {**vars(parser.parse_args(["--teacher", str(teacher)])), **overrides}
+
+
+def test_reflow_student_trains_saves_and_samples_in_1_and_4_steps(teacher, tmp_path):
+    pairs = draw_pairs(teacher, tmp_path / "pairs.npz", 32)
+    out = tmp_path / "student"
+    student.main(student_args(teacher, out, "--pairs", str(pairs), "--max-steps", "6"))
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and np.isfinite(losses).all()
+    pipe = load_pipeline(str(out / "pipeline"))
+    assert pipe.config.default_guidance_scale == 1.0 and pipe.config.default_num_inference_steps == 2
+    assert pipe.scheduler.config.use_flow_sigmas
+    for steps in (1, 4):
+        images = sample(pipe, num_inference_steps=steps)
+        assert images.shape == (4, 28, 28, 3) and np.isfinite(images).all()
+        np.testing.assert_array_equal(images, sample(pipe, num_inference_steps=steps))  # same seeds, same images
+    assert not np.array_equal(sample(pipe, num_inference_steps=1), sample(pipe, seeds=(4, 5, 6, 7)))
+    for bad in (0, -1, 1001):
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            sample(pipe, num_inference_steps=bad)
+    provenance = pipe.config.provenance
+    assert provenance["split"] == "train" and provenance["distilled_from"]["model"] == str(teacher)
+    assert provenance["distilled_from"]["pairs"]["num_pairs"] == 32
+    assert provenance["distilled_from"]["provenance"]["split"] == "train"
+
+
+def test_consistency_student_trains_on_real_images(teacher, fake_data_dir, tmp_path):
+    out = tmp_path / "cd"
+    args = ["--method", "consistency", "--data-dir", str(fake_data_dir), "--split", "train", "--max-steps", "3"]
+    student.main(student_args(teacher, out, *args, "--cd-intervals", "4"))
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    provenance = load_pipeline(str(out / "pipeline")).config.provenance
+    assert provenance["split"] == "train" and provenance["distilled_from"]["model"] == str(teacher)
+    assert sample(load_pipeline(str(out / "pipeline")), num_inference_steps=1).shape == (4, 28, 28, 3)
+
+
+def test_a_student_of_a_teacher_that_saw_the_test_split_is_refused(tmp_path):
+    teacher = tiny_flow_teacher(tmp_path / "leaky", split="all")
+    pairs = draw_pairs(teacher, tmp_path / "pairs.npz", 16)
+    config = TrainConfig(flip=False, batch_size=8, extra={**student_options(teacher), "pairs": str(pairs)})
+    _, provenance = student.load_student_data(config)
+    with pytest.raises(LeakError, match="distilled from .*leaky.*includes the 'test' split"):
+        check_unseen({**provenance, "split": "train"}, "student", "test", "bloodmnist", "augment-study")
+
+
+def test_bad_student_settings_get_one_clear_error(teacher, tmp_path, fake_data_dir):
+    pairs = draw_pairs(teacher, tmp_path / "pairs.npz", 16)
+    cases = [
+        ((), "--method reflow needs --pairs"),
+        (("--pairs", str(pairs), "--flip"), "--flip would break the"),
+        (("--method", "consistency", "--pairs", str(pairs)), "--pairs is for --method reflow"),
+        (("--pairs", str(pairs), "--cd-intervals", "0"), "--cd-intervals must be at least 1"),
+        (("--pairs", str(tmp_path / "missing.npz")), "is not an archive written by `bloodgen-hf sample"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            student.main(student_args(teacher, tmp_path / "s", *extra))
+    other = save_pipeline(tiny_ddpm_pipeline(), tmp_path / "epsilon")
+    with pytest.raises(SystemExit, match="without flow matching; distillation needs"):
+        student.main(student_args(other, tmp_path / "s", "--pairs", str(pairs)))
+    second = tiny_flow_teacher(tmp_path / "second")
+    with pytest.raises(SystemExit, match="holds images of .*teacher.*not of --teacher"):
+        student.main(student_args(second, tmp_path / "s", "--pairs", str(pairs)))
+    assert not (tmp_path / "s").exists()
