@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bloodgen_hf.process import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (what it changes, train_ddpm.py options): one factor at a time against `base`, today's recipe.
 CONFIGS: dict[str, tuple[str, list[str]]] = {
@@ -74,6 +76,7 @@ def train_and_score(name: str, options: list[str], args, out: Path) -> dict:
         "recall": scores["metrics"]["recall_bloodnet"]["mean"],
         "per_class_accuracy": {k: v["mean"] for k, v in scores["per_class"]["class_accuracy"].items()},
         "sampling_images_per_s": scores["timing"]["images_per_s"],
+        "machine": cpu_name(),  # CPU time buys different work on another CPU: rows compare on one machine
     }
     result_file.write_text(json.dumps(result, indent=2))
     return result
@@ -88,15 +91,15 @@ def report(results: list[dict], args, out: Path) -> None:
         f"scored in BloodNet features. Command: `python benchmarks/ablate_ddpm.py --cpu-minutes {args.cpu_minutes}"
         f" --n {args.n}`.",
         "",
-        "| config | change | params | train img/s | steps | FD_bloodnet | class acc. | worst class | recall |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | change | params | train img/s | steps | FD_bloodnet | class acc. | worst class | recall | CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         worst = min(r["per_class_accuracy"].items(), key=lambda kv: kv[1])
         lines.append(
             f"| {r['config']} | {CONFIGS[r['config']][0]} | {r['parameters'] / 1e6:.2f}M "
             f"| {r['train_images_per_s']:.1f} | {r['steps']} | {r['fd_bloodnet']:.2f} | {r['class_accuracy']:.3f} "
-            f"| {worst[0]} {worst[1]:.2f} | {r['recall']:.3f} |"
+            f"| {worst[0]} {worst[1]:.2f} | {r['recall']:.3f} | {r.get('machine', 'not recorded')} |"
         )
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2))

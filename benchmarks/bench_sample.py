@@ -12,24 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from bloodgen_hf.process import cpu_name
+
 TARGET_SECONDS = 60.0
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def time_sample(model: str | None, n: int, fmt: str, folder: Path) -> float:

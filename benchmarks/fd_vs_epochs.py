@@ -1,6 +1,7 @@
 """Quality against training time for a DDPM run that goes on over several sessions.
 
     python benchmarks/fd_vs_epochs.py runs/ddpm-v2 [--checkpoint latest] [--n 2000] [--curve FILE.json]
+        [--also OTHER.json:LABEL] [--plot-only]
 
 Turns one checkpoint's EMA weights into a pipeline (the one the run would save if it stopped there),
 scores `--n` samples with the saved defaults in BloodNet features (Fréchet distance, class accuracy,
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from bloodgen_hf.evaluation.protocol import Protocol
 from bloodgen_hf.evaluation.runner import build_tools, evaluate_to_folder
+from bloodgen_hf.process import tune_malloc
 from bloodgen_hf.training.checkpoint import load_state
 from bloodgen_hf.training.core import TrainConfig, resolve_resume
 from bloodgen_hf.training.ddpm import DDPMTask
@@ -41,28 +43,39 @@ def checkpoint_pipeline(run: Path, checkpoint: Path, num_images: int):
     return task.pipeline(NoAccelerator())
 
 
-def plot(points: list[dict], path: Path) -> None:
+def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    """One line per curve (a run's points, by label) in each panel: FD, class accuracy, recall."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(7, 3))
-    epochs = [p["epochs"] for p in points]
-    for ax, key, label in (
-        (axes[0], "fd_bloodnet", "FD (BloodNet) ↓"),
-        (axes[1], "class_accuracy", "class accuracy ↑"),
-    ):
-        ax.plot(epochs, [p[key] for p in points], marker="o")
+    panels = (("fd_bloodnet", "FD (BloodNet) ↓"), ("class_accuracy", "class accuracy ↑"), ("recall", "recall ↑"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(10, 3))
+    for ax, (key, label) in zip(axes, panels):
+        for name, points in curves.items():
+            ax.plot([p["epochs"] for p in points], [p[key] for p in points], marker="o", label=name)
         ax.set_xlabel("cumulative epochs")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def read_curves(main: Path, label: str, others: list[str]) -> dict[str, list[dict]]:
+    """The curve file being extended (as `label`), then each `--also FILE.json[:LABEL]` (drawn, never changed)."""
+    curves = {label: json.loads(main.read_text()) if main.is_file() else []}
+    for item in others:
+        file, _, label = item.partition(":")
+        curves[label or Path(file).stem] = json.loads(Path(file).read_text())
+    return curves
+
+
 def main() -> None:
+    tune_malloc()  # sampling is about 2x faster with it (bloodgen_hf/process.py), as in the CLI
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--checkpoint", default="latest")
@@ -70,7 +83,14 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--num-images", type=int, default=17092, help="the run's training images (for epochs)")
     parser.add_argument("--curve", type=Path, default=Path("model_cards/images/ddpm-v2/fd_vs_epochs.json"))
+    parser.add_argument("--label", help="the curve's name in the plot (default: the curve file's name)")
+    parser.add_argument("--also", action="append", default=[], help="another run's curve to draw: FILE.json[:LABEL]")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the curve files, score nothing")
     args = parser.parse_args()
+    args.label = args.label or args.curve.stem
+    if args.plot_only:
+        plot(read_curves(args.curve, args.label, args.also), args.curve.with_suffix(".png"))
+        return
     checkpoint = resolve_resume(args.run, args.checkpoint)
     progress = json.loads((checkpoint / "progress.json").read_text())
     pipe = checkpoint_pipeline(args.run, checkpoint, args.num_images)
@@ -89,11 +109,13 @@ def main() -> None:
         "recall": result["metrics"]["recall_bloodnet"]["mean"],
         "per_class_accuracy": {k: round(v["mean"], 3) for k, v in result["per_class"]["class_accuracy"].items()},
     }
-    points = json.loads(args.curve.read_text()) if args.curve.is_file() else []
-    points = sorted([p for p in points if p["step"] != point["step"]] + [point], key=lambda p: p["step"])
+    curves = read_curves(args.curve, args.label, args.also)
+    points = curves[args.label] = sorted(
+        [p for p in curves[args.label] if p["step"] != point["step"]] + [point], key=lambda p: p["step"]
+    )
     args.curve.parent.mkdir(parents=True, exist_ok=True)
     args.curve.write_text(json.dumps(points, indent=2) + "\n")
-    plot(points, args.curve.with_suffix(".png"))
+    plot(curves, args.curve.with_suffix(".png"))
     print(json.dumps(point, indent=2))
 
 

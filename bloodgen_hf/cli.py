@@ -359,13 +359,15 @@ def export_imagefolder(
 
 @app.command()
 def models():
-    """List the bundled models."""
+    """List the bundled models, with the data each was trained on (so nobody scores one on data it saw)."""
     from bloodgen_hf.hub import bundled_models, read_model_index
+    from bloodgen_hf.provenance import describe_provenance
 
     for name, folder in bundled_models().items():
         index = read_model_index(folder)
         marker = " (default)" if name == DEFAULT_MODEL else ""
-        typer.echo(f"{name}{marker}\t{index['_class_name'][-1]}\t{folder}")
+        trained_on = describe_provenance(index.get("provenance"))
+        typer.echo(f"{name}{marker}\t{index['_class_name'][-1]}\ttrained on {trained_on}\t{folder}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -309,7 +309,7 @@ def test_training_at_64x64(fake_data_dir, tmp_path):
         (["--guidance-scale", "2", "--cfg-dropout", "0"], "error: --guidance-scale other than 1 needs"),
         (["--guidance-scale", "-1"], "error: --guidance-scale must be >= 0"),
         (["--sampler-steps", "0"], "error: --sampler-steps must be at least 1"),
-        (["--batch-size", "500"], "cannot fill one"),
+        (["--batch-size", "500"], "make no whole batch"),
     ],
 )
 def test_bad_training_arguments_are_clear_errors(fake_data_dir, tmp_path, extra, message):

@@ -67,6 +67,7 @@ def test_evaluate_writes_results_hub_file_summary_and_pairs(tiny_gan_dir, common
     assert "fd_bloodnet" in result.stdout and "real vs real" in result.stdout
     results = json.loads((out / "results.json").read_text())
     assert len(results["runs"]) == 2 and results["protocol"]["n"] == 20
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".eval")) == []  # kept runs cleared
     assert results["parameters"]["total"] == sum(p.numel() for p in tiny_gan_pipeline().gan.parameters())
     hub = read_eval_results(out)  # the Hub helper's reader and checks
     assert hub["split"] == "all" and hub["num_generated"] == 20
@@ -153,6 +154,12 @@ def test_compare_writes_one_report_folder(tiny_gan_dir, common, tmp_path):
         "--reuse",
     )
     assert again.exit_code == 0 and again.output.count("reusing") == 2
+    tiny_gan_pipeline(seed=2).save_pretrained(other)  # retrained in place: its old results no longer count
+    retrained = invoke(
+        "compare", "--models", f"{tiny_gan_dir},{other}", *SMALL, *common, *args[:2], "--out", out, "--reuse"
+    )
+    assert retrained.exit_code == 0 and retrained.output.count("reusing") == 1, retrained.output
+    assert "== other_gan: evaluating" in retrained.output
 
 
 def test_augment_study_trains_every_setting_and_fraction(train_split_gan_dir, fake_data_dir, tmp_path):

@@ -83,6 +83,39 @@ def test_protocol_runs_seeds_and_sizes(real, tmp_path):
     assert evaluation.memorization_pairs is not None and evaluation.memorization_pairs.dtype == np.uint8
 
 
+def test_an_interrupted_evaluation_goes_on_from_its_kept_runs(real, tmp_path, monkeypatch):
+    from bloodgen_hf.evaluation import protocol as P
+
+    extractor, protocol = TinyExtractor(), small_protocol(runs=3, metrics=("fd", "memorization"), with_floor=False)
+    whole = evaluate(tiny_gan_pipeline(), extractor, real, protocol, cache_dir=tmp_path, progress=False)
+    generated, real_sample, stop = [], P.generated_sample, {"at_run_2": True}
+
+    def stops_at_run_2(pipe, extractor, protocol, gen_seed, *args):
+        if gen_seed == 2 * P.GEN_SEED_STRIDE and stop["at_run_2"]:
+            raise KeyboardInterrupt
+        generated.append(gen_seed)
+        return real_sample(pipe, extractor, protocol, gen_seed, *args)
+
+    monkeypatch.setattr(P, "generated_sample", stops_at_run_2)
+    kept = tmp_path / "kept"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny_gan_pipeline(), extractor, real, protocol, cache_dir=tmp_path, progress=False, resume_dir=kept)
+    assert sorted(p.name for p in kept.iterdir()) == ["pairs.npy", "run_0.json", "run_1.json"]
+    stop["at_run_2"] = False
+    resumed = evaluate(
+        tiny_gan_pipeline(), extractor, real, protocol, cache_dir=tmp_path, progress=False, resume_dir=kept
+    )
+    assert generated[-1] == 2 * P.GEN_SEED_STRIDE and generated.count(0) == 1  # only run 2 was generated again
+    assert resumed.results["metrics"] == whole.results["metrics"]
+    assert np.array_equal(resumed.memorization_pairs, whole.memorization_pairs)
+    # other weights or another protocol never take the kept runs
+    other = evaluate(
+        tiny_gan_pipeline(seed=1), extractor, real, protocol, cache_dir=tmp_path, progress=False, resume_dir=kept
+    )
+    assert other.results["model_sha256"] != whole.results["model_sha256"] and generated.count(0) == 2
+    assert other.results["metrics"] != whole.results["metrics"]
+
+
 def test_real_draws_differ_between_runs_and_repeat_for_a_seed(real, tmp_path):
     extractor = TinyExtractor()
     protocol = small_protocol(runs=2, metrics=("fd",), with_floor=False)

@@ -88,12 +88,17 @@ def test_check_unseen_follows_split_dataset_and_starting_weights(provenance, mes
     check_unseen(TRAIN, "m", "test", "BloodMNIST", "augment-study")  # the train split alone passes
 
 
-def test_bundled_generators_record_that_they_saw_every_split():
-    for name in ("gan", "ddpm", "vae"):
+def test_bundled_generators_record_the_splits_they_saw():
+    """gan and vae saw every split; ddpm (v2) only the train split, so it may feed augment-study."""
+    for name in ("gan", "vae"):
         provenance = read_model_index(bundled_models()[name])["provenance"]
         assert provenance["split"] == "all" and provenance["subset"] is None and provenance["num_images"] == 17092
         with pytest.raises(LeakError, match=f"{name} was trained on split 'all' of bloodmnist"):
             check_unseen(provenance, name, "test", "bloodmnist", "augment-study")
+    provenance = read_model_index(bundled_models()["ddpm"])["provenance"]
+    assert provenance["split"] == "train" and provenance["subset"] is None and provenance["num_images"] == 11959
+    assert provenance["init_from"] is None
+    check_unseen(provenance, "ddpm", "test", "bloodmnist", "augment-study")
 
 
 # --- the round trip ------------------------------------------------------------------------------------

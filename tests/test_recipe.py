@@ -129,6 +129,13 @@ def test_cpu_budget_stops_the_run_and_saves_it(fake_data_dir, tmp_path):
         ddpm.main(train_args(fake_data_dir, tmp_path / "b2", "--cpu-budget-minutes", "0"))
 
 
+def test_data_smaller_than_one_batch_is_refused_before_anything_is_written(fake_data_dir, tmp_path):
+    out = tmp_path / "too_small"  # the fake train split holds 48 images
+    with pytest.raises(SystemExit, match="48 training images make no whole batch of 64 .* lower --batch-size"):
+        ddpm.main(train_args(fake_data_dir, out, "--batch-size", "64", "--split", "train"))
+    assert not out.exists()
+
+
 # --- --init-from ----------------------------------------------------------------------------------------
 
 

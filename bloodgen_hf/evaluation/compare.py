@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bloodgen_hf.data import CLASS_NAMES, DEFAULT_DATASET
-from bloodgen_hf.evaluation.protocol import Protocol, RealData
+from bloodgen_hf.evaluation.protocol import Protocol, RealData, pipeline_fingerprint
 from bloodgen_hf.evaluation.report import (
     bar_chart,
     comparison_table,
@@ -74,15 +74,16 @@ def training_curves(folder: Path) -> list[dict]:
     return []
 
 
-def reusable(folder: Path, protocol: dict) -> dict | None:
-    """Earlier results in `folder` made with the same protocol (so an interrupted compare can go on)."""
+def reusable(folder: Path, protocol: dict, fingerprint: str) -> dict | None:
+    """Earlier results in `folder` made with the same protocol and the same weights (`model_sha256`), so
+    an interrupted compare can go on and a retrained model is never scored by its predecessor's results."""
     file = folder / "results.json"
     if not file.is_file():
         return None
     results = json.loads(file.read_text())
     old = results.get("protocol", {})
     same = all(old.get(k) == protocol.get(k) for k in PROTOCOL_KEYS if k in protocol)
-    return results if same else None
+    return results if same and results.get("model_sha256") == fingerprint else None
 
 
 def expected_protocol(protocol: Protocol, extractor, classifier, split: str, sampling: dict, dataset: str) -> dict:
@@ -142,7 +143,7 @@ def compare(
     for model, label in zip(models, labels):
         pipe, real = pipes[model], reals[sizes[model]]
         folder = out / "models" / label
-        results = reusable(folder, expected) if reuse else None
+        results = reusable(folder, expected, pipeline_fingerprint(pipe)) if reuse else None
         if results is None:
             log(f"== {label}: evaluating")
             results = evaluate_to_folder(

@@ -9,6 +9,8 @@ dataset has fewer than 2n images): the real-vs-real floor a perfect model would 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,7 +22,7 @@ from bloodgen_hf.data import CLASS_NAMES, DEFAULT_DATASET, dataset_label, load_d
 from bloodgen_hf.evaluation import metrics as M
 from bloodgen_hf.evaluation.cache import cached_features
 from bloodgen_hf.evaluation.features import FeatureExtractor, Features
-from bloodgen_hf.io import make_grid, upscale
+from bloodgen_hf.io import atomic_path, make_grid, upscale
 from bloodgen_hf.sampling import generate, plan_labels
 
 METRICS = ("fd", "kid", "is", "pr", "dc", "1nn", "memorization", "class-fd", "accuracy")
@@ -173,8 +175,12 @@ def evaluate(
     sampling_kwargs: dict | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    resume_dir: Path | None = None,
 ) -> Evaluation:
-    """Run the protocol for one pipeline; `classifier` (a BloodNetExtractor) scores class accuracy."""
+    """Run the protocol for one pipeline; `classifier` (a BloodNetExtractor) scores class accuracy.
+
+    With `resume_dir`, each finished run is kept there, so an interrupted evaluation goes on from the
+    next run; a kept run is only used for the same protocol and the same weights (`run_key`)."""
     check_protocol(protocol, real, extractor, classifier)
     sampling_kwargs = sampling_kwargs or {}
     names = metric_names(extractor.name)
@@ -197,9 +203,19 @@ def evaluate(
         )
     real_accuracy = reference_accuracy(real, classifier, extractor, real_features, protocol)
 
+    record = protocol_record(protocol, real, extractor, classifier, threshold, sampling_kwargs)
+    fingerprint = pipeline_fingerprint(pipe)
+    key = run_key(record, fingerprint)
     runs, pairs = [], None
     for r in range(protocol.runs):
         seed = protocol.seed + r
+        kept = kept_run(resume_dir, r, key)
+        if kept is not None:
+            run, kept_pairs = kept
+            runs.append(run)
+            pairs = kept_pairs if r == 0 else pairs
+            log(f"run {r + 1}/{protocol.runs} (seed {seed}): kept from {resume_dir}")
+            continue
         rng = np.random.default_rng(seed)
         index = rng.choice(len(real.labels), protocol.n, replace=False)
         real_sample = Sample(real_features.subset(index), real.labels[index], real.images[index], index)
@@ -216,10 +232,13 @@ def evaluate(
         runs.append(run)
         if r == 0 and best is not None:
             pairs = pairs_picture(fake.images, real.images, best)
+        if resume_dir is not None:
+            keep_run(resume_dir, r, key, run, pairs if r == 0 else None)
         log(f"run {r + 1}/{protocol.runs} (seed {seed}): " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
 
     results = {
-        "protocol": protocol_record(protocol, real, extractor, classifier, threshold, sampling_kwargs),
+        "protocol": record,
+        "model_sha256": fingerprint,
         "metrics": {k: summarize([run["metrics"][k] for run in runs]) for k in runs[0]["metrics"]},
         "per_class": aggregate_per_class(runs, real.class_names),
         "timing": {k: summarize([run["timing"][k] for run in runs]) for k in runs[0]["timing"]},
@@ -230,6 +249,55 @@ def evaluate(
     if real_accuracy is not None:
         results.setdefault("floor", {})["class_accuracy"] = summarize([real_accuracy])
     return Evaluation(results, pairs)
+
+
+def pipeline_fingerprint(pipe) -> str:
+    """sha256 of every component's weights and config, and of the pipeline's own settings (its default
+    guidance and steps; not its provenance): what makes two pipelines the same model."""
+    import torch
+
+    digest = hashlib.sha256()
+    settings = {k: v for k, v in dict(pipe.config).items() if not k.startswith("_") and k not in pipe.components}
+    settings.pop("provenance", None)
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, component in sorted(pipe.components.items()):
+        config = {k: v for k, v in dict(getattr(component, "config", None) or {}).items() if not k.startswith("_")}
+        digest.update(f"{name}|{json.dumps(config, sort_keys=True, default=str)}".encode())
+        if isinstance(component, torch.nn.Module):
+            for key, tensor in component.state_dict().items():
+                digest.update(key.encode())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_key(record: dict, fingerprint: str) -> dict:
+    """What a kept run must match to be used again: the protocol and the model's weights."""
+    return json.loads(json.dumps({"protocol": record, "model_sha256": fingerprint}, default=float))
+
+
+def keep_run(folder: Path, r: int, key: dict, run: dict, pairs: np.ndarray | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if pairs is not None:
+        with atomic_path(folder / "pairs.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, pairs, allow_pickle=False)
+    with atomic_path(folder / f"run_{r}.json") as tmp:
+        tmp.write_text(json.dumps({"key": key, "run": run}, default=float))
+
+
+def kept_run(folder: Path | None, r: int, key: dict | None) -> tuple[dict, np.ndarray | None] | None:
+    """Run r as kept by `keep_run`, or None where it is absent, unreadable or made differently."""
+    file = None if folder is None else folder / f"run_{r}.json"
+    if file is None or not file.is_file():
+        return None
+    try:
+        kept = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    if kept.get("key") != key:
+        return None
+    pairs_file = folder / "pairs.npy"
+    pairs = np.load(pairs_file, allow_pickle=False) if r == 0 and pairs_file.is_file() else None
+    return kept["run"], pairs
 
 
 def generated_sample(

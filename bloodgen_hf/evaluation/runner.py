@@ -4,6 +4,7 @@ model into a results folder."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,12 @@ def parameter_count(pipe) -> dict[str, int]:
     return {**counts, "total": sum(counts.values())}
 
 
+def kept_runs_folder(out: Path) -> Path:
+    """Where `evaluate_to_folder` keeps finished runs: beside `out`, which is only written at the end."""
+    out = Path(out)
+    return out.parent / f".{out.name}.runs"
+
+
 def evaluate_to_folder(
     pipe,
     model: str,
@@ -91,7 +98,8 @@ def evaluate_to_folder(
     real: RealData | None = None,
 ) -> dict:
     """Run the protocol for one pipeline against the real data (`real`, else `dataset` loaded at the
-    pipeline's image size), after checking the classes agree; write `out`."""
+    pipeline's image size), after checking the classes agree; write `out`. Finished runs are kept in
+    `kept_runs_folder(out)` until `out` is written, so an interrupted evaluation goes on where it stopped."""
     sampling_kwargs = sampling_kwargs or {}
     real = real or RealData.load(split, image_size(pipe, sampling_kwargs), data_dir, dataset)
     check_classes(pipe, model, real, dataset, (extractor, classifier))
@@ -104,7 +112,9 @@ def evaluate_to_folder(
         cache_dir=cache_dir,
         sampling_kwargs=sampling_kwargs,
         log=log,
+        resume_dir=kept_runs_folder(out),
     )
     evaluation.results["parameters"] = parameter_count(pipe)
     write_evaluation(evaluation, out, model)
+    shutil.rmtree(kept_runs_folder(out), ignore_errors=True)
     return {"model": model, **evaluation.results}

@@ -302,6 +302,16 @@ def total_optimizer_steps(config: TrainConfig, num_images: int, num_processes: i
     return min(config.max_steps or 10**12, steps_per_epoch * config.epochs)
 
 
+def check_whole_batch(config: TrainConfig, num_images: int, num_processes: int) -> None:
+    """Refuse data too small for one optimizer step, which would otherwise save an untrained model."""
+    if total_optimizer_steps(config, num_images, num_processes) == 0 and config.epochs > 0:
+        per_step = config.batch_size * num_processes * config.gradient_accumulation_steps
+        raise ValueError(
+            f"{num_images} training images make no whole batch of {per_step} (--batch-size {config.batch_size}"
+            f" x {num_processes} processes x {config.gradient_accumulation_steps} accumulation); lower --batch-size"
+        )
+
+
 def train(task: TrainTask, config: TrainConfig, accelerator: Accelerator, dataset: BloodMNIST) -> Path:
     """Train until `epochs` or `max_steps`; returns the folder of the saved pipeline.
 
@@ -315,6 +325,7 @@ def train(task: TrainTask, config: TrainConfig, accelerator: Accelerator, datase
 
 def train_locked(task: TrainTask, config: TrainConfig, accelerator: Accelerator, dataset: BloodMNIST) -> Path:
     out = Path(config.output_dir)
+    check_whole_batch(config, len(dataset), accelerator.num_processes)
     settings = run_settings(config, accelerator.num_processes)
     prepare_output_dir(out, config, accelerator.is_main_process)
     checkpoint = resolve_resume(out, config.resume) if config.resume else None
