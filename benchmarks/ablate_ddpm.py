@@ -46,6 +46,15 @@ def run(command: list[str], log: Path) -> None:
         raise SystemExit(f"error: {command[1]} failed (exit {done.returncode}); see {log}")
 
 
+def score_samples(model: str, out: Path, n: int, data_dir: str, log: Path, *options: str) -> dict:
+    """`bloodgen-hf evaluate` of one run of n samples (FD, precision/recall, class accuracy) into `out`,
+    with any sampling `options` (e.g. `--steps 2`); returns its results.json."""
+    command = [sys.executable, "-m", "bloodgen_hf.cli", "evaluate", "--model", model, "--runs", "1", "--n", str(n)]
+    command += ["--extractor", "bloodnet", "--metrics", "fd,pr,accuracy", "--no-floor", "--data-dir", data_dir]
+    run([*command, "--out", str(out), "--overwrite", *options], log)
+    return json.loads((out / "results.json").read_text())
+
+
 def train_and_score(name: str, options: list[str], args, out: Path) -> dict:
     folder = out / "runs" / name
     result_file = folder / "result.json"
@@ -57,11 +66,7 @@ def train_and_score(name: str, options: list[str], args, out: Path) -> dict:
     train = [sys.executable, "train_scripts/train_ddpm.py", "--data-dir", args.data_dir, "--output-dir", str(folder)]
     train += [*COMMON, "--cpu-budget-minutes", str(args.cpu_minutes), *options]
     run(train, log)
-    evaluate = [sys.executable, "-m", "bloodgen_hf.cli", "evaluate", "--model", str(folder / "pipeline")]
-    evaluate += ["--runs", "1", "--n", str(args.n), "--extractor", "bloodnet", "--metrics", "fd,pr,accuracy"]
-    evaluate += ["--no-floor", "--data-dir", args.data_dir, "--out", str(folder / "eval"), "--overwrite"]
-    run(evaluate, log)
-    scores = json.loads((folder / "eval" / "results.json").read_text())
+    scores = score_samples(str(folder / "pipeline"), folder / "eval", args.n, args.data_dir, log)
     logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     result = {
         "config": name,

@@ -23,7 +23,7 @@ import resource
 import sys
 from pathlib import Path
 
-from ablate_ddpm import ROOT, run
+from ablate_ddpm import ROOT, run, score_samples
 
 from bloodgen_hf.process import cpu_name
 
@@ -68,15 +68,16 @@ def train_student(method: str, budget_minutes: float, pairs: dict | None, args, 
 
 
 def score(model: Path | str, steps: int | None, args, folder: Path) -> dict:
+    """FD, class accuracy, recall and images/s of `--n` samples, at `steps` sampler steps (None: the default)."""
     result_file = folder / "results.json"
-    if not result_file.is_file():
-        command = [sys.executable, "-m", "bloodgen_hf.cli", "evaluate", "--model", str(model), "--runs", "1"]
-        command += ["--n", str(args.n), "--extractor", "bloodnet", "--metrics", "fd,pr,accuracy", "--no-floor"]
-        command += ["--data-dir", args.data_dir, "--out", str(folder), "--overwrite"]
-        command += ["--steps", str(steps)] if steps else []
+    if result_file.is_file():
+        scores = json.loads(result_file.read_text())
+    else:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        run(command, folder.parent / f"{folder.name}.log")
-    scores = json.loads(result_file.read_text())
+        options = ["--steps", str(steps)] if steps else []
+        scores = score_samples(
+            str(model), folder, args.n, args.data_dir, folder.parent / f"{folder.name}.log", *options
+        )
     metrics = scores["metrics"]
     return {
         "fd_bloodnet": metrics["fd_bloodnet"]["mean"],

@@ -34,7 +34,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, to_uint8
 from bloodgen_hf.io import make_grid
 from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import SCHEDULERS, BloodDDPMPipeline, make_scheduler
-from bloodgen_hf.training.core import EMATask, TrainConfig, check_whole_batch, run_training, total_optimizer_steps
+from bloodgen_hf.training.core import EMATask, TrainConfig, run_training, total_optimizer_steps
 
 
 @dataclass(frozen=True)
@@ -185,10 +185,9 @@ def add_ddpm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def planned_steps(config: TrainConfig, num_images: int) -> int:
-    """The optimizer steps `core.train` will run, which the cosine schedule spans."""
-    processes = PartialState().num_processes
-    check_whole_batch(config, num_images, processes)
-    return total_optimizer_steps(config, num_images, processes)
+    """The optimizer steps `core.train` will run, which the cosine schedule spans (`core.check_whole_batch`
+    refuses a run with none)."""
+    return total_optimizer_steps(config, num_images, PartialState().num_processes)
 
 
 def unet_optimization(unet: UNet2DModel, o: dict, config: TrainConfig, num_images: int):
