@@ -524,7 +524,8 @@ def compare(
     tstr: int = typer.Option(
         0,
         help="TSTR: also train augment-study's classifier on N synthetic images of each model and on N real train "
-        "images, both scored on the real test split (0: off). Refuses a model trained on the test split.",
+        "images, both scored on the real test split (0: off). A model trained on the test split gets no score "
+        "(the report says why); refused if no model qualifies.",
     ),
     tstr_steps: int = typer.Option(300, help="--tstr: optimizer steps of each classifier (augment-study's)."),
     html: Html = False,

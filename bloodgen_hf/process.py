@@ -47,11 +47,21 @@ def tune_malloc(trim_threshold: int = HEAP_KEEP_BYTES, mmap_threshold: int = MMA
 
 
 def cpu_name() -> str:
-    """The CPU's model name, for benchmark reports: CPU time buys different work on another CPU."""
+    """The CPU's model name and widest vector unit, for benchmark reports: CPU time buys different work on
+    another CPU, and virtual machines often report only "AMD EPYC" for CPUs several times apart in speed."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return platform.processor() or "unknown CPU"
+    fields = dict(line.split(":", 1) for line in info if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    return f"{name} ({vector_unit(fields.get('flags', '').split())}, family {fields.get('cpu family', '?')})"
+
+
+def vector_unit(flags: list[str]) -> str:
+    """The widest x86 SIMD extension among /proc/cpuinfo's flags, which sets PyTorch's CPU kernels' speed."""
+    for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
+        if flag in flags:
+            return label
+    return "no AVX"

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from bloodgen_hf.process import cpu_name, vector_unit
+
 PROBE = "from bloodgen_hf.process import tune_malloc; print(tune_malloc(), tune_malloc())"
 
 
@@ -57,3 +59,11 @@ def test_training_uses_every_core_unless_told_otherwise(monkeypatch, fake_data_d
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_vector_unit_names_the_widest_extension():
+    """Two VMs that both call themselves "AMD EPYC" ran DDPM sampling 4x apart; reports must tell them apart."""
+    assert vector_unit(["sse2", "avx", "avx2", "avx512f", "avx512bw"]) == "AVX-512"
+    assert vector_unit(["sse2", "avx", "avx2"]) == "AVX2"
+    assert vector_unit(["neon"]) == "no AVX"
+    assert cpu_name()  # never raises, whatever the machine

@@ -219,6 +219,21 @@ def test_compare_tstr_refuses_a_generator_trained_on_the_test_split(compare_args
     assert not (tmp_path / "report" / "tstr").exists()
 
 
+def test_compare_tstr_scores_the_honest_model_and_says_why_not_the_leaky_one(compare_args, tmp_path):
+    honest, leaky = saved_gan(tmp_path / "honest_gan", TRAIN), saved_gan(tmp_path / "leaky_gan", ALL)
+    out = tmp_path / "report"
+    args = ["--tstr", 16, "--tstr-steps", 2, "--out", out]
+    result = invoke("compare", "--models", honest, "--models", leaky, *compare_args, *args)
+    assert result.exit_code == 0, result.output
+    tstr = json.loads((out / "tstr.json").read_text())
+    assert set(tstr["honest_gan"]) >= {"synthetic", "real", "ratio"}
+    assert "leaky_gan was trained on split 'all'" in tstr["leaky_gan"]["refused"]
+    assert not (out / "tstr" / "leaky_gan").exists()  # nothing was trained on its images
+    report = (out / "report.md").read_text()
+    assert "| honest_gan |" in report and "| leaky_gan |" not in report.split("## TSTR")[1].split("Not scored")[0]
+    assert "- leaky_gan: leaky_gan was trained on split 'all'" in report
+
+
 def test_model_card_shows_the_training_data():
     from bloodgen_hf.model_card import render_model_card
 

@@ -25,7 +25,7 @@ from bloodgen_hf.evaluation.report import (
     write_markdown_report,
 )
 from bloodgen_hf.evaluation.runner import check_classes, evaluate_to_folder, image_size, model_label, parameter_count
-from bloodgen_hf.evaluation.tstr import TSTRConfig, check_models, run_tstr, tstr_lines
+from bloodgen_hf.evaluation.tstr import TSTRConfig, run_tstr, split_models, tstr_lines
 from bloodgen_hf.io import labelled_class_grid, save_image
 from bloodgen_hf.sampling import generate, pipeline_class_names
 
@@ -136,7 +136,7 @@ def compare(
         check_classes(pipes[model], model, reals[size], dataset, (extractor, classifier))
     if tstr is not None:
         tstr.check()
-        check_models({label: pipes[model] for model, label in zip(models, labels)}, dataset)
+        split_models({label: pipes[model] for model, label in zip(models, labels)}, dataset)
     out.mkdir(parents=True, exist_ok=True)
     entries, facts, grids, curves = {}, {}, {}, {}
     expected = expected_protocol(protocol, extractor, classifier, split, sampling_kwargs, reals[size].dataset)

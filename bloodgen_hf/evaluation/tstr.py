@@ -5,8 +5,10 @@ with the same count per class; both are augment-study's small BloodNet with its 
 and both are scored on the real test split. The report gives accuracy and macro-F1 of each and their
 ratio, synthetic / real: 1 means the synthetic images teach the classifier as much as real ones.
 
-A model whose recorded training data may include the test split (or records none) is refused, before
-anything is trained: its synthetic images could carry the test images (bloodgen_hf/provenance.py).
+A model whose recorded training data may include the test split (or records none) gets no TSTR score: its
+synthetic images could carry the test images (bloodgen_hf/provenance.py). It is listed in the report with
+the reason, so `compare --models gan vae ddpm --tstr N` still scores the models that qualify; with none
+that qualifies, `--tstr` is refused before anything is written.
 
 <out>/tstr/real-<size>/ and <out>/tstr/<model>/ hold each classifier's run and result.json (reused by
 `--reuse` when made with the same settings); <out>/tstr.json holds every model's result.
@@ -27,7 +29,7 @@ from bloodgen_hf.evaluation.metrics import classification_report
 from bloodgen_hf.evaluation.report import write_json
 from bloodgen_hf.evaluation.runner import image_size
 from bloodgen_hf.guard import plain
-from bloodgen_hf.provenance import check_unseen, pipeline_provenance
+from bloodgen_hf.provenance import LeakError, check_unseen, pipeline_provenance
 
 METRICS = ("accuracy", "macro_f1")
 
@@ -43,10 +45,19 @@ class TSTRConfig:
             raise ValueError(f"--tstr and --tstr-steps must be positive, got {self.n} and {self.steps}")
 
 
-def check_models(pipes: dict, dataset: str) -> None:
-    """Refuse, before anything is written, a model that may have been trained on the test split."""
+def split_models(pipes: dict, dataset: str) -> tuple[dict, dict[str, str]]:
+    """(the models TSTR may score, label -> why each other model may not); refused (LeakError) when no model
+    may be scored, before anything is written."""
+    allowed, refused = {}, {}
     for label, pipe in pipes.items():
-        check_unseen(pipeline_provenance(pipe), label, EVAL_SPLIT, dataset, "TSTR")
+        try:
+            check_unseen(pipeline_provenance(pipe), label, EVAL_SPLIT, dataset, "TSTR")
+            allowed[label] = pipe
+        except LeakError as err:
+            refused[label] = str(err)
+    if not allowed:
+        raise LeakError(next(iter(refused.values())))
+    return allowed, refused
 
 
 def real_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -66,9 +77,10 @@ def run_tstr(
     reuse: bool = False,
     log=print,
 ) -> dict[str, dict]:
-    """label -> {"synthetic": {...}, "real": {...}, "ratio": {...}} (accuracy and macro-F1); writes tstr.json."""
+    """label -> {"synthetic": {...}, "real": {...}, "ratio": {...}} (accuracy and macro-F1), or {"refused": why}
+    for a model that may have seen the test split; writes tstr.json."""
     config.check()
-    check_models(pipes, dataset)
+    pipes, refused = split_models(pipes, dataset)
     sampling_kwargs = sampling_kwargs or {}
     study = StudyConfig(steps=config.steps)
     splits, results = {}, {}
@@ -95,6 +107,9 @@ def run_tstr(
         results[label] = {**settings, "synthetic": synthetic, "real": real, "ratio": ratios(synthetic, real)}
         ratio = results[label]["ratio"]["accuracy"]
         log(f"== {label}: TSTR accuracy {synthetic['accuracy']:.4f} vs {real['accuracy']:.4f} real (ratio {ratio})")
+    for label, why in refused.items():
+        log(f"== {label}: no TSTR score: {why}")
+        results[label] = {"refused": why}
     write_json(results, out / "tstr.json")
     return results
 
@@ -127,10 +142,11 @@ def ratios(synthetic: dict, real: dict) -> dict:
 
 
 def tstr_lines(results: dict) -> list[str]:
-    """The compare report's TSTR section."""
-    if not results:
+    """The compare report's TSTR section: a row per scored model, then why the others have none."""
+    scored_models = {label: r for label, r in results.items() if "refused" not in r}
+    if not scored_models:
         return []
-    first = next(iter(results.values()))
+    first = next(iter(scored_models.values()))
     lines = ["", "## TSTR: train on synthetic, test on real", ""]
     lines.append(
         f"augment-study's small BloodNet ({first['steps']} steps, seed {first['seed']}) trained on {first['n']} "
@@ -139,10 +155,13 @@ def tstr_lines(results: dict) -> list[str]:
     )
     lines += ["", "| model | accuracy synthetic | accuracy real | ratio | macro-F1 synthetic | macro-F1 real | ratio |"]
     lines.append("|---|---|---|---|---|---|---|")
-    for label, r in results.items():
+    for label, r in scored_models.items():
         cells = []
         for key in METRICS:
             ratio = r["ratio"][key]
             cells += [f"{r['synthetic'][key]:.3f}", f"{r['real'][key]:.3f}", "–" if ratio is None else f"{ratio:.3f}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    refused = [f"- {label}: {r['refused']}" for label, r in results.items() if "refused" in r]
+    if refused:
+        lines += ["", "Not scored (their synthetic images may carry the test split):", *refused]
     return lines
