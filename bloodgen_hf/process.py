@@ -50,13 +50,15 @@ def cpu_name() -> str:
     """The CPU's model name and widest vector unit, for benchmark reports: CPU time buys different work on
     another CPU, and virtual machines often report only "AMD EPYC" for CPUs several times apart in speed."""
     try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor() or "unknown CPU"
-    fields = dict(line.split(":", 1) for line in info if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
+        lines = []
+    pairs = (line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in pairs}
     name = fields.get("model name") or platform.processor() or "unknown CPU"
-    return f"{name} ({vector_unit(fields.get('flags', '').split())}, family {fields.get('cpu family', '?')})"
+    if "flags" not in fields:  # no /proc/cpuinfo, or not x86: nothing more to say
+        return name
+    return f"{name} ({vector_unit(fields['flags'].split())}, family {fields.get('cpu family', '?')})"
 
 
 def vector_unit(flags: list[str]) -> str:
