@@ -65,11 +65,11 @@ def main() -> None:
         for model, seconds in times.items():
             if model != "default":
                 print(f"default vs {model:10s} {seconds / times['default']:6.2f} x faster")
-        if args.n == 10_000 and args.format == "png":
-            verdict = "meets" if times["default"] <= TARGET_SECONDS else "MISSES"
-            print(
-                f"target {TARGET_SECONDS:.0f} s for 10,000 PNGs: {verdict} it ({times['default'] / TARGET_SECONDS:.2f})"
-            )
+    if args.n == 10_000 and args.format == "png":
+        for model, seconds in times.items():
+            verdict = "meets" if seconds <= TARGET_SECONDS else "MISSES"
+            ratio = seconds / TARGET_SECONDS
+            print(f"target {TARGET_SECONDS:.0f} s for 10,000 PNGs: {model} {verdict} it ({ratio:.2f} of it)")
 
 
 if __name__ == "__main__":

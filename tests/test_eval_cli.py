@@ -16,6 +16,7 @@ from bloodgen_hf.data import CLASS_NAMES
 from bloodgen_hf.evaluation import features as F
 from bloodgen_hf.evaluation.bloodnet import BloodNet
 from bloodgen_hf.model_card import read_eval_results
+from bloodgen_hf.process import cpu_name
 from tests.conftest import tiny_gan_pipeline
 
 SMALL = ["--runs", "2", "--n", "20", "--memorization-n", "10", "--batch-size", "8"]
@@ -140,7 +141,9 @@ def test_compare_writes_one_report_folder(tiny_gan_dir, common, tmp_path):
     assert "| fd_bloodnet | ↓ |" in report and "tiny_gan" in report and "other_gan" in report
     for name in ("metrics.png", "curves.png", "grids/real.png", "grids/tiny_gan.png", "grids/other_gan.png"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "models" / "other_gan" / "results.json").read_text())["protocol"]["runs"] == 2
+    results = json.loads((out / "models" / "other_gan" / "results.json").read_text())
+    assert results["protocol"]["runs"] == 2 and results["machine"] == cpu_name()
+    assert f"| {cpu_name()} |" in report  # speeds say which machine measured them
     again = invoke(
         "compare",
         "--models",

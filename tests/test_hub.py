@@ -305,6 +305,21 @@ def test_every_pipeline_loads_without_bloodgen_hf_from_folder_and_offline_hub_ca
         np.testing.assert_array_equal(loaded, images, err_msg=f"{class_name} from {source}")
 
 
+def test_the_bundled_few_step_student_loads_as_remote_code_at_1_and_4_steps(tmp_path):
+    """The bundled student (issue 14) is a BloodDDPMPipeline folder like the others: an interpreter without
+    bloodgen_hf loads it with trust_remote_code and draws the in-package images bit for bit."""
+    folder, pipe = hub.bundled_models()["ddpm-fast"], load_pipeline("ddpm-fast")
+    jobs, expected = [], []
+    for steps in (1, 4):
+        jobs.append({"source": str(folder), "load": {}, "call": {"num_inference_steps": steps}})
+        generators = [torch.Generator().manual_seed(s) for s in SEEDS]
+        call = {"class_labels": LABELS, "generator": generators, "output_type": "np", "num_inference_steps": steps}
+        expected.append(pipe(num_images=len(SEEDS), **call).images)
+    assert not np.array_equal(*expected)  # the step count reaches the sampler
+    for steps, images, loaded in zip((1, 4), expected, run_isolated(tmp_path, tmp_path / "hf_home", jobs)):
+        np.testing.assert_array_equal(loaded, images, err_msg=f"{steps} step(s)")
+
+
 def pinned_revision(readme: bytes) -> str:
     """The revision the model card's usage snippet pins."""
     return ModelCard(readme.decode()).text.split('revision="')[1].split('"')[0]

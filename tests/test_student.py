@@ -122,6 +122,25 @@ def test_reflow_student_trains_saves_and_samples_in_1_and_4_steps(teacher, tmp_p
     assert provenance["distilled_from"]["provenance"]["split"] == "train"
 
 
+def test_a_student_continued_with_init_from_records_where_its_weights_started(teacher, tmp_path):
+    """A second reflow run on new pairs, started from the first student: its provenance names that student
+    in `init_from` (the teacher stays in `distilled_from`), so the history and the leak check follow both."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    student.main(
+        student_args(teacher, first, "--pairs", str(draw_pairs(teacher, tmp_path / "a.npz", 16)), "--max-steps", "2")
+    )
+    pairs = draw_pairs(teacher, tmp_path / "b.npz", 16, "--seed", "100")
+    student.main(
+        student_args(teacher, second, "--pairs", str(pairs), "--max-steps", "2", "--init-from", str(first / "pipeline"))
+    )
+    provenance = load_pipeline(str(second / "pipeline")).config.provenance
+    assert provenance["init_from"]["model"] == str(first / "pipeline")
+    assert provenance["init_from"]["provenance"]["distilled_from"]["pairs"]["seed"] == 0
+    assert provenance["distilled_from"]["pairs"]["seed"] == 100 and provenance["distilled_from"]["model"] == str(
+        teacher
+    )
+
+
 def test_consistency_student_trains_on_real_images(teacher, fake_data_dir, tmp_path):
     out = tmp_path / "cd"
     args = ["--method", "consistency", "--data-dir", str(fake_data_dir), "--split", "train", "--max-steps", "3"]

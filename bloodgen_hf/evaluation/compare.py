@@ -165,7 +165,8 @@ def compare(
             log(f"== {label}: reusing {folder / 'results.json'}")
         entries[label] = results
         timing = results["timing"]["images_per_s"]
-        facts[label] = {"parameters": parameter_count(pipe)["total"], "images_per_s": timing}
+        machine = results.get("machine", "not recorded")
+        facts[label] = {"parameters": parameter_count(pipe)["total"], "images_per_s": timing, "machine": machine}
         grids[label] = model_grid(pipe, sampling_kwargs, seed=protocol.seed)
         curves[label] = training_curves(resolve_model(model))
     real = reals[sizes[models[-1]]]
@@ -187,11 +188,11 @@ def write_report(
     first = next(iter(entries.values()))
     lines = ["# Model comparison", "", protocol_line(first["protocol"]), "", *comparison_table(entries), ""]
     lines += ["![metrics](metrics.png)", *tstr_lines(tstr or {}), ""]
-    lines += ["## Models", "", "| model | parameters | sampling (images/s) | ms/image |"]
-    lines.append("|---|---|---|---|")
+    lines += ["## Models", "", "| model | parameters | sampling (images/s) | ms/image | measured on |"]
+    lines.append("|---|---|---|---|---|")
     for name, fact in facts.items():
         speed = fact["images_per_s"]["mean"]
-        lines.append(f"| {name} | {fact['parameters']:,} | {speed:.1f} | {1000 / speed:.2f} |")
+        lines.append(f"| {name} | {fact['parameters']:,} | {speed:.1f} | {1000 / speed:.2f} | {fact['machine']} |")
     lines += ["", "## Samples per class", ""]
     lines.append("| " + " | ".join(grids) + " |")
     lines.append("|---" * len(grids) + "|")

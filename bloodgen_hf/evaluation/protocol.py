@@ -23,6 +23,7 @@ from bloodgen_hf.evaluation import metrics as M
 from bloodgen_hf.evaluation.cache import cached_features
 from bloodgen_hf.evaluation.features import FeatureExtractor, Features
 from bloodgen_hf.io import atomic_path, make_grid, upscale
+from bloodgen_hf.process import cpu_name
 from bloodgen_hf.sampling import generate, plan_labels
 
 METRICS = ("fd", "kid", "is", "pr", "dc", "1nn", "memorization", "class-fd", "accuracy")
@@ -242,6 +243,7 @@ def evaluate(
         "metrics": {k: summarize([run["metrics"][k] for run in runs]) for k in runs[0]["metrics"]},
         "per_class": aggregate_per_class(runs, real.class_names),
         "timing": {k: summarize([run["timing"][k] for run in runs]) for k in runs[0]["timing"]},
+        "machine": cpu_name(),  # timings compare only on one machine; reused results may come from others
         "runs": runs,
     }
     if protocol.with_floor:

@@ -37,7 +37,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from bloodgen_hf.data import CLASS_NAMES, BloodMNIST, same_classes
 from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import BloodDDPMPipeline, is_flow
 from bloodgen_hf.provenance import origin_record, pipeline_provenance
-from bloodgen_hf.training.core import TrainConfig, load_training_data, run_training
+from bloodgen_hf.training.core import TrainConfig, load_training_data, run_training, weights_origin
 from bloodgen_hf.training.ddpm import (
     DDPMTask,
     add_optimization_arguments,
@@ -124,7 +124,8 @@ def load_pairs(path: str, teacher_name: str, teacher: BloodDDPMPipeline) -> tupl
 
 def load_student_data(config: TrainConfig) -> tuple[BloodMNIST, dict[str, Any]]:
     """reflow: the teacher's pairs, with the teacher's provenance; consistency: the real images of --split.
-    Either way `distilled_from` names the teacher and its own provenance."""
+    Either way `distilled_from` names the teacher and its own provenance, and `init_from` the student's
+    --init-from (on --resume, the one its run started with)."""
     o = config.extra
     check_student_options(o, config)
     teacher = load_teacher(o["teacher"])
@@ -137,6 +138,7 @@ def load_student_data(config: TrainConfig) -> tuple[BloodMNIST, dict[str, Any]]:
     if not provenance:
         raise ValueError(f"--teacher {o['teacher']} records no training data (provenance); retrain it with a script")
     provenance["distilled_from"] = {**origin_record(o["teacher"]), "pairs": drawn}
+    provenance["init_from"] = origin_record(weights_origin(config))  # the student's own start, not the teacher's
     return dataset, provenance
 
 
