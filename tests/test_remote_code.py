@@ -304,8 +304,9 @@ def test_the_wheel_installs_the_pipelines_under_bloodgen_hf(tmp_path):
             assert (
                 archive.read(f"bloodgen_hf/pipelines/{relative}") == (REPO_ROOT / "pipelines" / relative).read_bytes()
             )
-        bundled_code = sorted((source / "bloodgen_hf" / "weights").rglob("*.py"))
-        assert len(bundled_code) == 8, bundled_code
+        weights = source / "bloodgen_hf" / "weights"
+        bundled_code = sorted(weights.rglob("*.py"))
+        assert {p.relative_to(weights).parts[0] for p in bundled_code} == set(bundled_models()), bundled_code
         for link in bundled_code:  # the file the link points to, not the link
             assert archive.read(link.relative_to(source).as_posix()) == link.read_bytes(), link
 
