@@ -90,11 +90,11 @@ def call_kwargs(pipe) -> dict:
     return {"num_inference_steps": 2} if "num_inference_steps" in inspect.signature(pipe.__call__).parameters else {}
 
 
-def reference_images(pipe) -> np.ndarray:
+def reference_images(pipe, call: dict | None = None) -> np.ndarray:
+    """The images the isolated loader draws: SEEDS and LABELS, with `call` (default: `call_kwargs`)."""
     generators = [torch.Generator().manual_seed(s) for s in SEEDS]
-    return pipe(
-        num_images=len(SEEDS), class_labels=LABELS, generator=generators, output_type="np", **call_kwargs(pipe)
-    ).images
+    call = call_kwargs(pipe) if call is None else call
+    return pipe(num_images=len(SEEDS), class_labels=LABELS, generator=generators, output_type="np", **call).images
 
 
 def offline_cache(hf_home: Path, repo_id: str, snapshots: dict[str, Path], main: str) -> None:
@@ -309,12 +309,9 @@ def test_the_bundled_few_step_student_loads_as_remote_code_at_1_and_4_steps(tmp_
     """The bundled student (issue 14) is a BloodDDPMPipeline folder like the others: an interpreter without
     bloodgen_hf loads it with trust_remote_code and draws the in-package images bit for bit."""
     folder, pipe = hub.bundled_models()["ddpm-fast"], load_pipeline("ddpm-fast")
-    jobs, expected = [], []
-    for steps in (1, 4):
-        jobs.append({"source": str(folder), "load": {}, "call": {"num_inference_steps": steps}})
-        generators = [torch.Generator().manual_seed(s) for s in SEEDS]
-        call = {"class_labels": LABELS, "generator": generators, "output_type": "np", "num_inference_steps": steps}
-        expected.append(pipe(num_images=len(SEEDS), **call).images)
+    calls = [{"num_inference_steps": steps} for steps in (1, 4)]
+    jobs = [{"source": str(folder), "load": {}, "call": call} for call in calls]
+    expected = [reference_images(pipe, call) for call in calls]
     assert not np.array_equal(*expected)  # the step count reaches the sampler
     for steps, images, loaded in zip((1, 4), expected, run_isolated(tmp_path, tmp_path / "hf_home", jobs)):
         np.testing.assert_array_equal(loaded, images, err_msg=f"{steps} step(s)")

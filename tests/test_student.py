@@ -136,9 +136,8 @@ def test_a_student_continued_with_init_from_records_where_its_weights_started(te
     provenance = load_pipeline(str(second / "pipeline")).config.provenance
     assert provenance["init_from"]["model"] == str(first / "pipeline")
     assert provenance["init_from"]["provenance"]["distilled_from"]["pairs"]["seed"] == 0
-    assert provenance["distilled_from"]["pairs"]["seed"] == 100 and provenance["distilled_from"]["model"] == str(
-        teacher
-    )
+    distilled_from = provenance["distilled_from"]
+    assert distilled_from["pairs"]["seed"] == 100 and distilled_from["model"] == str(teacher)
 
 
 def test_consistency_student_trains_on_real_images(teacher, fake_data_dir, tmp_path):
