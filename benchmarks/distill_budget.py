@@ -1,7 +1,7 @@
 """Few-step students at an equal CPU budget: reflow on teacher pairs against consistency distillation.
 
     python benchmarks/distill_budget.py --teacher ddpm --data-dir ../shared/data [--cpu-minutes 60]
-        [--pairs-n 5000] [--steps 1,2,4] [--n 2000]
+        [--pairs-n 5000] [--steps 1,2,4] [--n 2000] [--methods reflow,consistency,reflow-u,reflow-u-huber]
 
 Both methods get `--cpu-minutes` of CPU time, counted the same way. Reflow first spends part of it on
 its (noise, image) pairs: `bloodgen-hf sample --format npz` of `--pairs-n` teacher images, whose CPU
@@ -27,7 +27,13 @@ from ablate_ddpm import ROOT, run, score_samples
 
 from bloodgen_hf.process import cpu_name
 
-METHODS = ("reflow", "consistency")
+METHODS = {  # a row: its train_student.py method and options; the reflow rows share one set of pairs
+    "reflow": ("reflow", []),
+    "consistency": ("consistency", []),
+    "reflow-u": ("reflow", ["--reflow-time", "u-shaped"]),
+    "reflow-u-huber": ("reflow", ["--reflow-time", "u-shaped", "--reflow-loss", "pseudo-huber"]),
+}
+DEFAULT_METHODS = ("reflow", "consistency")
 COMMON = ["--lr-schedule", "constant", "--seed", "0", "--log-with", "none", "--checkpoint-every", "100000"]
 COMMON += ["--epochs", "1000", "--grid-per-class", "4"]
 
@@ -59,7 +65,8 @@ def train_student(method: str, budget_minutes: float, pairs: dict | None, args, 
     if budget_minutes <= 0:
         raise SystemExit(f"error: the pairs took {pairs['cpu_minutes']:.1f} CPU-minutes, the whole budget")
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "train_scripts/train_student.py", "--teacher", args.teacher, "--method", method]
+    kind, options = METHODS[method]
+    command = [sys.executable, "train_scripts/train_student.py", "--teacher", args.teacher, "--method", kind, *options]
     command += ["--data-dir", args.data_dir, "--output-dir", str(folder), *COMMON]
     command += ["--cpu-budget-minutes", f"{budget_minutes:.3f}", "--batch-size", str(args.batch_size), "--overwrite"]
     command += ["--pairs", pairs["file"]] if pairs else []
@@ -100,7 +107,7 @@ def report(results: dict, args, out: Path) -> None:
         f"{args.pairs_n:,} pairs out of it. {args.n:,} samples per row, BloodNet features. Command: "
         f"`python benchmarks/distill_budget.py --teacher {args.teacher} --cpu-minutes {args.cpu_minutes:g} "
         f"--pairs-n {args.pairs_n} --steps {','.join(map(str, args.steps))} --n {args.n} "
-        f"--batch-size {args.batch_size}`.",
+        f"--batch-size {args.batch_size} --methods {args.methods}`.",
         "",
         "| model | pairs CPU-min | training CPU-min | training steps | sampler steps | FD_bloodnet | class acc. "
         "| recall | images/s |",
@@ -134,7 +141,7 @@ def main() -> None:
     parser.add_argument("--steps", default="1,2,4", help="sampler steps to score each student at")
     parser.add_argument("--n", type=int, default=2000, help="samples scored per row")
     parser.add_argument("--batch-size", type=int, default=64, help="students' training batch")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"rows, from {', '.join(METHODS)}")
     parser.add_argument("--out", default="reports/distill-budget")
     args = parser.parse_args()
     try:
@@ -148,7 +155,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = {"teacher": score(args.teacher, None, args, out / "eval" / "teacher")}
     for method in methods:
-        pairs = make_pairs(args, out) if method == "reflow" else None
+        pairs = make_pairs(args, out) if METHODS[method][0] == "reflow" else None
         spent = pairs["cpu_minutes"] if pairs else 0.0
         pipeline = train_student(method, args.cpu_minutes - spent, pairs, args, out)
         scores = {steps: score(pipeline, steps, args, out / "eval" / f"{method}-{steps}") for steps in args.steps}

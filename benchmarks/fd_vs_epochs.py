@@ -1,12 +1,14 @@
 """Quality against training time for a DDPM run that goes on over several sessions.
 
     python benchmarks/fd_vs_epochs.py runs/ddpm-v2 [--checkpoint latest] [--n 2000] [--curve FILE.json]
-        [--also OTHER.json:LABEL] [--plot-only]
+        [--prior-steps N] [--also OTHER.json:LABEL] [--plot-only]
 
 Turns one checkpoint's EMA weights into a pipeline (the one the run would save if it stopped there),
 scores `--n` samples with the saved defaults in BloodNet features (Fréchet distance, class accuracy,
 recall), and appends the point to a JSON curve file that is kept in the repo, because the checkpoints
-themselves are pruned. Then it redraws the curve's PNG beside the JSON.
+themselves are pruned. Then it redraws the curve's PNG beside the JSON. A run that started with
+`--init-from` counts its steps from 0; `--prior-steps` adds the steps its starting weights had already
+trained, so the curve's epochs stay cumulative.
 """
 
 from __future__ import annotations
@@ -44,16 +46,22 @@ def checkpoint_pipeline(run: Path, checkpoint: Path, num_images: int):
 
 
 def plot(curves: dict[str, list[dict]], path: Path) -> None:
-    """One line per curve (a run's points, by label) in each panel: FD, class accuracy, recall."""
+    """One line per curve (a run's points, by label) in each panel: FD, class accuracy, recall, 1-NN."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("fd_bloodnet", "FD (BloodNet) ↓"), ("class_accuracy", "class accuracy ↑"), ("recall", "recall ↑"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(10, 3))
+    panels = (
+        ("fd_bloodnet", "FD (BloodNet) ↓"),
+        ("class_accuracy", "class accuracy ↑"),
+        ("recall", "recall ↑"),
+        ("one_nn_accuracy", "1-NN accuracy (0.5 ideal)"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3))
     for ax, (key, label) in zip(axes, panels):
         for name, points in curves.items():
+            points = [p for p in points if key in p]  # points scored before 1-NN was recorded have none
             ax.plot([p["epochs"] for p in points], [p[key] for p in points], marker="o", label=name)
         ax.set_xlabel("cumulative epochs")
         ax.set_title(label, fontsize=10)
@@ -85,6 +93,7 @@ def main() -> None:
     parser.add_argument("--curve", type=Path, default=Path("model_cards/images/ddpm-v2/fd_vs_epochs.json"))
     parser.add_argument("--label", help="the curve's name in the plot (default: the curve file's name)")
     parser.add_argument("--also", action="append", default=[], help="another run's curve to draw: FILE.json[:LABEL]")
+    parser.add_argument("--prior-steps", type=int, default=0, help="steps trained before this run (--init-from)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the curve files, score nothing")
     args = parser.parse_args()
     args.label = args.label or args.curve.stem
@@ -95,18 +104,20 @@ def main() -> None:
     progress = json.loads((checkpoint / "progress.json").read_text())
     pipe = checkpoint_pipeline(args.run, checkpoint, args.num_images)
     pipe.set_progress_bar_config(disable=True)
-    metrics = ("fd", "pr", "accuracy")
+    metrics = ("fd", "pr", "1nn", "accuracy")
     protocol = Protocol(runs=1, n=args.n, metrics=metrics, with_floor=False)
     out = args.run / "fd_vs_epochs" / checkpoint.name
     result = evaluate_to_folder(pipe, str(checkpoint), out, *build_tools("bloodnet", metrics), protocol, args.data_dir)
     batch = json.loads((args.run / "train_config.json").read_text())["batch_size"]
+    step = args.prior_steps + progress["step"]
     point = {
-        "step": progress["step"],
-        "epochs": round(progress["step"] * batch / args.num_images, 2),
+        "step": step,
+        "epochs": round(step * batch / args.num_images, 2),
         "n": args.n,
         "fd_bloodnet": result["metrics"]["fd_bloodnet"]["mean"],
         "class_accuracy": result["metrics"]["class_accuracy"]["mean"],
         "recall": result["metrics"]["recall_bloodnet"]["mean"],
+        "one_nn_accuracy": result["metrics"]["one_nn_accuracy_bloodnet"]["mean"],
         "per_class_accuracy": {k: round(v["mean"], 3) for k, v in result["per_class"]["class_accuracy"].items()},
     }
     curves = read_curves(args.curve, args.label, args.also)

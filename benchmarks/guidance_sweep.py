@@ -1,4 +1,4 @@
-"""Classifier-free guidance sweep: Fréchet distance, class accuracy and recall against the guidance scale.
+"""Classifier-free guidance sweep: Fréchet distance, class accuracy, recall and 1-NN against the guidance scale.
 
     python benchmarks/guidance_sweep.py --model ddpm --data-dir ../shared/data [--scales 0,1,1.5,2,3,4] [--n 2000]
 
@@ -21,12 +21,13 @@ from bloodgen_hf.process import tune_malloc
 
 PANELS = (("fd_bloodnet", "Fréchet distance (BloodNet) ↓"), ("class_accuracy", "class accuracy ↑"))
 PANELS += (("recall_bloodnet", "recall ↑"), ("precision_bloodnet", "precision ↑"))
+PANELS += (("one_nn_accuracy_bloodnet", "1-NN accuracy (0.5 ideal)"),)
 
 
 def sweep(args) -> list[dict]:
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    metrics = ("fd", "pr", "accuracy")
+    metrics = ("fd", "pr", "1nn", "accuracy")
     protocol = Protocol(runs=args.runs, n=args.n, metrics=metrics, with_floor=False)
     tools = build_tools("bloodnet", metrics)
     rows = []
@@ -83,14 +84,14 @@ def report(rows: list[dict], args, out: Path) -> None:
         "twice the UNet work. Each scale's measured images/s is in its folder's results.json (`timing`);",
         "it is only comparable between scales sampled on the same machine.",
         "",
-        "| guidance | FD_bloodnet | class acc. | worst class | recall | precision | UNet passes per image |",
-        "|---|---|---|---|---|---|---|",
+        "| guidance | FD_bloodnet | class acc. | worst class | recall | precision | 1-NN | UNet passes per image |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['guidance']:g} | {r['fd_bloodnet']:.2f} | {r['class_accuracy']:.3f} | {r['worst_class']} "
             f"{r['worst_class_accuracy']:.2f} | {r['recall_bloodnet']:.3f} | {r['precision_bloodnet']:.3f} "
-            f"| {r['unet_passes_per_image']} |"
+            f"| {r['one_nn_accuracy_bloodnet']:.3f} | {r['unet_passes_per_image']} |"
         )
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2))

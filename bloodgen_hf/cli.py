@@ -191,6 +191,7 @@ def sample(
     scheduler: Scheduler = None,
 ):
     """Generate N class-conditional images with a bundled or saved model."""
+    from bloodgen_hf.evaluation.protocol import pipeline_fingerprint
     from bloodgen_hf.hub import check_repo_id, load_pipeline, push_dataset, resolve_token
     from bloodgen_hf.sampling import (
         check_count,
@@ -215,9 +216,11 @@ def sample(
     pipe = load_pipeline(model, pick_device(device))
     labels, class_names = model_labels(pipe, n, classes, "real" if real_distribution else "balanced")
     options = sampling_options(temperature, latent_bias, steps, guidance, scheduler)
+    weights = pipeline_fingerprint(pipe)  # as saved, before the options change its scheduler
     pipe, kwargs = configure_sampling(pipe, options)
     info = {
         "model": model,
+        "model_sha256": weights,
         "seed": seed,
         "distribution": "real" if real_distribution else "balanced",
         "n": n,

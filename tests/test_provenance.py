@@ -89,7 +89,8 @@ def test_check_unseen_follows_split_dataset_and_starting_weights(provenance, mes
 
 
 def test_bundled_generators_record_the_splits_they_saw():
-    """gan and vae saw every split; ddpm (v2) only the train split, so it may feed augment-study."""
+    """gan and vae saw every split; ddpm (v2) only the train split, so it may feed augment-study. Its run 5
+    started from its run-4 weights (--init-from ddpm), which saw the train split too and started from scratch."""
     for name in ("gan", "vae"):
         provenance = read_model_index(bundled_models()[name])["provenance"]
         assert provenance["split"] == "all" and provenance["subset"] is None and provenance["num_images"] == 17092
@@ -97,8 +98,13 @@ def test_bundled_generators_record_the_splits_they_saw():
             check_unseen(provenance, name, "test", "bloodmnist", "augment-study")
     provenance = read_model_index(bundled_models()["ddpm"])["provenance"]
     assert provenance["split"] == "train" and provenance["subset"] is None and provenance["num_images"] == 11959
-    assert provenance["init_from"] is None
+    start = provenance["init_from"]
+    assert start["model"] == "ddpm" and start["revision"].startswith("git 4ddc008")
+    assert start["provenance"]["split"] == "train" and start["provenance"]["init_from"] is None
     check_unseen(provenance, "ddpm", "test", "bloodmnist", "augment-study")
+    leaky_start = {**start, "provenance": {**start["provenance"], "split": "all"}}
+    with pytest.raises(LeakError):
+        check_unseen({**provenance, "init_from": leaky_start}, "ddpm", "test", "bloodmnist", "augment-study")
 
 
 # --- the round trip ------------------------------------------------------------------------------------

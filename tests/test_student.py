@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,53 @@ def test_consistency_student_trains_on_real_images(teacher, fake_data_dir, tmp_p
     provenance = load_pipeline(str(out / "pipeline")).config.provenance
     assert provenance["split"] == "train" and provenance["distilled_from"]["model"] == str(teacher)
     assert sample(load_pipeline(str(out / "pipeline")), num_inference_steps=1).shape == (4, 28, 28, 3)
+
+
+def test_pairs_of_a_teacher_retrained_in_the_same_folder_are_refused(teacher, tmp_path):
+    """The folder's name is the same, its weights are not: the pairs are not this teacher's map."""
+    pairs = draw_pairs(teacher, tmp_path / "pairs.npz", 8)
+    with np.load(pairs) as archive:
+        assert len(json.loads(str(archive["info"]))["model_sha256"]) == 64
+    retrained = load_pipeline(str(teacher))
+    with torch.no_grad():
+        next(retrained.unet.parameters()).add_(0.01)
+    save_pipeline(retrained, teacher)
+    with pytest.raises(ValueError, match=r"pairs.npz was drawn by other weights than --teacher .*; draw new pairs"):
+        student.load_pairs(str(pairs), str(teacher), load_pipeline(str(teacher)))
+
+
+def test_u_shaped_times_follow_their_density_and_uniform_times_stay_uniform():
+    torch.manual_seed(0)
+    t = student.reflow_times(200_000, "u-shaped")
+    assert t.min() >= 0 and t.max() <= 1
+    a = student.U_SHAPE  # p(t) = a (e^{at} + e^{a(1-t)}) / (2 (e^a - 1)); its mass in [0, 0.1] and in [0.9, 1]:
+    edge = (math.expm1(0.1 * a) + math.exp(a) - math.exp(0.9 * a)) / (2 * math.expm1(a))
+    assert abs(float((t < 0.1).float().mean()) - edge) < 0.005 and edge > 0.17  # uniform: 0.1
+    assert abs(float((t > 0.9).float().mean()) - edge) < 0.005
+    assert abs(float(t.mean()) - 0.5) < 0.005
+    u = student.reflow_times(200_000, "uniform")
+    assert abs(float((u < 0.1).float().mean()) - 0.1) < 0.005
+
+
+def test_pseudo_huber_is_its_closed_form_per_image():
+    prediction, target = torch.zeros(2, 3, 28, 28), torch.zeros(2, 3, 28, 28)
+    target[0, 0, 0, 0], target[1, :, :2, :2] = 3.0, 1.0  # |d|² = 9 and 12
+    c = 0.00054 * math.sqrt(3 * 28 * 28)
+    expected = ((9 + c**2) ** 0.5 - c + (12 + c**2) ** 0.5 - c) / 2
+    assert math.isclose(float(student.pseudo_huber(prediction, target)), expected, rel_tol=1e-6)
+    assert float(student.pseudo_huber(target, target)) == 0.0
+
+
+def test_reflow_with_u_shaped_times_and_pseudo_huber_trains_and_records_them(teacher, tmp_path):
+    pairs = draw_pairs(teacher, tmp_path / "pairs.npz", 16)
+    out = tmp_path / "student"
+    extra = ("--pairs", str(pairs), "--max-steps", "2", "--reflow-time", "u-shaped", "--reflow-loss", "pseudo-huber")
+    student.main(student_args(teacher, out, *extra))
+    recorded = json.loads((out / "train_config.json").read_text())["extra"]
+    assert (recorded["reflow_time"], recorded["reflow_loss"]) == ("u-shaped", "pseudo-huber")
+    assert all(np.isfinite(json.loads(line)["loss"]) for line in (out / "metrics.jsonl").read_text().splitlines())
+    with pytest.raises(SystemExit, match="--reflow-time and --reflow-loss are for --method reflow"):
+        student.main(student_args(teacher, tmp_path / "c", "--method", "consistency", "--reflow-time", "u-shaped"))
 
 
 def test_a_student_of_a_teacher_that_saw_the_test_split_is_refused(tmp_path):

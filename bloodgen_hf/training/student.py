@@ -6,7 +6,11 @@ reflow (Liu et al. 2023, "2-rectified flow"): the guided teacher maps noise z to
 default sampler. `bloodgen-hf sample --format npz` records those images with each image's seed, and
 the seed regenerates z exactly (TeacherPairs). The student learns the straight path between them,
 x_t = (1 - t) x + t z with target z - x. A straight path needs few Euler steps. The guidance is in the
-pairs, so the student samples at guidance 1, with one UNet pass per step.
+pairs, so the student samples at guidance 1, with one UNet pass per step. Two options follow Lee et al.
+2024 ("Improving the training of rectified flows"): `--reflow-time u-shaped` draws t from the symmetric
+U shape p(t) ∝ exp(4t) + exp(4(1 - t)), which puts the training where a few-step sampler evaluates (its
+first step at t = 1, its last near 0); `--reflow-loss pseudo-huber` replaces the squared error by
+sqrt(|d|² + c²) - c per image (Song & Dhariwal 2023), which lets fewer hard pairs dominate the gradient.
 
 consistency (Song et al. 2023, consistency distillation, with the stop-gradient target of Song &
 Dhariwal 2023): on real images, noised to t_{n+1} on a grid of `--cd-intervals`, one guided teacher
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,25 @@ from bloodgen_hf.training.ddpm import (
 )
 
 METHODS = ("reflow", "consistency")
+REFLOW_TIMES = ("uniform", "u-shaped")
+REFLOW_LOSSES = ("mse", "pseudo-huber")
+U_SHAPE = 4.0  # a in p(t) ∝ exp(a t) + exp(a (1 - t)); Lee et al. 2024 use a = 4
+
+
+def reflow_times(n: int, kind: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """n times in [0, 1]: uniform, or U-shaped (a mixture of exp(a t) and its mirror, drawn by inverse CDF)."""
+    u = torch.rand(n, device=device)
+    if kind == "uniform":
+        return u
+    t = torch.log1p(u * math.expm1(U_SHAPE)) / U_SHAPE  # density ∝ exp(a t) on [0, 1]
+    return torch.where(torch.rand(n, device=device) < 0.5, 1 - t, t)
+
+
+def pseudo_huber(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over images of sqrt(|d|² + c²) - c, with c = 0.00054 sqrt(dimensions) (Song & Dhariwal 2023)."""
+    d = (prediction - target).flatten(1)
+    c = 0.00054 * math.sqrt(d.shape[1])
+    return (torch.sqrt(d.pow(2).sum(1) + c**2) - c).mean()
 
 
 class TeacherPairs(BloodMNIST):
@@ -89,7 +113,9 @@ def load_teacher(name: str) -> BloodDDPMPipeline:
 def load_pairs(path: str, teacher_name: str, teacher: BloodDDPMPipeline) -> tuple[TeacherPairs, dict[str, Any]]:
     """The pairs in an npz written by `bloodgen-hf sample --model TEACHER --format npz`, and how they were drawn.
 
-    Refused, in one line each: another file, pairs drawn by another model, other classes or image size."""
+    Refused, in one line each: another file, pairs drawn by another model or by other weights in the same
+    folder (a retrained teacher), other classes or image size."""
+    from bloodgen_hf.evaluation.protocol import pipeline_fingerprint
     from bloodgen_hf.hub import resolve_model
 
     file = Path(path).expanduser()
@@ -102,6 +128,12 @@ def load_pairs(path: str, teacher_name: str, teacher: BloodDDPMPipeline) -> tupl
     drawn_by = resolve_model(str(info.get("model"))).resolve()
     if drawn_by != resolve_model(teacher_name).resolve():
         raise ValueError(f"{file} holds images of {info.get('model')} ({drawn_by}), not of --teacher {teacher_name}")
+    drawn_sha, teacher_sha = str(info.get("model_sha256")), pipeline_fingerprint(teacher)
+    if drawn_sha != teacher_sha:
+        raise ValueError(
+            f"{file} was drawn by other weights than --teacher {teacher_name} holds now "
+            f"(model_sha256 {drawn_sha[:12]}, not {teacher_sha[:12]}); draw new pairs"
+        )
     names = tuple(str(n) for n in arrays["class_names"])
     if not same_classes(names, teacher.class_names or CLASS_NAMES):
         raise ValueError(f"{file} has classes {list(names)}, the teacher {teacher.class_names}")
@@ -155,6 +187,8 @@ def check_student_options(o: dict, config: TrainConfig) -> None:
             raise ValueError("--subset-fraction picks real images; --method reflow trains on the teacher's pairs")
     elif o["pairs"]:
         raise ValueError("--pairs is for --method reflow; consistency distillation trains on the real images")
+    elif (o["reflow_time"], o["reflow_loss"]) != ("uniform", "mse"):
+        raise ValueError("--reflow-time and --reflow-loss are for --method reflow")
     if o["cd_intervals"] < 1:
         raise ValueError(f"--cd-intervals must be at least 1, got {o['cd_intervals']}")
     if o["sampler_steps"] < 1:
@@ -204,10 +238,12 @@ class StudentTask(DDPMTask):
         return unet(x, t * self.noise_scheduler.config.num_train_timesteps, class_labels=labels).sample
 
     def reflow_loss(self, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        t = torch.rand(len(images), device=images.device).view(-1, 1, 1, 1)
+        t = reflow_times(len(images), self.options["reflow_time"], images.device).view(-1, 1, 1, 1)
         noisy = (1 - t) * images + t * noise
-        prediction = self.velocity(self.models["unet"], noisy, t.flatten(), labels)
-        return F.mse_loss(prediction.float(), (noise - images).float())
+        prediction = self.velocity(self.models["unet"], noisy, t.flatten(), labels).float()
+        if self.options["reflow_loss"] == "pseudo-huber":
+            return pseudo_huber(prediction, (noise - images).float())
+        return F.mse_loss(prediction, (noise - images).float())
 
     def consistency_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         n, intervals = len(images), self.options["cd_intervals"]
@@ -239,6 +275,10 @@ def add_student_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "(default: the teacher's own); reflow takes it from the pairs"
     )  # fmt: skip
     parser.add_argument("--cd-intervals", type=int, default=20, help="consistency: teacher Euler steps over [0, 1]")
+    parser.add_argument(
+        "--reflow-time", choices=REFLOW_TIMES, default="uniform", help="reflow: how t is drawn (see the module)"
+    )
+    parser.add_argument("--reflow-loss", choices=REFLOW_LOSSES, default="mse", help="reflow: the velocity loss")
     add_optimization_arguments(parser, lr=1e-4, ema_max_decay=0.999)
     parser.add_argument("--sampler-steps", type=int, default=2, help="saved pipeline's default steps")
     parser.add_argument("--grid-per-class", type=int, default=8, help="images per class row in sample grids")
