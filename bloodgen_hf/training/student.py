@@ -51,7 +51,7 @@ from bloodgen_hf.training.ddpm import (
 )
 
 METHODS = ("reflow", "consistency")
-REFLOW_TIMES = ("uniform", "u-shaped")
+REFLOW_TIMES = ("uniform", "u-shaped")  # the first of each is the default
 REFLOW_LOSSES = ("mse", "pseudo-huber")
 U_SHAPE = 4.0  # a in p(t) ∝ exp(a t) + exp(a (1 - t)); Lee et al. 2024 use a = 4
 
@@ -187,7 +187,7 @@ def check_student_options(o: dict, config: TrainConfig) -> None:
             raise ValueError("--subset-fraction picks real images; --method reflow trains on the teacher's pairs")
     elif o["pairs"]:
         raise ValueError("--pairs is for --method reflow; consistency distillation trains on the real images")
-    elif (o["reflow_time"], o["reflow_loss"]) != ("uniform", "mse"):
+    elif (o["reflow_time"], o["reflow_loss"]) != (REFLOW_TIMES[0], REFLOW_LOSSES[0]):  # set away from the defaults
         raise ValueError("--reflow-time and --reflow-loss are for --method reflow")
     if o["cd_intervals"] < 1:
         raise ValueError(f"--cd-intervals must be at least 1, got {o['cd_intervals']}")
@@ -241,9 +241,10 @@ class StudentTask(DDPMTask):
         t = reflow_times(len(images), self.options["reflow_time"], images.device).view(-1, 1, 1, 1)
         noisy = (1 - t) * images + t * noise
         prediction = self.velocity(self.models["unet"], noisy, t.flatten(), labels).float()
+        target = (noise - images).float()
         if self.options["reflow_loss"] == "pseudo-huber":
-            return pseudo_huber(prediction, (noise - images).float())
-        return F.mse_loss(prediction, (noise - images).float())
+            return pseudo_huber(prediction, target)
+        return F.mse_loss(prediction, target)
 
     def consistency_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         n, intervals = len(images), self.options["cd_intervals"]
@@ -276,9 +277,11 @@ def add_student_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )  # fmt: skip
     parser.add_argument("--cd-intervals", type=int, default=20, help="consistency: teacher Euler steps over [0, 1]")
     parser.add_argument(
-        "--reflow-time", choices=REFLOW_TIMES, default="uniform", help="reflow: how t is drawn (see the module)"
+        "--reflow-time", choices=REFLOW_TIMES, default=REFLOW_TIMES[0], help="reflow: how t is drawn (see the module)"
     )
-    parser.add_argument("--reflow-loss", choices=REFLOW_LOSSES, default="mse", help="reflow: the velocity loss")
+    parser.add_argument(
+        "--reflow-loss", choices=REFLOW_LOSSES, default=REFLOW_LOSSES[0], help="reflow: the velocity loss"
+    )
     add_optimization_arguments(parser, lr=1e-4, ema_max_decay=0.999)
     parser.add_argument("--sampler-steps", type=int, default=2, help="saved pipeline's default steps")
     parser.add_argument("--grid-per-class", type=int, default=8, help="images per class row in sample grids")
