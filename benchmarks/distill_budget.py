@@ -1,7 +1,7 @@
 """Few-step students at an equal CPU budget: reflow on teacher pairs against consistency distillation.
 
     python benchmarks/distill_budget.py --teacher ddpm --data-dir ../shared/data [--cpu-minutes 60]
-        [--pairs-n 5000] [--steps 1,2,4] [--n 2000] [--methods reflow,consistency,reflow-u,reflow-u-huber]
+        [--pairs-n 5000] [--steps 1,2,4] [--n 2000] [--methods reflow,consistency,reflow-u,reflow-huber,reflow-u-huber]
 
 Both methods get `--cpu-minutes` of CPU time, counted the same way. Reflow first spends part of it on
 its (noise, image) pairs: `bloodgen-hf sample --format npz` of `--pairs-n` teacher images, whose CPU
@@ -31,6 +31,7 @@ METHODS = {  # a row: its train_student.py method and options; the reflow rows s
     "reflow": ("reflow", []),
     "consistency": ("consistency", []),
     "reflow-u": ("reflow", ["--reflow-time", "u-shaped"]),
+    "reflow-huber": ("reflow", ["--reflow-loss", "pseudo-huber"]),
     "reflow-u-huber": ("reflow", ["--reflow-time", "u-shaped", "--reflow-loss", "pseudo-huber"]),
 }
 DEFAULT_METHODS = ("reflow", "consistency")

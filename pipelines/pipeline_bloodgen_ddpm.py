@@ -58,7 +58,9 @@ def make_scheduler(name: str, config) -> object:
         kind = " (the flow-matching ones)" if table is FLOW_SCHEDULERS else ""
         raise ValueError(f"unknown scheduler {name!r}; choose from: {', '.join(table)}{kind}")
     cls, settings = table[key]
-    if table is FLOW_SCHEDULERS:  # only the length carries over (FlowMatchEuler's `shift` means nothing to the others)
+    if table is FLOW_SCHEDULERS:  # the length and the time shift carry over, under each class's own name for it
+        shift = config.get("flow_shift", config.get("shift", 1.0))
+        settings = {**settings, ("shift" if cls is FlowMatchEulerDiscreteScheduler else "flow_shift"): shift}
         return cls(num_train_timesteps=config["num_train_timesteps"], **settings)
     return cls.from_config(config, **settings)
 

@@ -89,19 +89,26 @@ def test_check_unseen_follows_split_dataset_and_starting_weights(provenance, mes
 
 
 def test_bundled_generators_record_the_splits_they_saw():
-    """gan and vae saw every split; ddpm (v2) only the train split, so it may feed augment-study. Its run 5
-    started from its run-4 weights (--init-from ddpm), which saw the train split too and started from scratch."""
+    """gan and vae saw every split; ddpm (v2) only the train split, so it may feed augment-study. Each later
+    run started from the bundled weights before it (--init-from ddpm, named by a git revision); every link of
+    that chain saw the train split too, and the first started from scratch."""
     for name in ("gan", "vae"):
         provenance = read_model_index(bundled_models()[name])["provenance"]
         assert provenance["split"] == "all" and provenance["subset"] is None and provenance["num_images"] == 17092
         with pytest.raises(LeakError, match=f"{name} was trained on split 'all' of bloodmnist"):
             check_unseen(provenance, name, "test", "bloodmnist", "augment-study")
     provenance = read_model_index(bundled_models()["ddpm"])["provenance"]
-    assert provenance["split"] == "train" and provenance["subset"] is None and provenance["num_images"] == 11959
-    start = provenance["init_from"]
-    assert start["model"] == "ddpm" and start["revision"].startswith("git 4ddc008")
-    assert start["provenance"]["split"] == "train" and start["provenance"]["init_from"] is None
+    link, depth = provenance, 0
+    while True:
+        assert link["split"] == "train" and link["subset"] is None and link["num_images"] == 11959
+        if link["init_from"] is None:
+            break
+        start = link["init_from"]
+        assert start["model"] == "ddpm" and start["revision"].startswith("git ")
+        link, depth = start["provenance"], depth + 1
+    assert depth >= 1
     check_unseen(provenance, "ddpm", "test", "bloodmnist", "augment-study")
+    start = provenance["init_from"]
     leaky_start = {**start, "provenance": {**start["provenance"], "split": "all"}}
     with pytest.raises(LeakError):
         check_unseen({**provenance, "init_from": leaky_start}, "ddpm", "test", "bloodmnist", "augment-study")

@@ -12,6 +12,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from bloodgen_hf.hub import load_pipeline, save_pipeline
+from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import make_scheduler
 from bloodgen_hf.training import ddpm, gan
 from bloodgen_hf.training.core import TrainConfig, epoch_batches, init_from_pretrained
 from tests.test_ddpm import sample, train_args
@@ -91,6 +92,19 @@ def test_flow_matching_trains_and_samples_with_flow_schedulers(fake_data_dir, tm
     assert not np.array_equal(sample(euler, num_inference_steps=3), images)
     with pytest.raises(ValueError, match="unknown scheduler 'ddim'; choose from: euler, dpm\\+\\+, unipc"):
         pipe.with_scheduler("ddim")
+
+
+def test_a_saved_flow_shift_survives_a_scheduler_swap():
+    """A few-step model may be bundled with its sigmas shifted (`flow_shift`); `--scheduler` must keep the shift."""
+    config = ddpm.build_noise_scheduler("squaredcos_cap_v2", "flow").config
+    shifted = make_scheduler("dpm++", {**config, "flow_shift": 2.0})
+    assert shifted.config.flow_shift == 2.0
+    assert make_scheduler("euler", shifted.config).config.shift == 2.0
+    assert make_scheduler("unipc", make_scheduler("euler", shifted.config).config).config.flow_shift == 2.0
+    shifted.set_timesteps(2)
+    plain = make_scheduler("dpm++", config)
+    plain.set_timesteps(2)
+    assert shifted.sigmas[1] > plain.sigmas[1] == pytest.approx(0.5, abs=1e-3)  # the middle step moves towards noise
 
 
 # --- UNet shape and the CPU budget --------------------------------------------------------------------

@@ -187,13 +187,16 @@ def test_pseudo_huber_is_its_closed_form_per_image():
     assert float(student.pseudo_huber(target, target)) == 0.0
 
 
-def test_reflow_with_u_shaped_times_and_pseudo_huber_trains_and_records_them(teacher, tmp_path):
+def test_reflow_with_u_shaped_times_pseudo_huber_and_a_shifted_sampler_trains_and_records_them(teacher, tmp_path):
     pairs = draw_pairs(teacher, tmp_path / "pairs.npz", 16)
     out = tmp_path / "student"
     extra = ("--pairs", str(pairs), "--max-steps", "2", "--reflow-time", "u-shaped", "--reflow-loss", "pseudo-huber")
-    student.main(student_args(teacher, out, *extra))
+    student.main(student_args(teacher, out, *extra, "--sampler-shift", "2"))
     recorded = json.loads((out / "train_config.json").read_text())["extra"]
     assert (recorded["reflow_time"], recorded["reflow_loss"]) == ("u-shaped", "pseudo-huber")
+    scheduler = load_pipeline(str(out / "pipeline")).scheduler
+    scheduler.set_timesteps(2)
+    assert scheduler.config.flow_shift == 2.0 and float(scheduler.sigmas[1]) == pytest.approx(2 / 3, abs=1e-3)
     assert all(np.isfinite(json.loads(line)["loss"]) for line in (out / "metrics.jsonl").read_text().splitlines())
     with pytest.raises(SystemExit, match="--reflow-time and --reflow-loss are for --method reflow"):
         student.main(student_args(teacher, tmp_path / "c", "--method", "consistency", "--reflow-time", "u-shaped"))
@@ -215,6 +218,7 @@ def test_bad_student_settings_get_one_clear_error(teacher, tmp_path, fake_data_d
         (("--pairs", str(pairs), "--flip"), "--flip would break the"),
         (("--method", "consistency", "--pairs", str(pairs)), "--pairs is for --method reflow"),
         (("--pairs", str(pairs), "--cd-intervals", "0"), "--cd-intervals must be at least 1"),
+        (("--pairs", str(pairs), "--sampler-shift", "0"), "--sampler-shift must be above 0"),
         (("--pairs", str(tmp_path / "missing.npz")), "is not an archive written by `bloodgen-hf sample"),
     ]
     for extra, message in cases:

@@ -303,7 +303,7 @@ class DDPMTask(EMATask):
         """The EMA UNet with the chosen sampler and defaults: what is saved, and what draws the grids."""
         pipe = BloodDDPMPipeline(
             unet=self.ema_unet(accelerator),
-            scheduler=make_scheduler(self.options["sampler"], self.noise_scheduler.config),
+            scheduler=make_scheduler(self.options["sampler"], self.sampler_config()),
             class_names=list(self.class_names),
             default_guidance_scale=self.options["guidance_scale"],
             default_num_inference_steps=self.options["sampler_steps"],
@@ -311,6 +311,11 @@ class DDPMTask(EMATask):
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def sampler_config(self) -> dict:
+        """The noise schedule the saved sampler reads; a student may shift its flow sigmas (--sampler-shift)."""
+        shift = self.options.get("sampler_shift", 1.0)
+        return {**self.noise_scheduler.config, "flow_shift": shift} if shift != 1.0 else self.noise_scheduler.config
 
     def sample_grid(self, accelerator: Accelerator) -> torch.Tensor:
         """One row per class, from fixed per-image seeds (so grids of successive epochs compare, and the

@@ -19,8 +19,10 @@ onto its own no-gradient estimate at the teacher's point. f(x, 0) = x holds by c
 f(noise, 1) is an image in one pass.
 
 Both save a BloodDDPMPipeline: flow DPM-Solver++ (a plain Euler step at 1 step), guidance 1,
-`--sampler-steps` steps by default. Its provenance is the teacher's data, with the teacher in
-`distilled_from`, so the checks of bloodgen_hf/provenance.py follow the teacher.
+`--sampler-steps` steps by default, its sigmas shifted towards noise by `--sampler-shift` (diffusers'
+`flow_shift`: sigma' = s sigma / (1 + (s - 1) sigma); at 2 steps, s = 2 moves the middle step from 0.5 to 0.67).
+Its provenance is the teacher's data, with the teacher in `distilled_from`, so the checks of
+bloodgen_hf/provenance.py follow the teacher.
 """
 
 from __future__ import annotations
@@ -193,6 +195,8 @@ def check_student_options(o: dict, config: TrainConfig) -> None:
         raise ValueError(f"--cd-intervals must be at least 1, got {o['cd_intervals']}")
     if o["sampler_steps"] < 1:
         raise ValueError(f"--sampler-steps must be at least 1, got {o['sampler_steps']}")
+    if not (math.isfinite(o["sampler_shift"]) and o["sampler_shift"] > 0):
+        raise ValueError(f"--sampler-shift must be above 0 (1 leaves the sigmas as they are), got {o['sampler_shift']}")
 
 
 @dataclass
@@ -284,6 +288,9 @@ def add_student_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     add_optimization_arguments(parser, lr=1e-4, ema_max_decay=0.999)
     parser.add_argument("--sampler-steps", type=int, default=2, help="saved pipeline's default steps")
+    parser.add_argument(
+        "--sampler-shift", type=float, default=1.0, help="saved pipeline's flow_shift (above 1: steps nearer noise)"
+    )
     parser.add_argument("--grid-per-class", type=int, default=8, help="images per class row in sample grids")
     return parser
 
