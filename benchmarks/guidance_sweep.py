@@ -18,12 +18,10 @@ import argparse
 import json
 from pathlib import Path
 
-from diffusers import FlowMatchEulerDiscreteScheduler
-
 from bloodgen_hf.evaluation.protocol import Protocol
 from bloodgen_hf.evaluation.runner import build_tools, evaluate_to_folder
 from bloodgen_hf.hub import load_pipeline
-from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import is_flow
+from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import flow_shift_setting, is_flow
 from bloodgen_hf.process import tune_malloc
 
 PANELS = (("fd_bloodnet", "Fréchet distance (BloodNet) ↓"), ("class_accuracy", "class accuracy ↑"))
@@ -38,8 +36,8 @@ def with_flow_shift(pipe, shift: float):
         raise SystemExit(
             f"error: --flow-shifts needs a flow-matching model; {type(pipe.scheduler).__name__} is not one"
         )
-    key = "shift" if isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) else "flow_shift"
-    pipe.scheduler = type(pipe.scheduler).from_config(config, **{key: shift})
+    cls = type(pipe.scheduler)
+    pipe.scheduler = cls.from_config(config, **flow_shift_setting(cls, shift))
     return pipe
 
 

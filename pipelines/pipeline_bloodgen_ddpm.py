@@ -49,6 +49,11 @@ def is_flow(config) -> bool:
     return "shift" in config and "beta_start" not in config
 
 
+def flow_shift_setting(cls: type, shift: float) -> dict:
+    """The time shift as `cls` takes it: FlowMatchEuler names it `shift`, the flow solvers `flow_shift`."""
+    return {("shift" if cls is FlowMatchEulerDiscreteScheduler else "flow_shift"): shift}
+
+
 def make_scheduler(name: str, config) -> object:
     """A scheduler named as in SCHEDULERS, with the noise schedule of `config` (any scheduler's config);
     a flow-matching config gets the flow version of the named solver (FLOW_SCHEDULERS)."""
@@ -60,7 +65,7 @@ def make_scheduler(name: str, config) -> object:
     cls, settings = table[key]
     if table is FLOW_SCHEDULERS:  # the length and the time shift carry over, under each class's own name for it
         shift = config.get("flow_shift", config.get("shift", 1.0))
-        settings = {**settings, ("shift" if cls is FlowMatchEulerDiscreteScheduler else "flow_shift"): shift}
+        settings = {**settings, **flow_shift_setting(cls, shift)}
         return cls(num_train_timesteps=config["num_train_timesteps"], **settings)
     return cls.from_config(config, **settings)
 
