@@ -1,12 +1,13 @@
 """Which process settings make DDPM sampling faster on this machine: malloc tuning, batch size, threads,
-channels_last and inference_mode, each measured in a fresh process against the plain baseline.
+channels_last, inference_mode and bf16 autocast, each measured in a fresh process against the plain baseline.
 
     python benchmarks/bench_speed.py [--model ddpm] [--n 500] [--steps 10]
 
 Every configuration samples the same n images (the CLI's code path, `bloodgen_hf.sampling.generate`,
 no PNG writing) in its own interpreter, so malloc settings and thread pools do not leak between them.
 Prints images/s and the ratio to the baseline (glibc malloc defaults, batch 250, 2 threads,
-contiguous tensors, no_grad), and whether the images are bit-identical to the baseline's.
+contiguous tensors, no_grad, fp32), and whether the images are bit-identical to the baseline's (bf16 rounds,
+so its images differ; `bloodgen-hf evaluate --precision` measures what that does to quality).
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import subprocess
 import sys
 import time
 
-BASELINE = {"tune_malloc": False, "batch_size": 250, "threads": 2, "channels_last": False, "inference_mode": False}
+BASELINE = {
+    "tune_malloc": False,
+    "batch_size": 250,
+    "threads": 2,
+    "channels_last": False,
+    "inference_mode": False,
+    "precision": "fp32",
+}
 VARIANTS = [
     {},
     {"tune_malloc": True},
@@ -31,6 +39,9 @@ VARIANTS = [
     {"tune_malloc": True, "channels_last": True},
     {"tune_malloc": True, "inference_mode": True},
     {"tune_malloc": True, "channels_last": True, "inference_mode": True},
+    {"tune_malloc": True, "precision": "bf16"},
+    {"tune_malloc": True, "precision": "bf16", "batch_size": 500},
+    {"tune_malloc": True, "precision": "bf16", "channels_last": True},
 ]
 
 
@@ -49,6 +60,7 @@ def worker(config: dict) -> None:
     if config["channels_last"]:
         pipe.unet.to(memory_format=torch.channels_last)
     kwargs = {"num_inference_steps": config["steps"]} if config["steps"] else {}
+    kwargs["precision"] = config["precision"]
     labels = plan_labels(config["n"])
     context = torch.inference_mode() if config["inference_mode"] else torch.no_grad()
     digest = hashlib.sha256()

@@ -61,6 +61,13 @@ LatentBias = Annotated[float, typer.Option(help="VAE: shift added to the prior n
 Steps = Annotated[int, typer.Option(help="DDPM: number of denoising steps.")]
 Guidance = Annotated[float, typer.Option(help="DDPM: classifier-free guidance scale.")]
 Scheduler = Annotated[str, typer.Option(help="DDPM: ddpm, ddim, dpm++, unipc or euler.")]
+Precision = Annotated[
+    str,
+    typer.Option(
+        help="auto, fp32 or bf16 (autocast). auto: bf16 for DDPM models on a CPU with bf16 in hardware "
+        "(AMX or AVX512-BF16, 2.6x faster there), else fp32."
+    ),
+]
 Runs = Annotated[int, typer.Option(help="Independent runs; run r uses seed+r.")]
 Count = Annotated[int, typer.Option("--n", help="Real and generated images per run.")]
 Extractor = Annotated[
@@ -143,7 +150,7 @@ def pick_device(device: str) -> str:
     return device
 
 
-def sampling_options(temperature, latent_bias, steps, guidance, scheduler) -> dict:
+def sampling_options(temperature, latent_bias, steps, guidance, scheduler, precision="auto") -> dict:
     """The model-specific sampling flags the user set, named as the pipelines' arguments."""
     options = {
         "temperature": temperature,
@@ -151,6 +158,7 @@ def sampling_options(temperature, latent_bias, steps, guidance, scheduler) -> di
         "num_inference_steps": steps,
         "guidance_scale": guidance,
         "scheduler": scheduler,
+        "precision": precision,
     }
     return {k: v for k, v in options.items() if v is not None}
 
@@ -189,6 +197,7 @@ def sample(
     steps: Steps = None,
     guidance: Guidance = None,
     scheduler: Scheduler = None,
+    precision: Precision = "auto",
 ):
     """Generate N class-conditional images with a bundled or saved model."""
     from bloodgen_hf.evaluation.protocol import pipeline_fingerprint
@@ -215,7 +224,7 @@ def sample(
     claim_output(out, overwrite)
     pipe = load_pipeline(model, pick_device(device))
     labels, class_names = model_labels(pipe, n, classes, "real" if real_distribution else "balanced")
-    options = sampling_options(temperature, latent_bias, steps, guidance, scheduler)
+    options = sampling_options(temperature, latent_bias, steps, guidance, scheduler, precision)
     weights = pipeline_fingerprint(pipe)  # as saved, before the options change its scheduler
     pipe, kwargs = configure_sampling(pipe, options)
     info = {
@@ -225,6 +234,7 @@ def sample(
         "distribution": "real" if real_distribution else "balanced",
         "n": n,
         **options,
+        "precision": kwargs["precision"],  # as resolved on this machine
     }
     started = time.time()
     batches = generate(pipe, labels, seed=seed, batch_size=batch_size, **kwargs)
@@ -477,6 +487,7 @@ def evaluate(
     steps: Steps = None,
     guidance: Guidance = None,
     scheduler: Scheduler = None,
+    precision: Precision = "auto",
 ):
     """The standard protocol: --runs x (--n real vs --n generated images), every metric, mean ± std."""
     from bloodgen_hf.evaluation.report import metric_table, write_hub_results
@@ -496,7 +507,7 @@ def evaluate(
         bloodnet,
         num_workers,
     )
-    options = sampling_options(temperature, latent_bias, steps, guidance, scheduler)
+    options = sampling_options(temperature, latent_bias, steps, guidance, scheduler, precision)
     pipe, kwargs = configure_sampling(load_pipeline(model, device), options)
     results = evaluate_to_folder(
         pipe, model, out, *tools, protocol, data_dir, split, cache_dir, kwargs, log=_log, dataset=dataset
@@ -540,6 +551,7 @@ def compare(
     batch_size: GenerationBatch = 250,
     num_workers: NumWorkers = 0,
     device: Device = "auto",
+    precision: Precision = "auto",
 ):
     """Evaluate several models with one protocol; write a markdown report with table, charts and grids."""
     from functools import partial
@@ -574,6 +586,7 @@ def compare(
         dataset=dataset,
         split=split,
         cache_dir=cache_dir,
+        sampling_kwargs={"precision": precision},
         reuse=reuse,
         html=html,
         log=_log,

@@ -46,19 +46,28 @@ def tune_malloc(trim_threshold: int = HEAP_KEEP_BYTES, mmap_threshold: int = MMA
     return _applied
 
 
-def cpu_name() -> str:
-    """The CPU's model name and widest vector unit, for benchmark reports: CPU time buys different work on
-    another CPU, and virtual machines often report only "AMD EPYC" for CPUs several times apart in speed."""
+def cpu_fields() -> dict[str, str]:
+    """/proc/cpuinfo's fields for the first CPU ({} where there is none)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        lines = []
-    pairs = (line.split(":", 1) for line in lines if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in pairs}
+        return {}
+    fields: dict[str, str] = {}
+    for key, value in (line.split(":", 1) for line in lines if ":" in line):
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_name() -> str:
+    """The CPU's model name and widest vector unit, for benchmark reports: CPU time buys different work on
+    another CPU, and virtual machines often report only "AMD EPYC" for CPUs several times apart in speed."""
+    fields = cpu_fields()
     name = fields.get("model name") or platform.processor() or "unknown CPU"
     if "flags" not in fields:  # no /proc/cpuinfo, or not x86: nothing more to say
         return name
-    return f"{name} ({vector_unit(fields['flags'].split())}, family {fields.get('cpu family', '?')})"
+    flags = fields["flags"].split()
+    bf16 = ", bf16" if native_bf16(flags) else ""
+    return f"{name} ({vector_unit(flags)}{bf16}, family {fields.get('cpu family', '?')})"
 
 
 def vector_unit(flags: list[str]) -> str:
@@ -67,3 +76,12 @@ def vector_unit(flags: list[str]) -> str:
         if flag in flags:
             return label
     return "no AVX"
+
+
+def native_bf16(flags: list[str] | None = None) -> bool:
+    """Whether the CPU computes bfloat16 products in hardware (AMX-BF16 tiles or AVX512-BF16 dot products).
+
+    There oneDNN runs a UNet pass in bf16 2.6x faster than in fp32 (`benchmarks/bench_speed.py`); without
+    them bf16 is emulated and slower, so `--precision auto` keeps fp32."""
+    flags = cpu_fields().get("flags", "").split() if flags is None else flags
+    return "amx_bf16" in flags or "avx512_bf16" in flags

@@ -6,6 +6,7 @@ regenerated alone from the manifest, whatever batch size made it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import json
@@ -23,6 +24,7 @@ from bloodgen_hf.io import atomic_path
 
 FORMATS = ("png", "npz", "hf-dataset")
 INFO_NAME = "info.json"
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def plan_labels(
@@ -87,10 +89,12 @@ def configure_sampling(pipe, options: dict) -> tuple[object, dict]:
     """Split CLI sampling options into a configured pipeline and keyword arguments for its __call__.
 
     `scheduler` swaps the pipeline's scheduler (pipelines that have one define `with_scheduler`);
-    every other option must be a parameter of the pipeline's __call__, else it is refused by name.
+    `precision` (default auto) comes back resolved for this pipeline, for `generate`; every other option
+    must be a parameter of the pipeline's __call__, else it is refused by name.
     """
     options = dict(options)
     scheduler = options.pop("scheduler", None)
+    precision = options.pop("precision", "auto")
     if scheduler is not None:
         if not hasattr(pipe, "with_scheduler"):
             raise ValueError(f"--scheduler does not apply to {type(pipe).__name__}")
@@ -100,16 +104,48 @@ def configure_sampling(pipe, options: dict) -> tuple[object, dict]:
         if name not in accepted:
             flag = {"num_inference_steps": "steps", "guidance_scale": "guidance"}.get(name, name).replace("_", "-")
             raise ValueError(f"--{flag} does not apply to {type(pipe).__name__}")
-    return pipe, options
+    return pipe, {**options, "precision": resolve_precision(precision, pipe)}
+
+
+def resolve_precision(precision: str, pipe) -> str:
+    """fp32 or bf16 for `precision`. auto: bf16 for a diffusion pipeline (one with a scheduler, whose many UNet
+    passes are the cost) on a CPU that computes bf16 in hardware (bloodgen_hf.process.native_bf16), else fp32.
+    A GAN or VAE makes an image in one cheap pass; there bf16 would only round the pixels."""
+    from bloodgen_hf.process import native_bf16
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = torch.device(getattr(pipe, "device", "cpu"))
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--precision bf16 asked for, but this GPU has no bfloat16 support")
+    if precision != "auto":
+        return precision
+    diffusion = "scheduler" in getattr(pipe, "components", {})
+    return "bf16" if device.type == "cpu" and diffusion and native_bf16() else "fp32"
+
+
+def precision_context(precision: str, device) -> contextlib.AbstractContextManager:
+    """bf16: torch.autocast, so convolutions and matmuls run in bf16 while the pipeline keeps its sample and
+    scheduler arithmetic in fp32 (BloodDDPMPipeline casts each UNet output back); fp32: nothing."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def generate(
-    pipe, labels: np.ndarray, seed: int = 0, batch_size: int = 256, progress: bool = True, **pipeline_kwargs
+    pipe,
+    labels: np.ndarray,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = True,
+    precision: str = "auto",
+    **pipeline_kwargs,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield (uint8 images [B,H,W,3], labels [B], seeds [B]) batch by batch."""
+    """Yield (uint8 images [B,H,W,3], labels [B], seeds [B]) batch by batch, at `precision` (resolve_precision)."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     device = pipe.device
+    autocast = precision_context(resolve_precision(precision, pipe), device)
     if hasattr(pipe, "set_progress_bar_config"):  # one bar over all images, not one per batch's denoising loop
         pipe.set_progress_bar_config(disable=True)
     with tqdm(total=len(labels), unit="img", desc="sample", disable=not progress) as bar:
@@ -117,15 +153,22 @@ def generate(
             batch = labels[start : start + batch_size]
             seeds = np.arange(start, start + len(batch), dtype=np.int64) + seed
             generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
-            images = pipe(
-                num_images=len(batch),
-                class_labels=batch.tolist(),
-                generator=generators,
-                output_type="pt",
-                **pipeline_kwargs,
-            ).images
+            with autocast:
+                images = pipe(
+                    num_images=len(batch),
+                    class_labels=batch.tolist(),
+                    generator=generators,
+                    output_type="pt",
+                    **pipeline_kwargs,
+                ).images.float()
             yield (images.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy(), batch, seeds
             bar.update(len(batch))
+
+
+def sampling_record(pipe, sampling_kwargs: dict) -> dict:
+    """The sampling settings as results and caches record them: the options given, with the precision
+    resolved for this pipeline on this machine (an fp32 result must not stand in for a bf16 one)."""
+    return {**sampling_kwargs, "precision": resolve_precision(sampling_kwargs.get("precision", "auto"), pipe)}
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -193,14 +193,16 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
     def guided_prediction(
         self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float
     ) -> torch.Tensor:
-        """The UNet's output mixed by classifier-free guidance (one or two passes, see the class doc)."""
+        """The UNet's output mixed by classifier-free guidance (one or two passes, see the class doc), in x's
+        dtype: under torch.autocast the UNet answers in bf16, and the guidance mix and the scheduler's update
+        stay in fp32."""
         if guidance_scale == 1:
-            return self.unet(x, t, class_labels=labels).sample
+            return self.unet(x, t, class_labels=labels).sample.to(x.dtype)
         null = torch.full_like(labels, self.null_class)
         if guidance_scale == 0:
-            return self.unet(x, t, class_labels=null).sample
+            return self.unet(x, t, class_labels=null).sample.to(x.dtype)
         t = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim else t  # one timestep per image (distillation)
-        both = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample
+        both = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample.to(x.dtype)
         conditional, unconditional = both.chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
 

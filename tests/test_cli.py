@@ -35,7 +35,15 @@ def test_sample_png_writes_class_folders_manifest_and_info(tiny_gan_dir, tmp_pat
         assert Image.open(out / row["file"]).size == (28, 28)
     info = json.loads((out / "info.json").read_text())
     assert info["num_images"] == 20 and info["seed"] == 5
+    assert info["precision"] == "fp32"  # auto resolves to fp32 for a GAN on every machine
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_sample_refuses_an_unknown_precision_before_writing(tiny_gan_dir, tmp_path):
+    result = invoke("sample", "--n", 2, "--model", tiny_gan_dir, "--out", tmp_path / "s", "--precision", "fp16")
+    assert result.exit_code == 2
+    assert "--precision must be one of auto, fp32, bf16, got 'fp16'" in result.output
+    assert not (tmp_path / "s").exists()
 
 
 def test_sample_npz_matches_png_and_is_reproducible_per_image(tiny_gan_dir, tmp_path):

@@ -133,6 +133,42 @@ def test_guidance_mixes_the_conditional_and_unconditional_predictions():
     torch.testing.assert_close(guided, uncond + 2.5 * (cond - uncond), atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_autocast_samples_close_to_fp32_and_stays_deterministic():
+    """--precision bf16: the UNet runs under autocast, the sample and the guidance mix stay in fp32."""
+    from bloodgen_hf.sampling import generate
+
+    pipe = tiny_ddpm_pipeline()
+    labels = np.array([0, 3, 5, 7])
+
+    def draw(precision):
+        batches = generate(pipe, labels, seed=3, progress=False, precision=precision, guidance_scale=1.5, **STEPS)
+        return np.concatenate([b[0] for b in batches]).astype(np.int16)
+
+    fp32, bf16 = draw("fp32"), draw("bf16")
+    assert bf16.dtype == fp32.dtype and bf16.shape == fp32.shape == (4, 28, 28, 3)
+    np.testing.assert_array_equal(bf16, draw("bf16"))
+    assert np.abs(bf16 - fp32).mean() < 2.0 and not np.array_equal(bf16, fp32)  # rounded, not another image
+    x, t = torch.randn(2, 3, 28, 28), torch.tensor(500)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pipe.guided_prediction(x, t, torch.tensor([1, 6]), 2.5).dtype == torch.float32
+
+
+def test_precision_auto_is_bf16_only_for_diffusion_on_a_bf16_cpu(monkeypatch):
+    from bloodgen_hf import process
+    from bloodgen_hf.sampling import configure_sampling, resolve_precision
+    from tests.conftest import tiny_gan_pipeline
+
+    ddpm_pipe, gan_pipe = tiny_ddpm_pipeline(), tiny_gan_pipeline()
+    monkeypatch.setattr(process, "native_bf16", lambda flags=None: True)
+    assert resolve_precision("auto", ddpm_pipe) == "bf16" and resolve_precision("auto", gan_pipe) == "fp32"
+    assert configure_sampling(ddpm_pipe, {})[1] == {"precision": "bf16"}
+    assert resolve_precision("fp32", ddpm_pipe) == "fp32" and resolve_precision("bf16", gan_pipe) == "bf16"
+    monkeypatch.setattr(process, "native_bf16", lambda flags=None: False)
+    assert resolve_precision("auto", ddpm_pipe) == "fp32"
+    with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16, got 'fp16'"):
+        configure_sampling(ddpm_pipe, {"precision": "fp16"})
+
+
 @pytest.mark.parametrize(
     "name, cls",
     [

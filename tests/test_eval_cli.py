@@ -157,12 +157,20 @@ def test_compare_writes_one_report_folder(tiny_gan_dir, common, tmp_path):
         "--reuse",
     )
     assert again.exit_code == 0 and again.output.count("reusing") == 2
+    assert results["protocol"]["sampling"] == {"precision": "fp32"}
+    kept = json.loads((out / "models" / "tiny_gan" / "results.json").read_text())
+    kept["protocol"]["sampling"] = {}  # as written before --precision existed, when every run was fp32
+    (out / "models" / "tiny_gan" / "results.json").write_text(json.dumps(kept))
     tiny_gan_pipeline(seed=2).save_pretrained(other)  # retrained in place: its old results no longer count
     retrained = invoke(
         "compare", "--models", f"{tiny_gan_dir},{other}", *SMALL, *common, *args[:2], "--out", out, "--reuse"
     )
     assert retrained.exit_code == 0 and retrained.output.count("reusing") == 1, retrained.output
     assert "== other_gan: evaluating" in retrained.output
+    in_bf16 = invoke(
+        "compare", "--models", tiny_gan_dir, *SMALL, *common, *args[:2], "--out", out, "--reuse", "--precision", "bf16"
+    )
+    assert in_bf16.exit_code == 0 and "reusing" not in in_bf16.output, in_bf16.output  # fp32 runs do not count
 
 
 def test_augment_study_trains_every_setting_and_fraction(train_split_gan_dir, fake_data_dir, tmp_path):

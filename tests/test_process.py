@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bloodgen_hf.process import cpu_name, vector_unit
+from bloodgen_hf.process import cpu_name, native_bf16, vector_unit
 
 PROBE = "from bloodgen_hf.process import tune_malloc; print(tune_malloc(), tune_malloc())"
 
@@ -67,3 +67,8 @@ def test_vector_unit_names_the_widest_extension():
     assert vector_unit(["sse2", "avx", "avx2"]) == "AVX2"
     assert vector_unit(["neon"]) == "no AVX"
     assert cpu_name()  # never raises, whatever the machine
+
+
+def test_native_bf16_needs_amx_or_avx512_bf16():
+    assert native_bf16(["avx512f", "amx_tile", "amx_bf16"]) and native_bf16(["avx512f", "avx512_bf16"])
+    assert not native_bf16(["avx512f", "avx2"]) and not native_bf16([])

@@ -16,6 +16,7 @@ from bloodgen_hf.data import CLASS_NAMES
 from bloodgen_hf.hub import load_pipeline, save_pipeline
 from bloodgen_hf.pipelines import pipeline_bloodgen_ddpm
 from bloodgen_hf.provenance import LeakError, check_unseen
+from bloodgen_hf.sampling import resolve_precision
 from bloodgen_hf.training import student
 from bloodgen_hf.training.core import TrainConfig
 from tests.conftest import tiny_ddpm_pipeline
@@ -79,6 +80,7 @@ def test_pairs_hold_the_noise_the_teacher_drew(teacher, tmp_path, monkeypatch):
     assert images.shape == noise.shape == (2, 3, 28, 28) and labels.tolist() == [3, 0]
     assert torch.equal(noise, torch.cat(drawn)[[3, 0]])
     assert info["num_pairs"] == 12 and info["guidance_scale"] == 2.0 and info["num_inference_steps"] == 3
+    assert info["precision"] == resolve_precision("auto", load_pipeline(str(teacher)))  # as `sample` drew them
     with np.load(pairs_file) as archive:
         assert archive["seeds"].tolist() == list(range(5, 17))
 

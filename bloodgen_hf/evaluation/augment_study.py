@@ -51,7 +51,7 @@ from bloodgen_hf.provenance import (
     pipeline_provenance,
     real_subset,
 )
-from bloodgen_hf.sampling import generate, pipeline_class_names
+from bloodgen_hf.sampling import generate, pipeline_class_names, sampling_record
 
 SETTINGS = ("real", "real+synthetic", "synthetic")
 POOL_SEED = 7_000_000  # generation seeds of the pool start here, away from evaluate's
@@ -271,6 +271,7 @@ def run_study(
     else:
         check_unseen(pipeline_provenance(pipe), model or "the model", EVAL_SPLIT, dataset, "augment-study")
         size = image_size(pipe, sampling_kwargs)
+        sampling_kwargs = sampling_record(pipe, sampling_kwargs)  # the precision it will sample at, recorded
     train_images, train_labels, names, _ = load_data(dataset, "train", size, data_dir)
     holdout = load_data(dataset, "val", size, data_dir)[:2]
     test_images, test_labels = load_data(dataset, EVAL_SPLIT, size, data_dir)[:2]

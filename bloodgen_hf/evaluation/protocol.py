@@ -24,7 +24,7 @@ from bloodgen_hf.evaluation.cache import cached_features
 from bloodgen_hf.evaluation.features import FeatureExtractor, Features
 from bloodgen_hf.io import atomic_path, make_grid, upscale
 from bloodgen_hf.process import cpu_name
-from bloodgen_hf.sampling import generate, plan_labels
+from bloodgen_hf.sampling import generate, plan_labels, sampling_record
 
 METRICS = ("fd", "kid", "is", "pr", "dc", "1nn", "memorization", "class-fd", "accuracy")
 METRIC_HELP = {
@@ -204,7 +204,7 @@ def evaluate(
         )
     real_accuracy = reference_accuracy(real, classifier, extractor, real_features, protocol)
 
-    record = protocol_record(protocol, real, extractor, classifier, threshold, sampling_kwargs)
+    record = protocol_record(protocol, real, extractor, classifier, threshold, sampling_record(pipe, sampling_kwargs))
     fingerprint = pipeline_fingerprint(pipe)
     key = run_key(record, fingerprint)
     runs, pairs = [], None

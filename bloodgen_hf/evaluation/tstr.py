@@ -30,6 +30,7 @@ from bloodgen_hf.evaluation.report import write_json
 from bloodgen_hf.evaluation.runner import image_size
 from bloodgen_hf.guard import plain
 from bloodgen_hf.provenance import LeakError, check_unseen, pipeline_provenance
+from bloodgen_hf.sampling import sampling_record
 
 METRICS = ("accuracy", "macro_f1")
 
@@ -102,7 +103,8 @@ def run_tstr(
             return pool["images"], pool["labels"]
 
         real = scored(out / "tstr" / f"real-{size}", real_images, data, study, config.seed, settings, reuse, log)
-        settings = {**settings, "sampling": sampling_kwargs, "provenance": pipeline_provenance(pipe)}
+        sampling = sampling_record(pipe, sampling_kwargs)  # with the precision: fp32 pools do not stand in for bf16
+        settings = {**settings, "sampling": sampling, "provenance": pipeline_provenance(pipe)}
         synthetic = scored(out / "tstr" / label, synthetic_images, data, study, config.seed, settings, reuse, log)
         results[label] = {**settings, "synthetic": synthetic, "real": real, "ratio": ratios(synthetic, real)}
         ratio = results[label]["ratio"]["accuracy"]
@@ -120,7 +122,10 @@ def scored(folder: Path, make_data, data: dict, study: StudyConfig, seed: int, s
     done = folder / "result.json"
     if reuse and done.is_file():
         saved = json.loads(done.read_text())
-        if saved.get("settings") == plain(settings):
+        kept = saved.get("settings") or {}
+        if kept.get("sampling") == {}:  # results from before --precision were all sampled in fp32
+            kept = {**kept, "sampling": {"precision": "fp32"}}
+        if kept == plain(settings):
             log(f"== TSTR {folder.name}: reusing {done}")
             return saved["scores"]
     images, labels = make_data()

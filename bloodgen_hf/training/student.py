@@ -152,6 +152,7 @@ def load_pairs(path: str, teacher_name: str, teacher: BloodDDPMPipeline) -> tupl
         "guidance_scale": info.get("guidance_scale", teacher.config.default_guidance_scale),
         "num_inference_steps": info.get("num_inference_steps", teacher.default_steps()),
         "scheduler": info.get("scheduler", type(teacher.scheduler).__name__),  # `sample` records what was set
+        "precision": info.get("precision", "fp32"),  # pairs from before --precision were drawn in fp32
     }
     return TeacherPairs(images, labels, noise, names), drawn
 
