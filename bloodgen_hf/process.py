@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 from pathlib import Path
@@ -46,8 +47,10 @@ def tune_malloc(trim_threshold: int = HEAP_KEEP_BYTES, mmap_threshold: int = MMA
     return _applied
 
 
+@functools.cache
 def cpu_fields() -> dict[str, str]:
-    """/proc/cpuinfo's fields for the first CPU ({} where there is none)."""
+    """/proc/cpuinfo's fields for the first CPU ({} where there is none), read once: every sampling call asks
+    `native_bf16`, and the CPU does not change under a running process."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:

@@ -171,6 +171,11 @@ def sampling_record(pipe, sampling_kwargs: dict) -> dict:
     return {**sampling_kwargs, "precision": resolve_precision(sampling_kwargs.get("precision", "auto"), pipe)}
 
 
+def recorded_sampling(sampling: dict) -> dict:
+    """A sampling record as read back from results or caches: those written before --precision were all fp32."""
+    return {"precision": "fp32", **sampling}
+
+
 def check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")

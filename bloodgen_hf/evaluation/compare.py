@@ -27,7 +27,7 @@ from bloodgen_hf.evaluation.report import (
 from bloodgen_hf.evaluation.runner import check_classes, evaluate_to_folder, image_size, model_label, parameter_count
 from bloodgen_hf.evaluation.tstr import TSTRConfig, run_tstr, split_models, tstr_lines
 from bloodgen_hf.io import labelled_class_grid, save_image
-from bloodgen_hf.sampling import generate, pipeline_class_names, sampling_record
+from bloodgen_hf.sampling import generate, pipeline_class_names, recorded_sampling, sampling_record
 
 GRID_PER_CLASS = 8
 PROTOCOL_KEYS = (
@@ -82,8 +82,8 @@ def reusable(folder: Path, protocol: dict, fingerprint: str) -> dict | None:
         return None
     results = json.loads(file.read_text())
     old = results.get("protocol", {})
-    if isinstance(old.get("sampling"), dict):  # results from before --precision were all sampled in fp32
-        old = {**old, "sampling": {"precision": "fp32", **old["sampling"]}}
+    if isinstance(old.get("sampling"), dict):
+        old = {**old, "sampling": recorded_sampling(old["sampling"])}
     same = all(old.get(k) == protocol.get(k) for k in PROTOCOL_KEYS if k in protocol)
     return results if same and results.get("model_sha256") == fingerprint else None
 

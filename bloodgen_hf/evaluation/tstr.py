@@ -30,7 +30,7 @@ from bloodgen_hf.evaluation.report import write_json
 from bloodgen_hf.evaluation.runner import image_size
 from bloodgen_hf.guard import plain
 from bloodgen_hf.provenance import LeakError, check_unseen, pipeline_provenance
-from bloodgen_hf.sampling import sampling_record
+from bloodgen_hf.sampling import recorded_sampling, sampling_record
 
 METRICS = ("accuracy", "macro_f1")
 
@@ -123,8 +123,8 @@ def scored(folder: Path, make_data, data: dict, study: StudyConfig, seed: int, s
     if reuse and done.is_file():
         saved = json.loads(done.read_text())
         kept = saved.get("settings") or {}
-        if kept.get("sampling") == {}:  # results from before --precision were all sampled in fp32
-            kept = {**kept, "sampling": {"precision": "fp32"}}
+        if isinstance(kept.get("sampling"), dict):
+            kept = {**kept, "sampling": recorded_sampling(kept["sampling"])}
         if kept == plain(settings):
             log(f"== TSTR {folder.name}: reusing {done}")
             return saved["scores"]
