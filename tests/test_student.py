@@ -80,9 +80,34 @@ def test_pairs_hold_the_noise_the_teacher_drew(teacher, tmp_path, monkeypatch):
     assert images.shape == noise.shape == (2, 3, 28, 28) and labels.tolist() == [3, 0]
     assert torch.equal(noise, torch.cat(drawn)[[3, 0]])
     assert info["num_pairs"] == 12 and info["guidance_scale"] == 2.0 and info["num_inference_steps"] == 3
-    assert info["precision"] == resolve_precision("auto", load_pipeline(str(teacher)))  # as `sample` drew them
+    assert info["files"][0]["precision"] == resolve_precision("auto", load_pipeline(str(teacher)))  # as drawn
     with np.load(pairs_file) as archive:
         assert archive["seeds"].tolist() == list(range(5, 17))
+
+
+def test_pairs_from_several_files_join_and_keep_each_files_record(teacher, tmp_path):
+    """Two draws at seeds apart: one dataset, each image with its own noise, and both files in the record."""
+    pipe = load_pipeline(str(teacher))
+    first = draw_pairs(teacher, tmp_path / "a.npz", 6)
+    second = draw_pairs(teacher, tmp_path / "b.npz", 4, "--seed", "50")
+    joined, info = student.load_pairs([str(first), str(second)], str(teacher), pipe)
+    a, _ = student.load_pairs(str(first), str(teacher), pipe)
+    b, _ = student.load_pairs([str(second)], str(teacher), pipe)
+    assert len(joined) == info["num_pairs"] == 10
+    assert torch.equal(joined.noise, torch.cat([a.noise, b.noise])) and torch.equal(joined.images[6:], b.images)
+    assert [(f["file"], f["num_pairs"], f["seed"]) for f in info["files"]] == [(str(first), 6, 0), (str(second), 4, 50)]
+    assert info["guidance_scale"] == 2.0 and info["num_inference_steps"] == 3
+
+
+def test_pairs_that_share_seeds_or_sampler_settings_differ_are_refused(teacher, tmp_path):
+    pipe = load_pipeline(str(teacher))
+    first = draw_pairs(teacher, tmp_path / "a.npz", 6)
+    overlapping = draw_pairs(teacher, tmp_path / "b.npz", 4, "--seed", "3")
+    with pytest.raises(ValueError, match=r"seed 3 is in more than one pair .*a.npz, .*b.npz.*--seed past the others"):
+        student.load_pairs([str(first), str(overlapping)], str(teacher), pipe)
+    other_guidance = draw_pairs(teacher, tmp_path / "c.npz", 4, "--seed", "50", "--guidance", "1.5")
+    with pytest.raises(ValueError, match=r"c.npz was drawn at guidance_scale 1.5, .*a.npz at 2.0"):
+        student.load_pairs([str(first), str(other_guidance)], str(teacher), pipe)
 
 
 def test_the_student_starts_as_the_teacher(teacher, tmp_path):
@@ -138,9 +163,9 @@ def test_a_student_continued_with_init_from_records_where_its_weights_started(te
     )
     provenance = load_pipeline(str(second / "pipeline")).config.provenance
     assert provenance["init_from"]["model"] == str(first / "pipeline")
-    assert provenance["init_from"]["provenance"]["distilled_from"]["pairs"]["seed"] == 0
+    assert provenance["init_from"]["provenance"]["distilled_from"]["pairs"]["files"][0]["seed"] == 0
     distilled_from = provenance["distilled_from"]
-    assert distilled_from["pairs"]["seed"] == 100 and distilled_from["model"] == str(teacher)
+    assert distilled_from["pairs"]["files"][0]["seed"] == 100 and distilled_from["model"] == str(teacher)
 
 
 def test_consistency_student_trains_on_real_images(teacher, fake_data_dir, tmp_path):

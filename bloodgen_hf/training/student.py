@@ -112,11 +112,53 @@ def load_teacher(name: str) -> BloodDDPMPipeline:
     return teacher
 
 
-def load_pairs(path: str, teacher_name: str, teacher: BloodDDPMPipeline) -> tuple[TeacherPairs, dict[str, Any]]:
-    """The pairs in an npz written by `bloodgen-hf sample --model TEACHER --format npz`, and how they were drawn.
+def load_pairs(
+    paths: str | list[str], teacher_name: str, teacher: BloodDDPMPipeline
+) -> tuple[TeacherPairs, dict[str, Any]]:
+    """The pairs in one or more npz files written by `bloodgen-hf sample --model TEACHER --format npz`, and how
+    they were drawn: the settings they share, and each file's count, seed and precision.
 
-    Refused, in one line each: another file, pairs drawn by another model or by other weights in the same
-    folder (a retrained teacher), other classes or image size."""
+    Refused, in one line each: a file of another kind, pairs drawn by another model or by other weights in the
+    same folder (a retrained teacher), other classes or image size; across files, another sampler setting (the
+    student would learn two different maps) or a seed drawn twice (the same noise would count twice)."""
+    files = [paths] if isinstance(paths, str) else list(paths)  # a run from before several files: one string
+    parts = [load_pairs_file(path, teacher_name, teacher) for path in files]
+    shared = ("guidance_scale", "num_inference_steps", "scheduler")
+    first = parts[0][1]
+    for _, drawn, _ in parts[1:]:
+        for key in shared:
+            if drawn[key] != first[key]:
+                raise ValueError(
+                    f"{drawn['file']} was drawn at {key} {drawn[key]}, {first['file']} at {first[key]}; "
+                    "pairs of one student need one teacher setting"
+                )
+    seeds = np.concatenate([part[2] for part in parts])
+    unique, counts = np.unique(seeds, return_counts=True)
+    if (counts > 1).any():
+        twice = [p[1]["file"] for p in parts if np.isin(p[2], unique[counts > 1]).any()]
+        raise ValueError(
+            f"seed {int(unique[counts > 1][0])} is in more than one pair (files {', '.join(twice)}): "
+            "draw new pairs with a --seed past the others"
+        )
+    datasets = [part[0] for part in parts]
+    dataset = TeacherPairs(
+        torch.cat([d.images for d in datasets]).numpy(),
+        torch.cat([d.labels for d in datasets]).numpy(),
+        torch.cat([d.noise for d in datasets]),
+        datasets[0].class_names,
+    )
+    record = {
+        "num_pairs": len(dataset),
+        **{key: first[key] for key in shared},
+        "files": [{k: v for k, v in drawn.items() if k not in shared} for _, drawn, _ in parts],
+    }
+    return dataset, record
+
+
+def load_pairs_file(
+    path: str, teacher_name: str, teacher: BloodDDPMPipeline
+) -> tuple[TeacherPairs, dict[str, Any], np.ndarray]:
+    """One npz of pairs (see load_pairs), its record and its seeds."""
     from bloodgen_hf.evaluation.protocol import pipeline_fingerprint
     from bloodgen_hf.hub import resolve_model
 
@@ -154,7 +196,7 @@ def load_pairs(path: str, teacher_name: str, teacher: BloodDDPMPipeline) -> tupl
         "scheduler": info.get("scheduler", type(teacher.scheduler).__name__),  # `sample` records what was set
         "precision": info.get("precision", "fp32"),  # pairs from before --precision were drawn in fp32
     }
-    return TeacherPairs(images, labels, noise, names), drawn
+    return TeacherPairs(images, labels, noise, names), drawn, arrays["seeds"]
 
 
 def load_student_data(config: TrainConfig) -> tuple[BloodMNIST, dict[str, Any]]:
@@ -274,8 +316,9 @@ def add_student_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument("--method", choices=METHODS, default="reflow", help="see bloodgen_hf/training/student.py")
     parser.add_argument(
-        "--pairs", default=None, help="reflow: `bloodgen-hf sample --model TEACHER --format npz` output"
-    )
+        "--pairs", nargs="+", default=None, metavar="NPZ",
+        help="reflow: `bloodgen-hf sample --model TEACHER --format npz` output; several files join (seeds apart)",
+    )  # fmt: skip
     parser.add_argument(
         "--teacher-guidance", type=float, default=None, help="consistency: guidance of the teacher's steps "
         "(default: the teacher's own); reflow takes it from the pairs"
