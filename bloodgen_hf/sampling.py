@@ -171,9 +171,12 @@ def sampling_record(pipe, sampling_kwargs: dict) -> dict:
     return {**sampling_kwargs, "precision": resolve_precision(sampling_kwargs.get("precision", "auto"), pipe)}
 
 
-def recorded_sampling(sampling: dict) -> dict:
-    """A sampling record as read back from results or caches: those written before --precision were all fp32."""
-    return {"precision": "fp32", **sampling}
+def recorded_sampling(record: dict) -> dict:
+    """A record read back from results or caches (an evaluation protocol, TSTR settings), with the sampling
+    settings it holds as they would be written now: those written before --precision were all fp32."""
+    if not isinstance(record.get("sampling"), dict):
+        return record
+    return {**record, "sampling": {"precision": "fp32", **record["sampling"]}}
 
 
 def check_output(out: Path, overwrite: bool) -> None:

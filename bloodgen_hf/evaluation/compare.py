@@ -81,9 +81,7 @@ def reusable(folder: Path, protocol: dict, fingerprint: str) -> dict | None:
     if not file.is_file():
         return None
     results = json.loads(file.read_text())
-    old = results.get("protocol", {})
-    if isinstance(old.get("sampling"), dict):
-        old = {**old, "sampling": recorded_sampling(old["sampling"])}
+    old = recorded_sampling(results.get("protocol", {}))
     same = all(old.get(k) == protocol.get(k) for k in PROTOCOL_KEYS if k in protocol)
     return results if same and results.get("model_sha256") == fingerprint else None
 

@@ -122,10 +122,7 @@ def scored(folder: Path, make_data, data: dict, study: StudyConfig, seed: int, s
     done = folder / "result.json"
     if reuse and done.is_file():
         saved = json.loads(done.read_text())
-        kept = saved.get("settings") or {}
-        if isinstance(kept.get("sampling"), dict):
-            kept = {**kept, "sampling": recorded_sampling(kept["sampling"])}
-        if kept == plain(settings):
+        if recorded_sampling(saved.get("settings") or {}) == plain(settings):
             log(f"== TSTR {folder.name}: reusing {done}")
             return saved["scores"]
     images, labels = make_data()

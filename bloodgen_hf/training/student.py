@@ -32,7 +32,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -112,6 +112,17 @@ def load_teacher(name: str) -> BloodDDPMPipeline:
     return teacher
 
 
+class PairsFile(NamedTuple):
+    """One npz of teacher pairs, checked against the teacher (load_pairs_file)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    seeds: np.ndarray
+    noise: torch.Tensor
+    class_names: tuple[str, ...]
+    drawn: dict[str, Any]  # how: file, count, seed, sampler settings, precision
+
+
 def load_pairs(
     paths: str | list[str], teacher_name: str, teacher: BloodDDPMPipeline
 ) -> tuple[TeacherPairs, dict[str, Any]]:
@@ -124,41 +135,37 @@ def load_pairs(
     files = [paths] if isinstance(paths, str) else list(paths)  # a run from before several files: one string
     parts = [load_pairs_file(path, teacher_name, teacher) for path in files]
     shared = ("guidance_scale", "num_inference_steps", "scheduler")
-    first = parts[0][1]
-    for _, drawn, _ in parts[1:]:
+    first = parts[0].drawn
+    for part in parts[1:]:
         for key in shared:
-            if drawn[key] != first[key]:
+            if part.drawn[key] != first[key]:
                 raise ValueError(
-                    f"{drawn['file']} was drawn at {key} {drawn[key]}, {first['file']} at {first[key]}; "
+                    f"{part.drawn['file']} was drawn at {key} {part.drawn[key]}, {first['file']} at {first[key]}; "
                     "pairs of one student need one teacher setting"
                 )
-    seeds = np.concatenate([part[2] for part in parts])
-    unique, counts = np.unique(seeds, return_counts=True)
+    unique, counts = np.unique(np.concatenate([part.seeds for part in parts]), return_counts=True)
     if (counts > 1).any():
-        twice = [p[1]["file"] for p in parts if np.isin(p[2], unique[counts > 1]).any()]
+        twice = [part.drawn["file"] for part in parts if np.isin(part.seeds, unique[counts > 1]).any()]
         raise ValueError(
             f"seed {int(unique[counts > 1][0])} is in more than one pair (files {', '.join(twice)}): "
             "draw new pairs with a --seed past the others"
         )
-    datasets = [part[0] for part in parts]
     dataset = TeacherPairs(
-        torch.cat([d.images for d in datasets]).numpy(),
-        torch.cat([d.labels for d in datasets]).numpy(),
-        torch.cat([d.noise for d in datasets]),
-        datasets[0].class_names,
+        np.concatenate([part.images for part in parts]),
+        np.concatenate([part.labels for part in parts]),
+        torch.cat([part.noise for part in parts]),
+        parts[0].class_names,
     )
     record = {
         "num_pairs": len(dataset),
         **{key: first[key] for key in shared},
-        "files": [{k: v for k, v in drawn.items() if k not in shared} for _, drawn, _ in parts],
+        "files": [{k: v for k, v in part.drawn.items() if k not in shared} for part in parts],
     }
     return dataset, record
 
 
-def load_pairs_file(
-    path: str, teacher_name: str, teacher: BloodDDPMPipeline
-) -> tuple[TeacherPairs, dict[str, Any], np.ndarray]:
-    """One npz of pairs (see load_pairs), its record and its seeds."""
+def load_pairs_file(path: str, teacher_name: str, teacher: BloodDDPMPipeline) -> PairsFile:
+    """One npz of pairs (see load_pairs)."""
     from bloodgen_hf.evaluation.protocol import pipeline_fingerprint
     from bloodgen_hf.hub import resolve_model
 
@@ -196,7 +203,7 @@ def load_pairs_file(
         "scheduler": info.get("scheduler", type(teacher.scheduler).__name__),  # `sample` records what was set
         "precision": info.get("precision", "fp32"),  # pairs from before --precision were drawn in fp32
     }
-    return TeacherPairs(images, labels, noise, names), drawn, arrays["seeds"]
+    return PairsFile(images, labels, arrays["seeds"], noise, names, drawn)
 
 
 def load_student_data(config: TrainConfig) -> tuple[BloodMNIST, dict[str, Any]]:
