@@ -238,3 +238,21 @@ def test_classification_report_agrees_with_sklearn():
     report = M.classification_report(true, pred, 8)
     assert report["macro_f1"] == pytest.approx(sklearn_metrics.f1_score(true, pred, average="macro"))
     assert report["confusion"] == sklearn_metrics.confusion_matrix(true, pred, labels=range(8)).tolist()
+
+
+# --- texture: radial power spectrum ---------------------------------------------------------------
+
+
+def test_radial_power_spectrum_puts_a_stripe_pattern_in_its_own_ring():
+    size, frequency = 28, 5
+    stripes = 127.5 + 100 * np.cos(2 * np.pi * frequency * np.arange(size) / size)
+    images = np.repeat(np.broadcast_to(stripes, (size, size))[None, :, :, None], 3, axis=-1).astype(np.uint8)
+    spectrum = M.radial_power_spectrum(np.repeat(images, 2, axis=0))
+    assert spectrum.shape == (size // 2 - 1,) and int(np.argmax(spectrum)) + 1 == frequency
+    flat = np.full((2, size, size, 3), 90, dtype=np.uint8)
+    np.testing.assert_allclose(M.radial_power_spectrum(flat), 0.0, atol=1e-20)  # no texture, no power
+    noise = np.random.default_rng(0).integers(0, 256, (64, size, size, 3), dtype=np.uint8)
+    white = M.radial_power_spectrum(noise)  # white noise: the same power in every ring
+    assert white.max() / white.min() < 1.5
+    with pytest.raises(ValueError, match="square NHWC images"):
+        M.radial_power_spectrum(np.zeros((2, 28, 20, 3), dtype=np.uint8))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from bloodgen_hf.cli import app
@@ -18,6 +19,7 @@ from bloodgen_hf.pipelines import pipeline_bloodgen_ddpm
 from bloodgen_hf.provenance import LeakError, check_unseen
 from bloodgen_hf.sampling import resolve_precision
 from bloodgen_hf.training import student
+from bloodgen_hf.training.checkpoint import load_state
 from bloodgen_hf.training.core import TrainConfig
 from tests.conftest import tiny_ddpm_pipeline
 from tests.test_ddpm import sample
@@ -257,4 +259,84 @@ def test_bad_student_settings_get_one_clear_error(teacher, tmp_path, fake_data_d
     second = tiny_flow_teacher(tmp_path / "second")
     with pytest.raises(SystemExit, match="holds images of .*teacher.*not of --teacher"):
         student.main(student_args(second, tmp_path / "s", "--pairs", str(pairs)))
+    assert not (tmp_path / "s").exists()
+
+
+def adversarial_args(teacher: Path, out: Path, pairs: Path, data_dir: Path, *extra: str) -> list[str]:
+    return student_args(
+        teacher, out, "--pairs", str(pairs), "--data-dir", str(data_dir), "--adversarial-weight", "0.5", *extra
+    )
+
+
+def test_class_matched_images_give_each_label_an_image_of_its_class(fake_data_dir):
+    real = student.BloodMNIST.load("train", 28, fake_data_dir)
+    matched = student.ClassMatchedImages(real, len(CLASS_NAMES))
+    labels = torch.tensor([7, 0, 0, 3, 5, 7, 1, 2] * 8)
+    torch.manual_seed(0)
+    images = matched.draw(labels)
+    assert images.shape == (64, 3, 28, 28)
+    by_class = {int(c): real.batch(torch.nonzero(real.labels == c).flatten())[0] for c in labels.unique()}
+    for image, label in zip(images, labels):  # each drawn image is one of its class's
+        assert (by_class[int(label)] - image).abs().flatten(1).amax(1).min() == 0
+    torch.manual_seed(0)
+    assert torch.equal(images, matched.draw(labels))  # the global RNG decides: a checkpoint restores it
+    without_basophils = student.BloodMNIST(real.images[real.labels != 0].numpy(), real.labels[real.labels != 0].numpy())
+    with pytest.raises(ValueError, match="real images of every class; none of basophil"):
+        student.ClassMatchedImages(without_basophils, len(CLASS_NAMES))
+
+
+def test_adversarial_reflow_trains_a_discriminator_on_the_teachers_split_and_records_it(
+    teacher, fake_data_dir, tmp_path
+):
+    pairs = draw_pairs(teacher, tmp_path / "pairs.npz", 16)
+    out = tmp_path / "adv"
+    student.main(adversarial_args(teacher, out, pairs, fake_data_dir, "--max-steps", "3", "--checkpoint-every", "3"))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 3
+    for row in logged:
+        assert {"loss_reflow", "loss_adversarial", "loss_d", "score_real", "score_fake"} <= row.keys()
+        assert row["loss"] == pytest.approx(row["loss_reflow"] + 0.5 * row["loss_adversarial"], rel=1e-5)
+    checkpoint = out / "checkpoints" / "checkpoint-0000003"
+    assert (checkpoint / "discriminator.safetensors").is_file()
+    pipe = load_pipeline(str(out / "pipeline"))  # the discriminator is training only: not in the pipeline
+    assert not (out / "pipeline" / "discriminator").exists() and "discriminator" not in pipe.components
+    adversarial = pipe.config.provenance["adversarial"]
+    assert adversarial == {"dataset": "bloodmnist", "resolution": 28, "split": "train", "num_images": 48}
+    assert sample(pipe, num_inference_steps=2).shape == (4, 28, 28, 3)
+
+
+def test_adversarial_reflow_resumes_exactly(teacher, fake_data_dir, tmp_path):
+    """4 steps in one go == 2, stop, resume to 4: the student, the discriminator and its optimizer all equal
+    (the real images are drawn from the global RNG, which the checkpoint restores)."""
+    pairs = draw_pairs(teacher, tmp_path / "pairs.npz", 16)
+    common = ("--checkpoint-every", "2", "--lr-schedule", "constant")  # cosine spans --max-steps, which differ
+    student.main(adversarial_args(teacher, tmp_path / "full", pairs, fake_data_dir, *common, "--max-steps", "4"))
+    student.main(adversarial_args(teacher, tmp_path / "split", pairs, fake_data_dir, *common, "--max-steps", "2"))
+    resumed = ("--max-steps", "4", "--resume", "latest")
+    student.main(adversarial_args(teacher, tmp_path / "split", pairs, fake_data_dir, *common, *resumed))
+    full, split = (tmp_path / run / "checkpoints" / "checkpoint-0000004" for run in ("full", "split"))
+    for name in ("unet", "discriminator"):
+        a, b = load_file(str(full / f"{name}.safetensors")), load_file(str(split / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    state_a, state_b = load_state(full / "training_state"), load_state(split / "training_state")
+    moments = [
+        [s["exp_avg"] for s in state["optimizers"]["discriminator"]["state"].values()] for state in (state_a, state_b)
+    ]
+    assert all(torch.equal(x, y) for x, y in zip(*moments))
+
+
+def test_bad_adversarial_settings_get_one_clear_error(teacher, fake_data_dir, tmp_path):
+    pairs = draw_pairs(teacher, tmp_path / "pairs.npz", 16)
+    cases = [
+        (("--adversarial-weight", "-1"), "--adversarial-weight must be >= 0"),
+        (("--batch-size", "6"), "needs a --batch-size divisible by 4"),
+        (("--d-base-channels", "0"), "--d-base-channels must be at least 1"),
+        (("--split", "all"), "trains on --split all of bloodmnist, but the teacher saw split 'train'"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            student.main(adversarial_args(teacher, tmp_path / "s", pairs, fake_data_dir, *extra))
+    consistency = ("--method", "consistency", "--data-dir", str(fake_data_dir), "--adversarial-weight", "1")
+    with pytest.raises(SystemExit, match="--adversarial-weight is for --method reflow"):
+        student.main(student_args(teacher, tmp_path / "s", *consistency))
     assert not (tmp_path / "s").exists()

@@ -194,6 +194,22 @@ def one_nn_accuracy(real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
 # --- memorization (pixel space) ---------------------------------------------------------------------
 
 
+def radial_power_spectrum(images: np.ndarray) -> np.ndarray:
+    """Mean power of the grey images' 2-D Fourier transform in rings of integer frequency 1 .. H // 2 - 1
+    (cycles per image; the mean, ring 0, is removed): fine texture is the power in the upper rings.
+
+    uint8 NHWC of square images -> float64 [H // 2 - 1]. Independent of any feature network."""
+    grey = np.asarray(images, dtype=np.float64).mean(axis=-1) / 255.0
+    if grey.ndim != 3 or grey.shape[1] != grey.shape[2]:
+        raise ValueError(f"radial_power_spectrum needs square NHWC images, got shape {np.shape(images)}")
+    size = grey.shape[1]
+    grey = grey - grey.mean(axis=(1, 2), keepdims=True)
+    power = (np.abs(np.fft.fftshift(np.fft.fft2(grey), axes=(1, 2))) ** 2).mean(axis=0)
+    y, x = np.indices((size, size))
+    ring = np.rint(np.hypot(y - size // 2, x - size // 2)).astype(int)
+    return np.array([power[ring == k].mean() for k in range(1, size // 2)])
+
+
 def pixel_vectors(images: np.ndarray) -> np.ndarray:
     """uint8 NHWC -> float32 [N, H*W*C] in [0, 1]."""
     return np.asarray(images, dtype=np.float32).reshape(len(images), -1) / 255.0

@@ -11,6 +11,11 @@ pairs, so the student samples at guidance 1, with one UNet pass per step. Two op
 U shape p(t) ∝ exp(4t) + exp(4(1 - t)), which puts the training where a few-step sampler evaluates (its
 first step at t = 1, its last near 0); `--reflow-loss pseudo-huber` replaces the squared error by
 sqrt(|d|² + c²) - c per image (Song & Dhariwal 2023), which lets fewer hard pairs dominate the gradient.
+`--adversarial-weight λ` adds a GAN term on the same forward pass (as adversarial diffusion distillation,
+Sauer et al. 2023, does): the student's one-step image estimate x_t - t v is scored by a class-conditional
+projection discriminator (the GAN family's) that learns, one hinge update per step, to tell those estimates
+from real images of the teacher's own training split, drawn to the batch's classes. Regression alone can at
+best copy the teacher; the adversarial term pulls the few-step samples towards the real images themselves.
 
 consistency (Song et al. 2023, consistency distillation, with the stop-gradient target of Song &
 Dhariwal 2023): on real images, noised to t_{n+1} on a grid of `--cd-intervals`, one guided teacher
@@ -42,8 +47,9 @@ from diffusers import UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from bloodgen_hf.data import CLASS_NAMES, BloodMNIST, same_classes
+from bloodgen_hf.models.gan import ConditionalDiscriminator
 from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import BloodDDPMPipeline, is_flow
-from bloodgen_hf.provenance import origin_record, pipeline_provenance
+from bloodgen_hf.provenance import ALL_SPLITS, origin_record, pipeline_provenance, splits_seen
 from bloodgen_hf.training.core import TrainConfig, load_training_data, run_training, weights_origin
 from bloodgen_hf.training.ddpm import (
     DDPMTask,
@@ -51,11 +57,13 @@ from bloodgen_hf.training.ddpm import (
     build_noise_scheduler,
     unet_optimization,
 )
+from bloodgen_hf.training.gan_losses import discriminator_loss, generator_loss
 
 METHODS = ("reflow", "consistency")
 REFLOW_TIMES = ("uniform", "u-shaped")  # the first of each is the default
 REFLOW_LOSSES = ("mse", "pseudo-huber")
 U_SHAPE = 4.0  # a in p(t) ∝ exp(a t) + exp(a (1 - t)); Lee et al. 2024 use a = 4
+MINIBATCH_STD_GROUP = 4  # the discriminator's, as the GAN's default
 
 
 def reflow_times(n: int, kind: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -86,6 +94,30 @@ class TeacherPairs(BloodMNIST):
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, labels = super().batch(indices)
         return images, labels, self.noise[indices]
+
+
+class ClassMatchedImages:
+    """Real images drawn to a batch's labels, one per label (with replacement, from the global RNG, which a
+    checkpoint restores), so the discriminator compares each class's estimates with that class's images."""
+
+    def __init__(self, dataset: BloodMNIST, num_classes: int) -> None:
+        self.dataset = dataset
+        self.order = torch.argsort(dataset.labels, stable=True)
+        self.counts = torch.bincount(dataset.labels, minlength=num_classes)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        missing = [dataset.class_names[i] for i in range(num_classes) if self.counts[i] == 0]
+        if missing:
+            raise ValueError(f"--adversarial-weight needs real images of every class; none of {', '.join(missing)}")
+
+    def draw(self, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.cpu()
+        offsets = (torch.rand(len(labels)) * self.counts[labels]).long()
+        return self.dataset.batch(self.order[self.starts[labels] + offsets])[0]
+
+
+def adversarial_images(config: TrainConfig) -> BloodMNIST:
+    """The real images of --split the discriminator learns from (flipped: cells have no orientation)."""
+    return BloodMNIST.load(config.split, config.resolution, config.data_dir, True, config.dataset)
 
 
 def pipeline_noise(seeds: np.ndarray, shape: tuple[int, ...], init_noise_sigma: float = 1.0) -> torch.Tensor:
@@ -223,7 +255,22 @@ def load_student_data(config: TrainConfig) -> tuple[BloodMNIST, dict[str, Any]]:
         raise ValueError(f"--teacher {o['teacher']} records no training data (provenance); retrain it with a script")
     provenance["distilled_from"] = {**origin_record(o["teacher"]), "pairs": drawn}
     provenance["init_from"] = origin_record(weights_origin(config))  # the student's own start, not the teacher's
+    if o["adversarial_weight"] > 0:
+        provenance["adversarial"] = adversarial_record(config, provenance)
     return dataset, provenance
+
+
+def adversarial_record(config: TrainConfig, teacher_provenance: dict[str, Any]) -> dict[str, Any]:
+    """What the discriminator saw: real images of a split the teacher was trained on, so the student's
+    provenance (the teacher's data) stays true; any other split is refused."""
+    seen = splits_seen(teacher_provenance)
+    if (ALL_SPLITS not in seen and config.split not in seen) or config.dataset != teacher_provenance.get("dataset"):
+        raise ValueError(
+            f"--adversarial-weight trains on --split {config.split} of {config.dataset}, but the teacher saw split "
+            f"{teacher_provenance.get('split')!r} of {teacher_provenance.get('dataset')}; pass its split"
+        )
+    real = adversarial_images(config)
+    return {"dataset": config.dataset, "split": config.split, "resolution": config.resolution, "num_images": len(real)}
 
 
 def check_student_options(o: dict, config: TrainConfig) -> None:
@@ -237,8 +284,19 @@ def check_student_options(o: dict, config: TrainConfig) -> None:
             raise ValueError("--flip would break the (noise, image) pairs of --method reflow; leave it off")
         if config.subset_fraction is not None:
             raise ValueError("--subset-fraction picks real images; --method reflow trains on the teacher's pairs")
+        if o["adversarial_weight"] < 0 or not math.isfinite(o["adversarial_weight"]):
+            raise ValueError(f"--adversarial-weight must be >= 0 (0 turns it off), got {o['adversarial_weight']}")
+        if o["d_base_channels"] < 1:
+            raise ValueError(f"--d-base-channels must be at least 1, got {o['d_base_channels']}")
+        if o["adversarial_weight"] > 0 and config.batch_size % MINIBATCH_STD_GROUP:
+            raise ValueError(
+                f"--adversarial-weight needs a --batch-size divisible by {MINIBATCH_STD_GROUP} (the discriminator's "
+                f"minibatch-std groups), got {config.batch_size}"
+            )
     elif o["pairs"]:
         raise ValueError("--pairs is for --method reflow; consistency distillation trains on the real images")
+    elif o["adversarial_weight"]:
+        raise ValueError("--adversarial-weight is for --method reflow")
     elif (o["reflow_time"], o["reflow_loss"]) != (REFLOW_TIMES[0], REFLOW_LOSSES[0]):  # set away from the defaults
         raise ValueError("--reflow-time and --reflow-loss are for --method reflow")
     if o["cd_intervals"] < 1:
@@ -252,6 +310,7 @@ def check_student_options(o: dict, config: TrainConfig) -> None:
 @dataclass
 class StudentTask(DDPMTask):
     teacher: BloodDDPMPipeline | None = None
+    real: ClassMatchedImages | None = None  # --adversarial-weight: what the discriminator learns from
 
     @classmethod
     def build(cls, config: TrainConfig, num_images: int, class_names: tuple[str, ...] = CLASS_NAMES) -> StudentTask:
@@ -266,10 +325,25 @@ class StudentTask(DDPMTask):
         steps = teacher.scheduler.config["num_train_timesteps"]
         guidance = teacher.config.default_guidance_scale if o["teacher_guidance"] is None else o["teacher_guidance"]
         options = {**o, "teacher_guidance": guidance, "sampler": "dpm++", "guidance_scale": 1.0}
+        models, optimizers, real = {"unet": unet}, {"unet": optimizer}, None
+        if o["method"] == "reflow" and o["adversarial_weight"] > 0:
+            models["discriminator"] = ConditionalDiscriminator(
+                resolution=config.resolution,
+                num_classes=len(class_names),
+                base_channels=o["d_base_channels"],
+                in_channels=teacher.unet.config.in_channels,
+                minibatch_std_group=MINIBATCH_STD_GROUP,
+            )
+            optimizers["discriminator"] = torch.optim.Adam(
+                models["discriminator"].parameters(),
+                lr=o["lr_d"],
+                betas=(0.0, 0.9),  # the GAN's TTUR settings
+            )
+            real = ClassMatchedImages(adversarial_images(config), len(class_names))
         return cls(
             init_components={"unet": "unet"},
-            models={"unet": unet},
-            optimizers={"unet": optimizer},
+            models=models,
+            optimizers=optimizers,
             schedulers={"lr": lr_scheduler},
             noise_scheduler=build_noise_scheduler("squaredcos_cap_v2", "flow", steps),
             ema=ema,
@@ -277,28 +351,59 @@ class StudentTask(DDPMTask):
             options=options,
             class_names=tuple(teacher.class_names or class_names),
             teacher=teacher,
+            real=real,
         )
 
     def training_step(
         self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator, noise: torch.Tensor | None = None
     ) -> dict[str, float]:
-        if self.options["method"] == "reflow":
-            loss = self.reflow_loss(images, labels, noise)
-        else:
-            loss = self.consistency_loss(images, labels)
-        return self.optimize(loss, accelerator)
+        if self.options["method"] == "consistency":
+            return self.optimize(self.consistency_loss(images, labels), accelerator)
+        loss, estimate = self.reflow_loss(images, labels, noise)
+        if self.real is None:
+            return self.optimize(loss, accelerator)
+        adversarial, metrics = self.adversarial_loss(estimate, labels, accelerator)
+        total = loss + self.options["adversarial_weight"] * adversarial
+        return {**self.optimize(total, accelerator), "loss_reflow": loss.item(), **metrics}
 
     def velocity(self, unet, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return unet(x, t * self.noise_scheduler.config.num_train_timesteps, class_labels=labels).sample
 
-    def reflow_loss(self, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def reflow_loss(
+        self, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The velocity loss on the straight path, and the one-step image estimate x_t - t v it implies."""
         t = reflow_times(len(images), self.options["reflow_time"], images.device).view(-1, 1, 1, 1)
         noisy = (1 - t) * images + t * noise
         prediction = self.velocity(self.models["unet"], noisy, t.flatten(), labels).float()
         target = (noise - images).float()
+        estimate = noisy - t * prediction
         if self.options["reflow_loss"] == "pseudo-huber":
-            return pseudo_huber(prediction, target)
-        return F.mse_loss(prediction, target)
+            return pseudo_huber(prediction, target), estimate
+        return F.mse_loss(prediction, target), estimate
+
+    def adversarial_loss(
+        self, estimate: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """One hinge update of the discriminator on class-matched real images against the (detached)
+        estimates, then the student's hinge term through the frozen discriminator (as GANTask does)."""
+        d, optimizer = self.models["discriminator"], self.optimizers["discriminator"]
+        real = self.real.draw(labels).to(estimate.device)
+        scores = d(torch.cat([real, estimate.detach()]), torch.cat([labels, labels])).float()
+        real_scores, fake_scores = scores[: len(labels)], scores[len(labels) :]
+        d_loss = discriminator_loss("hinge", real_scores, fake_scores)
+        accelerator.backward(d_loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        critic = accelerator.unwrap_model(d).requires_grad_(False)
+        adversarial = generator_loss("hinge", critic(estimate, labels).float())
+        critic.requires_grad_(True)  # the graph above was built without D's weights: no gradient reaches them
+        metrics = {
+            "loss_d": d_loss.item(),
+            "score_real": real_scores.mean().item(),
+            "score_fake": fake_scores.mean().item(),
+        }
+        return adversarial, {**metrics, "loss_adversarial": adversarial.item()}
 
     def consistency_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         n, intervals = len(images), self.options["cd_intervals"]
@@ -336,6 +441,14 @@ def add_student_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument(
         "--reflow-loss", choices=REFLOW_LOSSES, default=REFLOW_LOSSES[0], help="reflow: the velocity loss"
+    )
+    parser.add_argument(
+        "--adversarial-weight", type=float, default=0.0,
+        help="reflow: weight of the discriminator term on the one-step estimates (0: off; see the module)",
+    )  # fmt: skip
+    parser.add_argument("--lr-d", type=float, default=4e-4, help="--adversarial-weight: discriminator Adam LR")
+    parser.add_argument(
+        "--d-base-channels", type=int, default=32, help="--adversarial-weight: discriminator width (the GAN's is 64)"
     )
     add_optimization_arguments(parser, lr=1e-4, ema_max_decay=0.999)
     parser.add_argument("--sampler-steps", type=int, default=2, help="saved pipeline's default steps")
