@@ -191,7 +191,7 @@ def one_nn_accuracy(real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
     }
 
 
-# --- memorization (pixel space) ---------------------------------------------------------------------
+# --- texture (pixel space) ------------------------------------------------------------------------
 
 
 def radial_power_spectrum(images: np.ndarray) -> np.ndarray:
@@ -208,6 +208,9 @@ def radial_power_spectrum(images: np.ndarray) -> np.ndarray:
     y, x = np.indices((size, size))
     ring = np.rint(np.hypot(y - size // 2, x - size // 2)).astype(int)
     return np.array([power[ring == k].mean() for k in range(1, size // 2)])
+
+
+# --- memorization (pixel space) ---------------------------------------------------------------------
 
 
 def pixel_vectors(images: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from bloodgen_hf.training.gan_losses import (
     GAN_LOSSES,
     diff_augment,
     discriminator_loss,
+    frozen_scores,
     generator_loss,
     gradient_penalty,
 )
@@ -112,14 +113,10 @@ class GANTask(EMATask):
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
 
-        # The generator's loss goes through the bare D (no DDP bookkeeping) with D frozen, so it
-        # neither leaves gradients in D nor counts as a second D forward.
-        critic = accelerator.unwrap_model(d).requires_grad_(False)
-        g_loss = generator_loss(loss, critic(diff_augment(fake, policy), labels))
+        g_loss = generator_loss(loss, frozen_scores(accelerator, d, diff_augment(fake, policy), labels))
         accelerator.backward(g_loss)
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
-        critic.requires_grad_(True)
         return {
             "loss_d": d_loss.item(),
             "loss_g": g_loss.item(),

@@ -27,6 +27,17 @@ def generator_loss(kind: str, fake_scores: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown GAN loss {kind!r}; choose from: {', '.join(GAN_LOSSES)}")
 
 
+def frozen_scores(accelerator, discriminator, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The discriminator's scores for a generator's loss: through the bare model (no DDP bookkeeping, so not
+    a second D forward) with its weights frozen while the graph is built, so that loss's backward leaves no
+    gradient in D (its weights are not in the graph, so they may require gradients again at once)."""
+    critic = accelerator.unwrap_model(discriminator).requires_grad_(False)
+    try:
+        return critic(images, labels)
+    finally:
+        critic.requires_grad_(True)
+
+
 def gradient_penalty(scores: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """WGAN-GP: (||d scores / d inputs|| - 1)^2, for D's scores on real/fake interpolates."""
     (grads,) = torch.autograd.grad(scores.sum(), inputs, create_graph=True)

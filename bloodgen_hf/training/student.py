@@ -33,6 +33,7 @@ bloodgen_hf/provenance.py follow the teacher.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ from bloodgen_hf.training.ddpm import (
     build_noise_scheduler,
     unet_optimization,
 )
-from bloodgen_hf.training.gan_losses import discriminator_loss, generator_loss
+from bloodgen_hf.training.gan_losses import discriminator_loss, frozen_scores, generator_loss
 
 METHODS = ("reflow", "consistency")
 REFLOW_TIMES = ("uniform", "u-shaped")  # the first of each is the default
@@ -116,8 +117,14 @@ class ClassMatchedImages:
 
 
 def adversarial_images(config: TrainConfig) -> BloodMNIST:
-    """The real images of --split the discriminator learns from (flipped: cells have no orientation)."""
-    return BloodMNIST.load(config.split, config.resolution, config.data_dir, True, config.dataset)
+    """The real images of --split the discriminator learns from (flipped: cells have no orientation), loaded
+    once: the provenance counts them before the task is built, and the task then draws from them."""
+    return _load_flipped(config.split, config.resolution, config.data_dir, config.dataset)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_flipped(split: str, resolution: int, data_dir: str | None, dataset: str) -> BloodMNIST:
+    return BloodMNIST.load(split, resolution, data_dir, True, dataset)
 
 
 def pipeline_noise(seeds: np.ndarray, shape: tuple[int, ...], init_noise_sigma: float = 1.0) -> torch.Tensor:
@@ -395,9 +402,7 @@ class StudentTask(DDPMTask):
         accelerator.backward(d_loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        critic = accelerator.unwrap_model(d).requires_grad_(False)
-        adversarial = generator_loss("hinge", critic(estimate, labels).float())
-        critic.requires_grad_(True)  # the graph above was built without D's weights: no gradient reaches them
+        adversarial = generator_loss("hinge", frozen_scores(accelerator, d, estimate, labels).float())
         metrics = {
             "loss_d": d_loss.item(),
             "score_real": real_scores.mean().item(),
