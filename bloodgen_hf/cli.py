@@ -30,7 +30,7 @@ def start_process() -> None:
     tune_malloc()
 
 
-DEFAULT_MODEL = "ddpm"  # choose_default(reports/compare): quality first, then speed (a test checks it)
+DEFAULT_MODEL = "ddpm-fast"  # choose_default(reports/compare): quality first, then speed (a test checks it)
 DEFAULT_VAE_MODEL = "vae"
 
 

@@ -13,13 +13,16 @@ otherwise the images were `real_subset(labels of the split, fraction, seed)`, th
 augment-study gives its classifier at that fraction and seed, and `indices_sha256` is the fingerprint of
 those indices (`indices_fingerprint`). `init_from` is null, or the model the weights started from with
 that model's own provenance: its data is in the weights too, so the checks follow it. A distilled
-student (bloodgen_hf/training/student.py) names its teacher the same way in `distilled_from`.
+student (bloodgen_hf/training/student.py) names its teacher the same way in `distilled_from`, and the real
+images its adversarial term's discriminator saw, if any, in `adversarial` ({dataset, split, resolution,
+num_images}): the student learnt from those too, so the checks follow them as well.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -162,15 +165,38 @@ def check_unseen(provenance: dict | None, model: str, eval_split: str, dataset: 
             check_unseen(
                 origin.get("provenance"), f"{model} ({how} {origin.get('model')})", eval_split, dataset, purpose
             )
+    if provenance.get("adversarial"):
+        check_unseen(provenance["adversarial"], f"{model} (its adversarial term)", eval_split, dataset, purpose)
 
 
 # --- in words, for cards and reports -------------------------------------------------------------------
 
 
 def describe_provenance(provenance: dict | None) -> str:
-    """One sentence: "split 'train' of bloodmnist at 28x28, 119 images: the stratified subset ..."."""
+    """One sentence, short however long the chain: this model's own data, the models its weights came from,
+    the real images of an adversarial term, then in sum what the models further back saw (the whole chain
+    is in model_index.json)."""
     if not provenance:
         return "not recorded"
+    text = describe_data(provenance)
+    for key, how in (("init_from", "started from"), ("distilled_from", "distilled from")):
+        origin = provenance.get(key)
+        if origin:
+            text += f"; {how} {origin.get('model')}"
+            if origin.get("pairs"):
+                pairs = origin["pairs"]
+                text += f", on {pairs['num_pairs']:,} of its images at guidance {pairs['guidance_scale']:g}"
+    if provenance.get("adversarial"):
+        text += f"; with an adversarial term against real images of {describe_data(provenance['adversarial'])}"
+    earlier = sorted({data_seen(record) for record in ancestor_provenances(provenance)})
+    if earlier:
+        listed = ", ".join(earlier[:-1]) + " and " + earlier[-1] if len(earlier) > 1 else earlier[0]
+        text += f"; the models it descends from were trained on {listed}"
+    return text
+
+
+def describe_data(provenance: dict) -> str:
+    """The data one training run saw: "split 'train' of bloodmnist at 28x28, 11,959 images[: the subset ...]"."""
     res = provenance.get("resolution")
     text = f"split {provenance.get('split')!r} of {provenance.get('dataset')} at {res}x{res}"
     text += f", {provenance.get('num_images', '?'):,} images" if provenance.get("num_images") else ""
@@ -180,11 +206,26 @@ def describe_provenance(provenance: dict | None) -> str:
             f": the stratified subset at fraction {subset['fraction']:g}, seed {subset['seed']} "
             f"({subset['size']:,} of {subset['of']:,} images; indices sha256 {subset['indices_sha256'][:12]})"
         )
-    for key, how in (("init_from", "started from"), ("distilled_from", "distilled from")):
-        origin = provenance.get(key)
-        if origin:
-            text += f"; {how} {origin.get('model')} (trained on {describe_provenance(origin.get('provenance'))})"
-    pairs = (provenance.get("distilled_from") or {}).get("pairs")
-    if pairs:
-        text += f", on {pairs['num_pairs']:,} of its images at guidance {pairs['guidance_scale']:g}"
     return text
+
+
+def ancestor_provenances(provenance: dict) -> Iterator[dict | None]:
+    """The data records of everything this model's weights descend from: each earlier model's provenance
+    (None where one records none) and the real images of its adversarial term, however far back."""
+    for key in ("init_from", "distilled_from"):
+        origin = provenance.get(key)
+        if not origin:
+            continue
+        earlier = origin.get("provenance")
+        yield earlier
+        if earlier:
+            if earlier.get("adversarial"):
+                yield earlier["adversarial"]
+            yield from ancestor_provenances(earlier)
+
+
+def data_seen(record: dict | None) -> str:
+    if not record:
+        return "unrecorded data"
+    subset = " (a subset)" if record.get("subset") else ""
+    return f"split {record.get('split')!r} of {record.get('dataset')}{subset}"

@@ -21,6 +21,7 @@ from bloodgen_hf.hub import bundled_models, load_pipeline, read_model_index, sav
 from bloodgen_hf.provenance import (
     LeakError,
     check_unseen,
+    describe_provenance,
     indices_fingerprint,
     real_subset,
     training_provenance,
@@ -80,6 +81,11 @@ def test_augment_study_refuses_a_generator_without_provenance(tiny_gan_dir, fake
             "(started from ddpm) was trained on split 'all'",
         ),
         ({**TRAIN, "init_from": {"model": "old", "provenance": None}}, "(started from old) records no training data"),
+        ({**TRAIN, "adversarial": ALL}, "(its adversarial term) was trained on split 'all'"),
+        (
+            {**TRAIN, "distilled_from": {"model": "ddpm", "provenance": {**TRAIN, "adversarial": ALL}}},
+            "(distilled from ddpm) (its adversarial term) was trained on split 'all'",
+        ),
     ],
 )
 def test_check_unseen_follows_split_dataset_and_starting_weights(provenance, message):
@@ -112,6 +118,38 @@ def test_bundled_generators_record_the_splits_they_saw():
     leaky_start = {**start, "provenance": {**start["provenance"], "split": "all"}}
     with pytest.raises(LeakError):
         check_unseen({**provenance, "init_from": leaky_start}, "ddpm", "test", "bloodmnist", "augment-study")
+
+
+def test_the_bundled_student_records_its_teacher_and_the_real_images_of_its_adversarial_term():
+    """ddpm-fast learnt from its teacher's pairs and, in its last run, from real train images through a
+    discriminator: both are recorded, both saw the train split only, and the card's sentence names both."""
+    provenance = read_model_index(bundled_models()["ddpm-fast"])["provenance"]
+    adversarial = {"dataset": "bloodmnist", "split": "train", "resolution": 28, "num_images": 11959}
+    assert provenance["adversarial"] == adversarial
+    teacher = provenance["distilled_from"]
+    assert teacher["model"] == "ddpm" and teacher["revision"].startswith("git ")
+    assert provenance["init_from"]["revision"].startswith("git ")
+    check_unseen(provenance, "ddpm-fast", "test", "bloodmnist", "augment-study")
+    assert describe_provenance(provenance).endswith(
+        "; with an adversarial term against real images of split 'train' of bloodmnist at 28x28, 11,959 images"
+        "; the models it descends from were trained on split 'train' of bloodmnist"
+    )
+
+
+def test_the_provenance_sentence_names_the_origins_and_sums_up_the_chain_behind_them():
+    teacher = {**TRAIN, "init_from": {"model": "old", "provenance": {**ALL, "adversarial": TRAIN}}}
+    student = {
+        **TRAIN,
+        "init_from": {"model": "first", "provenance": None},
+        "distilled_from": {"model": "ddpm", "provenance": teacher, "pairs": {"num_pairs": 5000, "guidance_scale": 1.1}},
+    }
+    assert describe_provenance(student) == (
+        "split 'train' of bloodmnist at 28x28, 48 images; started from first; distilled from ddpm, on 5,000 of its "
+        "images at guidance 1.1; the models it descends from were trained on split 'all' of bloodmnist, "
+        "split 'train' of bloodmnist and unrecorded data"
+    )
+    assert describe_provenance(TRAIN) == "split 'train' of bloodmnist at 28x28, 48 images"
+    assert describe_provenance(None) == "not recorded"
 
 
 # --- the round trip ------------------------------------------------------------------------------------
