@@ -138,35 +138,52 @@ def same_dataset(a: str, b: str) -> bool:
     return key(str(a)) == key(str(b))
 
 
+ORIGINS = (("init_from", "started from"), ("distilled_from", "distilled from"))
+
+
+def data_records(provenance: dict | None, label: str) -> Iterator[tuple[str, dict | None]]:
+    """Every training-data record behind a model, depth first, each with a label saying how it got there:
+    the model's own, then each model its weights came from (`ORIGINS`, however far back; None where one
+    records none), then the real images of its adversarial term."""
+    yield label, provenance
+    if not provenance:
+        return
+    for key, how in ORIGINS:
+        origin = provenance.get(key)
+        if origin:
+            yield from data_records(origin.get("provenance"), f"{label} ({how} {origin.get('model')})")
+    if provenance.get("adversarial"):
+        yield from data_records(provenance["adversarial"], f"{label} (its adversarial term)")
+
+
 def check_unseen(provenance: dict | None, model: str, eval_split: str, dataset: str, purpose: str) -> None:
     """Refuse (LeakError) a model whose training data may include `eval_split` of `dataset`, which `purpose`
     scores on: recorded on that split or 'all', trained on another dataset (which may hold the same images),
-    started from such a model, or with nothing recorded. Nothing is assumed."""
-    if not provenance:
+    started from or distilled from such a model, adversarially trained on such images, or with nothing
+    recorded. Nothing is assumed."""
+    for name, record in data_records(provenance, model):
+        check_record_unseen(record, name, eval_split, dataset, purpose)
+
+
+def check_record_unseen(record: dict | None, name: str, eval_split: str, dataset: str, purpose: str) -> None:
+    """check_unseen for one record of the chain, without following it."""
+    if not record:
         raise LeakError(
-            f"{model} records no training data (no `provenance` in its model_index.json), so it may have seen "
+            f"{name} records no training data (no `provenance` in its model_index.json), so it may have seen "
             f"the {eval_split} split {purpose} scores on; {TRAIN_SCRIPT_HINT}"
         )
-    trained_on = f"split {provenance.get('split')!r} of {provenance.get('dataset')}"
-    if not same_dataset(provenance.get("dataset", ""), dataset):
+    trained_on = f"split {record.get('split')!r} of {record.get('dataset')}"
+    if not same_dataset(record.get("dataset", ""), dataset):
         raise LeakError(
-            f"{model} was trained on {trained_on}, not on {dataset}, so it cannot be shown not to hold the "
+            f"{name} was trained on {trained_on}, not on {dataset}, so it cannot be shown not to hold the "
             f"{eval_split} split {purpose} scores on; use a generator trained on --split train of {dataset}"
         )
-    seen = splits_seen(provenance)
+    seen = splits_seen(record)
     if ALL_SPLITS in seen or eval_split in seen:
         raise LeakError(
-            f"{model} was trained on {trained_on}, which includes the {eval_split!r} split {purpose} scores on; "
+            f"{name} was trained on {trained_on}, which includes the {eval_split!r} split {purpose} scores on; "
             "use a generator trained on --split train (e.g. `bloodgen-hf train ddpm --split train`)"
         )
-    for key, how in (("init_from", "started from"), ("distilled_from", "distilled from")):
-        origin = provenance.get(key)
-        if origin:
-            check_unseen(
-                origin.get("provenance"), f"{model} ({how} {origin.get('model')})", eval_split, dataset, purpose
-            )
-    if provenance.get("adversarial"):
-        check_unseen(provenance["adversarial"], f"{model} (its adversarial term)", eval_split, dataset, purpose)
 
 
 # --- in words, for cards and reports -------------------------------------------------------------------
@@ -179,7 +196,7 @@ def describe_provenance(provenance: dict | None) -> str:
     if not provenance:
         return "not recorded"
     text = describe_data(provenance)
-    for key, how in (("init_from", "started from"), ("distilled_from", "distilled from")):
+    for key, how in ORIGINS:
         origin = provenance.get(key)
         if origin:
             text += f"; {how} {origin.get('model')}"
@@ -188,7 +205,8 @@ def describe_provenance(provenance: dict | None) -> str:
                 text += f", on {pairs['num_pairs']:,} of its images at guidance {pairs['guidance_scale']:g}"
     if provenance.get("adversarial"):
         text += f"; with an adversarial term against real images of {describe_data(provenance['adversarial'])}"
-    earlier = sorted({data_seen(record) for record in ancestor_provenances(provenance)})
+    origins = [provenance[key] for key, _ in ORIGINS if provenance.get(key)]
+    earlier = sorted({data_seen(record) for o in origins for _, record in data_records(o.get("provenance"), "")})
     if earlier:
         listed = ", ".join(earlier[:-1]) + " and " + earlier[-1] if len(earlier) > 1 else earlier[0]
         text += f"; the models it descends from were trained on {listed}"
@@ -207,21 +225,6 @@ def describe_data(provenance: dict) -> str:
             f"({subset['size']:,} of {subset['of']:,} images; indices sha256 {subset['indices_sha256'][:12]})"
         )
     return text
-
-
-def ancestor_provenances(provenance: dict) -> Iterator[dict | None]:
-    """The data records of everything this model's weights descend from: each earlier model's provenance
-    (None where one records none) and the real images of its adversarial term, however far back."""
-    for key in ("init_from", "distilled_from"):
-        origin = provenance.get(key)
-        if not origin:
-            continue
-        earlier = origin.get("provenance")
-        yield earlier
-        if earlier:
-            if earlier.get("adversarial"):
-                yield earlier["adversarial"]
-            yield from ancestor_provenances(earlier)
 
 
 def data_seen(record: dict | None) -> str:
