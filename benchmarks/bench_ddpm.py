@@ -35,9 +35,9 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
 from bloodgen_hf.data import NUM_CLASSES, BloodMNIST, archive_name, to_model_range
-from bloodgen_hf.hub import load_pipeline
 from bloodgen_hf.pipelines import BloodDDPMPipeline
 from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import make_scheduler
+from bloodgen_hf.registry import load_pipeline
 from bloodgen_hf.sampling import generate, plan_labels
 from bloodgen_hf.training.core import TrainConfig, make_accelerator, train
 from bloodgen_hf.training.ddpm import DDPMTask, add_ddpm_arguments, build_noise_scheduler, build_unet

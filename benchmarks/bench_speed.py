@@ -49,8 +49,8 @@ def worker(config: dict) -> None:
     """Sample in this process with `config`; print one JSON line (images/s and a hash of the images)."""
     import torch
 
-    from bloodgen_hf.hub import load_pipeline
     from bloodgen_hf.process import tune_malloc
+    from bloodgen_hf.registry import load_pipeline
     from bloodgen_hf.sampling import generate, plan_labels
 
     if config["tune_malloc"]:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from bloodgen_hf.evaluation.protocol import Protocol
 from bloodgen_hf.evaluation.runner import build_tools, evaluate_to_folder
-from bloodgen_hf.hub import load_pipeline
 from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import flow_shift_setting, is_flow
 from bloodgen_hf.process import tune_malloc
+from bloodgen_hf.registry import load_pipeline
 
 PANELS = (("fd_bloodnet", "Fréchet distance (BloodNet) ↓"), ("class_accuracy", "class accuracy ↑"))
 PANELS += (("recall_bloodnet", "recall ↑"), ("precision_bloodnet", "precision ↑"))

@@ -20,10 +20,10 @@ import numpy as np
 
 from bloodgen_hf.data import load_data
 from bloodgen_hf.evaluation.metrics import radial_power_spectrum
-from bloodgen_hf.hub import load_pipeline
 from bloodgen_hf.io import atomic_path
 from bloodgen_hf.plots import panels, save_figure
 from bloodgen_hf.process import tune_malloc
+from bloodgen_hf.registry import load_pipeline
 from bloodgen_hf.sampling import generate, resolve_precision
 
 UPPER = 9  # rings 9..13 (the upper third of the frequencies): the "fine texture" column

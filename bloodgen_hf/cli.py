@@ -1,8 +1,10 @@
 """`bloodgen-hf`: sample, train and inspect BloodMNIST generative models from the shell.
 
 Every command turns bad input or usage into one `error: ...` line on stderr and exit code 2, and a
-failure while working (a full disk) into one line and exit code 1. A command that writes an output
-holds that output's lock until it ends, so a second writer is refused (exit 2) instead of mixing in.
+failure while working (a full disk) into one line and exit code 1. Any other error is a bug: one line
+that says so, exit code 1; `--debug` or BLOODGEN_DEBUG=1 prints its traceback (bloodgen_hf/errors.py).
+A command that writes an output holds that output's lock until it ends, so a second writer is refused
+(exit 2) instead of mixing in.
 """
 
 from __future__ import annotations
@@ -19,18 +21,28 @@ from typing import Annotated
 
 import typer
 
+from bloodgen_hf.errors import UsageError
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
 
 @app.callback()
-def start_process() -> None:
-    """Runs before every command: faster memory reuse for the whole process (bloodgen_hf/process.py)."""
-    from bloodgen_hf.process import tune_malloc
+def start_process(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="On an error, print its traceback (as BLOODGEN_DEBUG=1 does)."),
+) -> None:
+    """Runs before every command: faster memory reuse for the whole process, and SIGTERM stops the command
+    as Ctrl-C does, cleaning up, then exits 143 (bloodgen_hf/process.py). --debug lasts for this command."""
+    from bloodgen_hf.errors import set_debug
+    from bloodgen_hf.process import sigterm_exits, tune_malloc
 
+    set_debug(debug)
+    ctx.call_on_close(lambda: set_debug(False))  # tests run many commands in one process
     tune_malloc()
+    ctx.with_resource(sigterm_exits())
 
 
-DEFAULT_MODEL = "ddpm-fast"  # choose_default(reports/compare): quality first, then speed (a test checks it)
+DEFAULT_MODEL = "ddpm-fast"  # choose_default(experiments/reports/compare): quality first, then speed (a test checks it)
 DEFAULT_VAE_MODEL = "vae"
 
 
@@ -93,7 +105,6 @@ NumWorkers = Annotated[int, typer.Option(help="Resize workers for Inception (cle
 Html = Annotated[bool, typer.Option(help="Also write report.html next to report.md.")]
 
 
-BAD_INPUT_OS_ERRORS = (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 # The running command's resources (output locks), released when it ends however it ends.
 _command_scope: contextvars.ContextVar[contextlib.ExitStack] = contextvars.ContextVar("command_scope")
 
@@ -104,14 +115,21 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def clean_errors(command):
-    """Show expected failures as one line: bad input (missing files, corrupt weights, an output that
-    exists or is being written) exits 2, a failure while working (disk full) exits 1."""
+    """End a command on an error with one line (bloodgen_hf/errors.py): a refusal (bad input or usage, missing
+    files, corrupt weights, an output that exists or is being written) exits 2, a failure while working (disk
+    full) exits 1, and anything else, a bug, exits 1 with a pointer to --debug. Ctrl-C, SIGTERM and typer's own
+    exits pass through."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        import click
+
         from bloodgen_hf.data import DataError
+        from bloodgen_hf.errors import BAD_INPUT_OS_ERRORS, explain
         from bloodgen_hf.guard import OutputLockedError
-        from bloodgen_hf.hub import HubError, ModelLoadError
+        from bloodgen_hf.provenance import LeakError
+        from bloodgen_hf.publish import HubError
+        from bloodgen_hf.registry import ModelLoadError
 
         try:
             with contextlib.ExitStack() as scope:
@@ -120,10 +138,12 @@ def clean_errors(command):
                     return command(*args, **kwargs)
                 finally:
                     _command_scope.reset(token)
-        except (ValueError, ModelLoadError, DataError, HubError, OutputLockedError, *BAD_INPUT_OS_ERRORS) as err:
-            fail(str(err))
-        except OSError as err:
-            fail(str(err), 1)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # typer.Exit (from `fail`) is a RuntimeError: not a bug
+        except Exception as err:
+            refusals = (ModelLoadError, DataError, HubError, OutputLockedError, LeakError, *BAD_INPUT_OS_ERRORS)
+            code, message = explain(err, refusals)
+            fail(message, code)
 
     return wrapper
 
@@ -145,8 +165,12 @@ def pick_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"--device {device!r}: {str(err).splitlines()[0]}; use auto, cpu or cuda") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA GPU is visible")
+        raise UsageError("--device cuda asked for, but no CUDA GPU is visible")
     return device
 
 
@@ -201,7 +225,8 @@ def sample(
 ):
     """Generate N class-conditional images with a bundled or saved model."""
     from bloodgen_hf.evaluation.protocol import pipeline_fingerprint
-    from bloodgen_hf.hub import check_repo_id, load_pipeline, push_dataset, resolve_token
+    from bloodgen_hf.publish import check_repo_id, push_dataset, resolve_token
+    from bloodgen_hf.registry import load_pipeline
     from bloodgen_hf.sampling import (
         check_count,
         configure_sampling,
@@ -213,10 +238,10 @@ def sample(
     )
 
     if balanced and real_distribution:
-        raise ValueError("choose one of --balanced and --real-distribution")
+        raise UsageError("choose one of --balanced and --real-distribution")
     if push_to_hub:  # fail before generating, not after
         if output_format is not OutputFormat.hf_dataset:
-            raise ValueError("--push-to-hub needs --format hf-dataset")
+            raise UsageError("--push-to-hub needs --format hf-dataset")
         check_repo_id(push_to_hub)
         token = resolve_token(token)
     out = out or Path({"png": "samples", "npz": "samples.npz", "hf-dataset": "samples_hf"}[output_format.value])
@@ -260,7 +285,7 @@ def push(
 
     The repo then loads without bloodgen-hf: DiffusionPipeline.from_pretrained(repo, trust_remote_code=True).
     """
-    from bloodgen_hf.hub import push_to_hub
+    from bloodgen_hf.publish import push_to_hub
 
     result = push_to_hub(model, repo_id, private=private, revision=revision, token=token, device=pick_device(device))
     typer.echo(f"pushed {model} to {result.url} (weights and code at commit {result.commit})")
@@ -326,12 +351,12 @@ def grid(
     import numpy as np
 
     from bloodgen_hf.data import load_data
-    from bloodgen_hf.hub import load_pipeline
     from bloodgen_hf.io import atomic_path, labelled_class_grid
+    from bloodgen_hf.registry import load_pipeline
     from bloodgen_hf.sampling import generate, pipeline_class_names
 
     if per_class < 1 or scale < 1:
-        raise ValueError("--per-class and --scale must be at least 1")
+        raise UsageError("--per-class and --scale must be at least 1")
     claim_output(out, overwrite)
     if model == "real":
         images, real_labels, names, _ = load_data(dataset, "all", size, data_dir)
@@ -371,10 +396,11 @@ def export_imagefolder(
 
 
 @app.command()
+@clean_errors
 def models():
     """List the bundled models, with the data each was trained on (so nobody scores one on data it saw)."""
-    from bloodgen_hf.hub import bundled_models, read_model_index
     from bloodgen_hf.provenance import describe_provenance
+    from bloodgen_hf.registry import bundled_models, read_model_index
 
     for name, folder in bundled_models().items():
         index = read_model_index(folder)
@@ -384,6 +410,7 @@ def models():
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@clean_errors
 def train(
     ctx: typer.Context,
     family: str = typer.Argument(..., help="gan, ddpm, vae, student (a few-step DDPM) or bloodnet"),
@@ -404,7 +431,7 @@ def train(
 @clean_errors
 def info(model: str = typer.Argument(DEFAULT_MODEL, help="A bundled model name or a pipeline folder.")):
     """Show a model's pipeline class, components and parameter counts."""
-    from bloodgen_hf.hub import load_pipeline, resolve_model
+    from bloodgen_hf.registry import load_pipeline, resolve_model
 
     pipe = load_pipeline(model)
     report = {"model": model, "folder": str(resolve_model(model)), "pipeline": type(pipe).__name__, "components": {}}
@@ -492,7 +519,7 @@ def evaluate(
     """The standard protocol: --runs x (--n real vs --n generated images), every metric, mean ± std."""
     from bloodgen_hf.evaluation.report import metric_table, write_hub_results
     from bloodgen_hf.evaluation.runner import evaluate_to_folder, model_label
-    from bloodgen_hf.hub import load_pipeline, resolve_model
+    from bloodgen_hf.registry import load_pipeline, resolve_model
     from bloodgen_hf.sampling import configure_sampling
 
     protocol = _protocol(runs, n, seed, balanced, metrics, no_floor, memorization_n, batch_size)
@@ -558,7 +585,7 @@ def compare(
 
     from bloodgen_hf.evaluation.compare import compare as run_compare
     from bloodgen_hf.evaluation.tstr import TSTRConfig
-    from bloodgen_hf.hub import load_pipeline
+    from bloodgen_hf.registry import load_pipeline
 
     names = [m for item in [*models, *ctx.args] for m in item.split(",") if m]
     protocol = _protocol(runs, n, seed, balanced, metrics, no_floor, memorization_n, batch_size)
@@ -599,7 +626,7 @@ def _numbers(text: str, kind, flag: str) -> tuple:
     try:
         return tuple(kind(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"{flag} wants comma-separated numbers, got {text!r}") from None
+        raise UsageError(f"{flag} wants comma-separated numbers, got {text!r}") from None
 
 
 @app.command("augment-study")
@@ -625,22 +652,49 @@ def augment_study(
     fractions: str = typer.Option("0.01,0.1,0.5,1", help="Fractions of the real train split."),
     seeds: str = typer.Option("0,1,2", help="Seeds (real subsets, classifier initialisation)."),
     settings: str = typer.Option("real,real+synthetic,synthetic", help="Training sets to compare."),
-    synthetic_ratio: float = typer.Option(1.0, help="real+synthetic: synthetic images per real image."),
-    balance: bool = typer.Option(False, help="Top minority classes up with synthetic images (synthetic: equal)."),
-    steps: int = typer.Option(300, help="Optimizer steps per classifier."),
-    batch_size: int = typer.Option(128, help="Classifier batch size (and generation batch)."),
+    synthetic_ratio: float = typer.Option(
+        1.0, help="Recipe: synthetic images per real image, per class (0.5, 1, 2, 4...)."
+    ),
+    balance: bool = typer.Option(
+        False, help="Recipe: top every class up with synthetic images to the largest class (synthetic: equal)."
+    ),
+    filter_threshold: float = typer.Option(
+        0.0,
+        help="Recipe: keep only synthetic images that the real-only classifier of the same seed and fraction "
+        "(trained on R_f alone) gives at least this probability of their class; 0 = no filter.",
+    ),
+    synthetic_weight: float = typer.Option(
+        1.0, help="Recipe: the loss weight of each synthetic image in real+synthetic (a real image's is 1)."
+    ),
+    protocol: str = typer.Option(
+        "converged",
+        help="converged: --epochs over the real images, the epoch chosen on the val split; fixed-steps: the earlier "
+        "protocol, --steps for every classifier.",
+    ),
+    classifier: str = typer.Option(
+        None, help="bloodnet, bloodnet-small or resnet18 (MedMNIST's). Default: bloodnet (fixed-steps: bloodnet-small)."
+    ),
+    epochs: int = typer.Option(None, help="converged: epochs over the real images (default 20)."),
+    min_steps: int = typer.Option(
+        1000, help="converged: more epochs where the real images alone would get fewer optimizer steps."
+    ),
+    steps: int = typer.Option(None, help="fixed-steps: optimizer steps per classifier (default 300)."),
+    batch_size: int = typer.Option(128, help="Classifier batch size (converged: the largest) and generation batch."),
     data_dir: DataDir = None,
     dataset: Dataset = "bloodmnist",
     out: Path = typer.Option(None, help="Study folder. Default: reports/augment-<model>."),
     overwrite: Overwrite = False,
     resume: bool = typer.Option(False, help="Continue a stopped study in --out: keep its pool and finished runs."),
+    report_only: bool = typer.Option(
+        False, help="Train nothing: write the report of the runs in --out finished so far (same options)."
+    ),
     html: Html = False,
     device: Device = "auto",
 ):
-    """Train small classifiers on real, real+synthetic and synthetic data at several real-data sizes."""
+    """Train classifiers on real, real+synthetic and synthetic data at several real-data sizes."""
     from bloodgen_hf.evaluation.augment_study import StudyConfig, run_study
     from bloodgen_hf.evaluation.runner import model_label
-    from bloodgen_hf.hub import load_pipeline
+    from bloodgen_hf.registry import load_pipeline
 
     config = StudyConfig(
         fractions=_numbers(fractions, float, "--fractions"),
@@ -648,14 +702,24 @@ def augment_study(
         settings=tuple(s.strip() for s in settings.split(",") if s.strip()),
         synthetic_ratio=synthetic_ratio,
         balance=balance,
-        steps=steps,
+        filter_threshold=filter_threshold,
+        synthetic_weight=synthetic_weight,
+        protocol=protocol,
+        min_steps=min_steps,
+        classifier=classifier or ("bloodnet-small" if protocol == "fixed-steps" else "bloodnet"),
         batch_size=batch_size,
+        **_protocol_budget(protocol, epochs, steps),
     )
     config.check()
     plan = _generator_plan(model, generator_per_fraction, generator_steps, generator_options, generator_resolution)
     label = f"per-fraction-{plan.family}" if plan else model_label(model or DEFAULT_MODEL)
     out = _default_out(out, Path("reports") / f"augment-{label}")
-    claim_output(out, overwrite or resume)
+    if report_only:  # the study may still be running (and holding --out): read, don't claim
+        from bloodgen_hf.sampling import check_output
+
+        check_output(out, overwrite=True)
+    else:
+        claim_output(out, overwrite or resume)
     device = pick_device(device)
     pipe = None if plan else load_pipeline(model or DEFAULT_MODEL, device)
     run_study(
@@ -670,8 +734,78 @@ def augment_study(
         dataset=dataset,
         generator=plan,
         device=device,
+        report_only=report_only,
     )
     typer.echo(f"wrote {out}/report.md")
+
+
+@app.command()
+@clean_errors
+def augment(
+    dataset: Dataset = "bloodmnist",
+    split: str = typer.Option("train", help="The split to augment (a MedMNIST split, or 'all' for a folder)."),
+    data_dir: DataDir = None,
+    model: str = typer.Option(DEFAULT_MODEL, help="The generator: a bundled model name or a pipeline folder."),
+    synthetic_ratio: float = typer.Option(
+        1.0, help="Synthetic images per real image, per class (the measured recipe; see docs/augmentation.md)."
+    ),
+    balance: bool = typer.Option(False, help="Instead: top every class up with synthetic images to the largest one."),
+    out: Path = typer.Option(Path("augmented"), help="Output folder."),
+    output_format: str = typer.Option("png", "--format", help="png: ImageFolder + manifest.csv; hf-dataset."),
+    seed: int = typer.Option(0, help="Synthetic image i uses seed+i, recorded in the manifest."),
+    batch_size: int = typer.Option(250, help="Images per forward pass."),
+    overwrite: Overwrite = False,
+    device: Device = "auto",
+    steps: Steps = None,
+    guidance: Guidance = None,
+    precision: Precision = "auto",
+):
+    """Write a labelled training set plus synthetic images, each marked real or synthetic."""
+    from bloodgen_hf.augment import Recipe, augment
+    from bloodgen_hf.data import describe_classes, load_data, same_classes
+    from bloodgen_hf.evaluation.protocol import pipeline_fingerprint
+    from bloodgen_hf.evaluation.runner import image_size
+    from bloodgen_hf.registry import load_pipeline
+    from bloodgen_hf.sampling import configure_sampling, pipeline_class_names
+
+    recipe = Recipe(synthetic_ratio, balance)
+    recipe.check()
+    claim_output(out, overwrite)
+    pipe = load_pipeline(model, pick_device(device))
+    real = load_data(dataset, split, image_size(pipe, {}), data_dir)  # read at the model's size
+    names = pipeline_class_names(pipe)
+    if not same_classes(names, real.class_names):
+        raise UsageError(
+            f"{model} generates {describe_classes(names)}, but {dataset} has {describe_classes(real.class_names)}"
+        )
+    options = sampling_options(None, None, steps, guidance, None, precision)
+    weights = pipeline_fingerprint(pipe)
+    pipe, kwargs = configure_sampling(pipe, options)
+    info = {"dataset": str(dataset), "split": split, "model": model, "model_sha256": weights, **options}
+    counts = augment(
+        pipe,
+        real.images,
+        real.labels,
+        real.class_names,
+        recipe,
+        out,
+        info,
+        output_format,
+        seed,
+        batch_size,
+        overwrite,
+        **kwargs,
+    )
+    typer.echo(f"wrote {counts['real']} real + {counts['synthetic']} synthetic images ({recipe.name}) to {out}")
+
+
+def _protocol_budget(protocol: str, epochs: int | None, steps: int | None) -> dict:
+    """--epochs belongs to the converged protocol and --steps to fixed-steps; the other is refused."""
+    if protocol == "fixed-steps" and epochs is not None:
+        raise UsageError("--epochs is the converged protocol's budget; fixed-steps takes --steps")
+    if protocol == "converged" and steps is not None:
+        raise UsageError("--steps is the fixed-steps protocol's budget; the converged protocol takes --epochs")
+    return {k: v for k, v in (("epochs", epochs), ("steps", steps)) if v is not None}
 
 
 def _generator_plan(model: str | None, family: str | None, steps: int | None, options: str, resolution: int):
@@ -680,12 +814,12 @@ def _generator_plan(model: str | None, family: str | None, steps: int | None, op
 
     if family is None:
         if steps is not None or options:
-            raise ValueError("--generator-steps and --generator-options go with --generator-per-fraction")
+            raise UsageError("--generator-steps and --generator-options go with --generator-per-fraction")
         return None
     if model is not None:
-        raise ValueError("pass --model or --generator-per-fraction, not both")
+        raise UsageError("pass --model or --generator-per-fraction, not both")
     if steps is None:
-        raise ValueError("--generator-per-fraction needs --generator-steps (optimizer steps of each generator)")
+        raise UsageError("--generator-per-fraction needs --generator-steps (optimizer steps of each generator)")
     plan = GeneratorPlan(family=family, steps=steps, options=options, resolution=resolution)
     plan.check()
     return plan

@@ -33,6 +33,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from bloodgen_hf.errors import UsageError
+
 # BloodMNIST, the default dataset and the one the bundled models were trained on.
 CLASS_NAMES: tuple[str, ...] = (
     "basophil",
@@ -81,14 +83,14 @@ def class_index(label: int | str, class_names: tuple[str, ...] | list[str] = CLA
     if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
         if 0 <= int(label) < len(class_names):
             return int(label)
-        raise ValueError(f"class index {label} out of range 0..{len(class_names) - 1}")
+        raise UsageError(f"class index {label} out of range 0..{len(class_names) - 1}")
     key = normalise_name(label)
     if key.isdigit():
         return class_index(int(key), class_names)
     for i, name in enumerate(class_names):
         if key in (normalise_name(name), normalise_name(name) + "s"):
             return i
-    raise ValueError(f"unknown class {label!r}; choose from: {', '.join(class_names)}")
+    raise UsageError(f"unknown class {label!r}; choose from: {', '.join(class_names)}")
 
 
 def same_classes(a: tuple[str, ...] | list[str], b: tuple[str, ...] | list[str]) -> bool:

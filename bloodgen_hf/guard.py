@@ -1,9 +1,10 @@
 """Protecting outputs: one writer at a time per output, and resumes that continue the same work.
 
-`output_lock(path)` holds `.<name>.lock` beside `path` (PID, host and start time inside, `fcntl.flock`
-on it) for as long as a command writes there. A second writer is refused with the holder's name. A
-lock file whose holder died without removing it is reported as stale and never taken over, since
-only the user can tell whether that run's half-done work is worth a look first.
+`output_lock(path)` holds `.<name>.lock` beside `path` for as long as a command writes there: an
+exclusive `fcntl.flock` on it, which the kernel releases when its holder ends however it ends (even by
+`kill -9`), and the holder's PID, host and start time written in it. A second writer is refused, named
+by those. A lock file that no live process holds is no obstacle: the next writer takes it over, and
+first clears the temporaries that its killed holder left beside the output (`io.remove_temporaries`).
 
 `changed_settings` / `check_unchanged` compare the settings recorded when a piece of work started
 with those of the command that wants to continue it (training's `--resume`, `augment-study --resume`).
@@ -16,14 +17,17 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bloodgen_hf.io import remove_temporaries
+
 
 class OutputLockedError(RuntimeError):
-    """Another process writes the output, or a dead one left its lock behind; the message says which."""
+    """Another live process writes the output; the message names it."""
 
 
 def lock_path(target: str | os.PathLike) -> Path:
@@ -34,10 +38,16 @@ def lock_path(target: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def output_lock(target: str | os.PathLike) -> Iterator[Path]:
-    """Hold the exclusive write lock of `target` for the duration of the block."""
+    """Hold the exclusive write lock of `target` for the duration of the block.
+
+    Taking it clears what a killed earlier writer left beside `target` (its temporaries); leaving it
+    removes the lock file. A holder killed before that leaves the file, but not the lock."""
     path = lock_path(target)
-    fd = _acquire(path, Path(target))
+    fd, previous = _acquire(path, Path(target))
     try:
+        removed = remove_temporaries(target)
+        if previous or removed:
+            _report_takeover(target, previous, removed)
         yield path
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -45,8 +55,9 @@ def output_lock(target: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
-def _acquire(path: Path, target: Path) -> int:
-    """An fd holding the flock of a lock file that is still linked at `path` and was empty."""
+def _acquire(path: Path, target: Path) -> tuple[int, dict | None]:
+    """(fd holding the flock of the lock file still linked at `path`, now naming us; the holder it named
+    before, a process that ended without removing it, or None)."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -60,17 +71,22 @@ def _acquire(path: Path, target: Path) -> int:
         if os.fstat(fd).st_nlink == 0:  # its holder removed it as we opened it: take a fresh one
             os.close(fd)
             continue
-        holder = _read(fd)
-        if holder:
+        try:
+            previous = _read(fd)  # the kernel says no one holds it: whoever wrote this has ended
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder_info()).encode(), 0)
+            os.fsync(fd)
+        except BaseException:
             os.close(fd)
-            raise OutputLockedError(
-                f"{target} has a stale lock {path} from {describe_holder(holder)}, which stopped without "
-                f"removing it (killed or crashed); if no other process writes to {target}, delete {path} "
-                "and run again"
-            )
-        os.write(fd, json.dumps(holder_info()).encode())
-        os.fsync(fd)
-        return fd
+            raise
+        return fd, previous
+
+
+def _report_takeover(target: str | os.PathLike, previous: dict | None, removed: list[Path]) -> None:
+    """One line on stderr: an earlier writer of `target` was stopped mid-way, and what of it was cleared."""
+    who = f"a run ({describe_holder(previous, state=False)})" if previous else "a run"
+    cleared = f"; removed its temporaries {', '.join(p.name for p in removed)}" if removed else ""
+    print(f"note: {who} stopped while writing {target} (killed or crashed){cleared}", file=sys.stderr)
 
 
 def _read(fd: int) -> dict | None:
@@ -88,14 +104,15 @@ def holder_info() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def describe_holder(holder: dict | None) -> str:
+def describe_holder(holder: dict | None, state: bool = True) -> str:
+    """The holder in words: PID, host and start time, and if `state` and it is this host whether it runs."""
     if not holder:
         return "a process that is starting"
     if "pid" not in holder:
         return f"unknown holder {holder.get('unreadable', holder)!r}"
-    here = holder.get("host") == socket.gethostname()
-    state = "" if not here else (", running" if pid_alive(int(holder["pid"])) else ", no longer running")
-    return f"PID {holder['pid']} on host {holder.get('host')}, since {holder.get('since')}{state}"
+    here = state and holder.get("host") == socket.gethostname()
+    alive = "" if not here else (", running" if pid_alive(int(holder["pid"])) else ", no longer running")
+    return f"PID {holder['pid']} on host {holder.get('host')}, since {holder.get('since')}{alive}"
 
 
 def pid_alive(pid: int) -> bool:

@@ -11,8 +11,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from bloodgen_hf.data import class_index
-from bloodgen_hf.hub import load_pipeline
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.io import atomic_path, save_image
+from bloodgen_hf.registry import load_pipeline
 
 
 def read_image(path: Path) -> Image.Image:
@@ -20,26 +21,26 @@ def read_image(path: Path) -> Image.Image:
     if not path.exists():
         raise FileNotFoundError(f"--input {path} does not exist")
     if path.is_dir():
-        raise ValueError(f"--input {path} is a folder, not an image file")
+        raise UsageError(f"--input {path} is a folder, not an image file")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"--input {path} is not a readable image ({err})") from err
+        raise UsageError(f"--input {path} is not a readable image ({err})") from err
 
 
 def load_vae(model: str, device: str):
     """A pipeline that can encode images; other model families are refused by name."""
     pipe = load_pipeline(model, device)
     if not hasattr(pipe, "encode"):
-        raise ValueError(f"model {model!r} is a {type(pipe).__name__}, which cannot encode images; use a VAE model")
+        raise UsageError(f"model {model!r} is a {type(pipe).__name__}, which cannot encode images; use a VAE model")
     return pipe
 
 
 def check_size(image: Image.Image, path: Path, pipe) -> None:
     size = pipe.vae.config.resolution
     if image.size != (size, size):
-        raise ValueError(
+        raise UsageError(
             f"--input {path} is {image.size[0]}x{image.size[1]} pixels, but this model works on "
             f"{size}x{size} images (resize it, or use a model trained at that size)"
         )
@@ -95,9 +96,9 @@ def variations_folder(
     Variation i uses its own generator seeded seed+i, so it can be redrawn alone.
     """
     if isinstance(n, bool) or n < 1:
-        raise ValueError(f"--n must be a positive number of variations, got {n}")
+        raise UsageError(f"--n must be a positive number of variations, got {n}")
     if not temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0, got {temperature}")
+        raise UsageError(f"--temperature must be >= 0, got {temperature}")
     image = read_image(path)
     pipe = load_vae(model, device)
     check_size(image, path, pipe)

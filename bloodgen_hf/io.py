@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -43,6 +44,32 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False, overwrite: bool
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+
+
+def remove_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Clear what a process killed while writing `target` (kill -9, a power cut) left beside it; the paths removed.
+
+    That is `atomic_path`'s temporaries `.<name>.<8 random characters>.tmp` (the pattern is exact, so
+    those of `<name>.npz` are not those of `<name>`), and `.<name>.old`, a folder that `_replace_dir`
+    moved aside where the OS has no atomic exchange: removed once `target` is in place, else moved back,
+    since it is then the only copy. A live writer's temporaries look the same, so only the holder of
+    `target`'s lock may call this (`guard.output_lock` does, on taking it).
+    """
+    target = Path(os.path.abspath(target))
+    pattern = re.compile(re.escape(f".{target.name}.") + r"[a-z0-9_]{8}\.tmp")
+    try:
+        found = [p for p in target.parent.iterdir() if pattern.fullmatch(p.name)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    old = target.with_name(f".{target.name}.old")
+    if old.is_dir() and not old.is_symlink():
+        if target.exists() or target.is_symlink():
+            found.append(old)
+        else:
+            old.rename(target)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(True)
+    return found
 
 
 def _commit_new(tmp: Path, target: Path, is_dir: bool) -> None:

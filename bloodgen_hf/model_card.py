@@ -1,7 +1,8 @@
 """Hub cards for models and synthetic datasets, and the evaluation-results file they quote.
 
-Cards are rendered from the Jinja templates in model_cards/templates/ (huggingface_hub's
-`ModelCard.from_template`): YAML metadata from a card-data object, the body from the template.
+Cards are rendered from the Jinja templates in bloodgen_hf/templates/ (package data, so an installed wheel
+renders them too; huggingface_hub's `ModelCard.from_template`): YAML metadata from a card-data object, the
+body from the template.
 
 An evaluation writes `<model folder>/eval_results.json` with `write_eval_results`:
 
@@ -26,9 +27,12 @@ from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard,
 from PIL import Image
 
 from bloodgen_hf.data import CLASS_NAMES
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.io import atomic_path, labelled_class_grid
+from bloodgen_hf.provenance import describe_provenance
+from bloodgen_hf.sampling import generate, pipeline_class_names
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "model_cards" / "templates"
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 EVAL_RESULTS_NAME = "eval_results.json"
 TRAIN_CONFIG_NAME = "train_config.json"
 SAMPLE_GRID_NAME = "samples.png"
@@ -62,14 +66,14 @@ def read_eval_results(folder: str | Path) -> dict | None:
     try:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from err
+        raise UsageError(f"cannot read {path}: {err}") from err
     return check_eval_results(results, path)
 
 
 def check_eval_results(results: object, path: Path) -> dict:
-    def bad(problem: str) -> ValueError:
+    def bad(problem: str) -> UsageError:
         example = {"split": "test", "metrics": [{"type": "fid", "value": 12.3}]}
-        return ValueError(f"{path}: {problem}; expected e.g. {json.dumps(example)}")
+        return UsageError(f"{path}: {problem}; expected e.g. {json.dumps(example)}")
 
     if not isinstance(results, dict):
         raise bad("not a JSON object")
@@ -100,7 +104,7 @@ def find_train_config(folder: Path) -> dict | None:
             try:
                 return json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as err:
-                raise ValueError(f"cannot read {path}: {err}") from err
+                raise UsageError(f"cannot read {path}: {err}") from err
     return None
 
 
@@ -127,8 +131,6 @@ def training_command(family: str, config: dict) -> str:
 
 def sample_images(pipe, per_class: int = 8, seed: int = 0, **pipeline_kwargs) -> np.ndarray:
     """uint8 [classes*per_class, H, W, 3], class-major; image i drawn with seed `seed + i` like `bloodgen-hf sample`."""
-    from bloodgen_hf.sampling import generate, pipeline_class_names
-
     labels = np.repeat(np.arange(len(pipeline_class_names(pipe))), per_class)
     batches = generate(pipe, labels, seed=seed, progress=False, **pipeline_kwargs)
     return np.concatenate([images for images, _, _ in batches])
@@ -148,7 +150,7 @@ def grid_image(images: np.ndarray, per_class: int, class_names: Sequence[str] | 
 def template(name: str) -> str:
     path = TEMPLATES_DIR / name
     if not path.is_file():
-        raise FileNotFoundError(f"card template {path} is missing (bloodgen-hf must run from its source checkout)")
+        raise FileNotFoundError(f"card template {path} is missing: bloodgen-hf is installed without its package data")
     return str(path)
 
 
@@ -178,8 +180,6 @@ def render_model_card(
     """The model card: metadata (licence, library, tags, dataset, model-index from eval results) + usage,
     classes, sample grid, training command and data (`provenance`, else the one train_config.json recorded)
     and evaluation, with the usage snippet pinned to `revision`."""
-    from bloodgen_hf.provenance import describe_provenance
-
     provenance = provenance or (train_config or {}).get("provenance")
     metrics = metric_rows(eval_results)
     eval_entries = [

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.io import atomic_path
 
 
@@ -29,9 +30,9 @@ def read_metrics(path: str | Path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number} is not JSON ({err})") from err
+                raise UsageError(f"{path}:{number} is not JSON ({err})") from err
     if not records:
-        raise ValueError(f"{path} holds no metrics")
+        raise UsageError(f"{path} holds no metrics")
     return records
 
 
@@ -85,7 +86,7 @@ def plot_metrics(
     keys = list(keys) if keys else [k for k in available if k.startswith("loss")]
     unknown = [k for k in keys if k not in available]
     if unknown or not keys:
-        raise ValueError(
+        raise UsageError(
             f"no metric {', '.join(unknown) or 'named loss*'} in {path}; available: {', '.join(available)}"
         )
     source = Path(path) if Path(path).is_dir() else Path(path).parent

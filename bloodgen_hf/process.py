@@ -5,15 +5,22 @@ fresh mmap and gives freed memory back to the kernel above its trim threshold. A
 batch allocates and frees activations of tens of MB many times per step, so sampling spent about 11%
 of its time in mmap/munmap and page faults (6.0M minor faults for one 250-image batch). Raising both
 thresholds keeps that memory in the heap for reuse: `benchmarks/bench_speed.py` measures the gain.
+
+`sigterm_exits` makes SIGTERM (what `timeout`, SLURM, systemd and `docker stop` send) stop a command the
+way Ctrl-C does: unwinding, so its temporaries are removed and its output lock released, then exit 143.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
 import platform
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
@@ -45,6 +52,37 @@ def tune_malloc(trim_threshold: int = HEAP_KEEP_BYTES, mmap_threshold: int = MMA
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = bool(mallopt(M_TRIM_THRESHOLD, trim_threshold)) and bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold))
     return _applied
+
+
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # 143: what shells report for a process that SIGTERM stopped
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived (`sigterm_exits`); exits the process with SIGTERM_EXIT_CODE once it has unwound."""
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` (a SystemExit with code 143) in the main thread, as
+    Ctrl-C raises KeyboardInterrupt: `finally` blocks and context managers run (atomic_path removes its
+    temporary, output_lock its lock file) before the process exits. A second SIGTERM, during that
+    clean-up, stops the process at once (the default action); a killed writer's lock is released by the
+    kernel anyway, and its temporaries are cleared by the next writer. A no-op outside the main thread.
+    The earlier handler is back after a block that SIGTERM did not stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated(SIGTERM_EXIT_CODE)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is stop:  # else it fired: a second SIGTERM stays fatal
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 @functools.cache

@@ -1,7 +1,6 @@
 """What data a generator was trained on, and the refusal to score it on data it saw.
 
-Every pipeline a train script saves records its training data in its config (so in model_index.json and
-in the Hub copy) as `provenance`:
+Every pipeline a train script saves records its training data in its config as `provenance`:
 
     {"dataset": "bloodmnist", "resolution": 28, "split": "train", "num_images": 119,
      "subset": {"method": "stratified_subset", "fraction": 0.01, "seed": 0, "size": 119, "of": 11959,
@@ -16,18 +15,33 @@ that model's own provenance: its data is in the weights too, so the checks follo
 student (bloodgen_hf/training/student.py) names its teacher the same way in `distilled_from`, and the real
 images its adversarial term's discriminator saw, if any, in `adversarial` ({dataset, split, resolution,
 num_images}): the student learnt from those too, so the checks follow them as well.
+
+In memory the record is that one nested dict. Saved (and on the Hub) it is provenance.json next to
+model_index.json, flat: every record once, keyed by a hash of its content, each origin naming its model's
+record by key (bloodgen_hf/pipelines/blood_pipeline_utils.py writes and reads it, as the remote code does);
+model_index.json keeps a short summary. Folders saved before provenance.json hold the nested record in
+model_index.json; they load as they did (bloodgen_hf.registry.read_provenance). The paths in a record are
+relative to the folder a run started in (the repo), or replaced by a name and a content hash
+(`portable_provenance`): no absolute path of the machine that trained it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from bloodgen_hf.errors import UsageError
+from bloodgen_hf.pipelines.blood_pipeline_utils import ORIGIN_KEYS, is_provenance_summary
+from bloodgen_hf.registry import ModelLoadError, read_provenance, resolve_model
+
 ALL_SPLITS = "all"
+HASHED = "@sha256:"  # "<file or folder name>@sha256:<its content's hash>": a path outside the run's folder
 TRAIN_SCRIPT_HINT = "retrain it with a train script (e.g. `bloodgen-hf train ddpm --split train`), which records it"
 
 
@@ -63,10 +77,10 @@ def indices_fingerprint(indices: np.ndarray) -> str:
 def check_subset_options(fraction: float | None, seed: int) -> None:
     if fraction is None:
         if seed != 0:
-            raise ValueError("--subset-seed only picks a subset together with --subset-fraction")
+            raise UsageError("--subset-seed only picks a subset together with --subset-fraction")
         return
     if not 0 < fraction <= 1:
-        raise ValueError(f"--subset-fraction must be in (0, 1], got {fraction}")
+        raise UsageError(f"--subset-fraction must be in (0, 1], got {fraction}")
 
 
 def subset_record(indices: np.ndarray, fraction: float, seed: int, of: int) -> dict:
@@ -107,18 +121,69 @@ def origin_record(source: str | None) -> dict | None:
 
 
 def saved_provenance(source: str) -> dict | None:
-    """The provenance in a saved pipeline's model_index.json (bundled name, folder or Hub repo); None if absent."""
-    from bloodgen_hf.hub import ModelLoadError, read_model_index, resolve_model
-
+    """The provenance of a saved pipeline (bundled name, folder or Hub repo), the whole chain; None if absent
+    or unreadable."""
     try:
-        return read_model_index(resolve_model(source)).get("provenance")
+        return read_provenance(resolve_model(source))
     except ModelLoadError:
         return None
 
 
 def pipeline_provenance(pipe) -> dict | None:
     provenance = pipe.config.get("provenance") if hasattr(pipe, "config") else None
+    if is_provenance_summary(provenance):  # the whole record was never read: its ancestors are unknown
+        raise UsageError(
+            f"this {type(pipe).__name__} holds only the summary of its training data that model_index.json keeps "
+            "(diffusers does not download provenance.json); load it with bloodgen_hf.registry.load_pipeline"
+        )
     return dict(provenance) if provenance else None
+
+
+# --- no absolute paths -------------------------------------------------------------------------------
+
+
+def portable_provenance(provenance: dict | None, root: str | Path | None = None) -> dict | None:
+    """The record with every absolute path in it (an --init-from folder, a pairs file, a --dataset folder)
+    made portable: relative to `root` (default: the working directory, the repo a run starts in) when inside
+    it, else `portable_path`'s name and content hash."""
+    root = os.path.abspath(root or os.getcwd())
+
+    def walk(value):
+        if isinstance(value, dict):
+            return {key: walk(v) for key, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return portable_path(value, root) if isinstance(value, str) and is_absolute_path(value) else value
+
+    return walk(provenance)
+
+
+def is_absolute_path(text: str) -> bool:
+    """`/...`, `~...` or a Windows drive (`C:\\...`): a path that names one machine's folders."""
+    return text.startswith(("/", "~", "\\")) or re.match(r"[A-Za-z]:[\\/]", text) is not None
+
+
+def portable_path(text: str, root: str | Path) -> str:
+    """An absolute path as a record keeps it: relative to `root` when inside it (POSIX separators), else the
+    file or folder's name and the sha256 of its content (`name@sha256:...`), or its name alone if it is gone."""
+    path, root = os.path.abspath(os.path.expanduser(text)), os.path.abspath(root)
+    if os.path.commonpath([path, root]) == root:
+        return Path(os.path.relpath(path, root)).as_posix()
+    name = os.path.basename(path) or path.strip("/\\")
+    return f"{name}{HASHED}{content_sha256(Path(path))}" if os.path.exists(path) else name
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a file's bytes; of a folder, of each file's relative path and sha256, in sorted order."""
+    if path.is_file():
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    lines = "".join(f"{p.relative_to(path).as_posix()}\0{content_sha256(p)}\n" for p in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 # --- the refusal -------------------------------------------------------------------------------------
@@ -131,14 +196,24 @@ def splits_seen(provenance: dict) -> set[str]:
 
 
 def same_dataset(a: str, b: str) -> bool:
-    def key(dataset: str) -> str:
+    """The same dataset name (any case), folder, or folder content: a folder recorded by name and hash
+    (`portable_path`, it was outside the run's folder) is the same as any folder with that content."""
+
+    def key(dataset: str, hashed: bool) -> str:
         path = Path(dataset).expanduser()
-        return str(path.resolve()) if path.exists() else dataset.strip().lower()
+        if HASHED in dataset:
+            return dataset.rpartition(HASHED)[2]
+        if not path.exists():
+            return dataset.strip().lower()
+        return content_sha256(path) if hashed else str(path.resolve())
 
-    return key(str(a)) == key(str(b))
+    hashed = HASHED in str(a) or HASHED in str(b)
+    return key(str(a), hashed) == key(str(b), hashed)
 
 
-ORIGINS = (("init_from", "started from"), ("distilled_from", "distilled from"))
+# How each origin's model passed its data on (the keys are those provenance.json links by record key).
+ORIGIN_WORDS = {"init_from": "started from", "distilled_from": "distilled from"}
+ORIGINS = tuple((key, ORIGIN_WORDS[key]) for key in ORIGIN_KEYS)
 
 
 def data_records(provenance: dict | None, label: str) -> Iterator[tuple[str, dict | None]]:
@@ -169,7 +244,7 @@ def check_record_unseen(record: dict | None, name: str, eval_split: str, dataset
     """check_unseen for one record of the chain, without following it."""
     if not record:
         raise LeakError(
-            f"{name} records no training data (no `provenance` in its model_index.json), so it may have seen "
+            f"{name} records no training data (no `provenance` saved with it), so it may have seen "
             f"the {eval_split} split {purpose} scores on; {TRAIN_SCRIPT_HINT}"
         )
     trained_on = f"split {record.get('split')!r} of {record.get('dataset')}"
@@ -192,7 +267,7 @@ def check_record_unseen(record: dict | None, name: str, eval_split: str, dataset
 def describe_provenance(provenance: dict | None) -> str:
     """One sentence, short however long the chain: this model's own data, the models its weights came from,
     the real images of an adversarial term, then in sum what the models further back saw (the whole chain
-    is in model_index.json)."""
+    is in provenance.json)."""
     if not provenance:
         return "not recorded"
     text = describe_data(provenance)

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from bloodgen_hf.data import CLASS_COUNTS, CLASS_NAMES
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.io import atomic_path
 
 FORMATS = ("png", "npz", "hf-dataset")
@@ -48,12 +49,12 @@ def plan_labels(
         counts = np.floor(exact).astype(np.int64)
         counts[np.argsort(counts - exact)[: n - counts.sum()]] += 1
         return np.repeat(np.asarray(classes, dtype=np.int64), counts)
-    raise ValueError(f"unknown class distribution {distribution!r}; use 'balanced' or 'real'")
+    raise UsageError(f"unknown class distribution {distribution!r}; use 'balanced' or 'real'")
 
 
 def check_count(n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"--n must be a positive number of images, got {n}")
+        raise UsageError(f"--n must be a positive number of images, got {n}")
 
 
 def model_labels(pipe, n: int, classes: Sequence[str] | None, distribution: str) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -66,7 +67,7 @@ def model_labels(pipe, n: int, classes: Sequence[str] | None, distribution: str)
     chosen = [class_index(c, names) for c in classes or []]
     if distribution == "real" and not same_classes(names, CLASS_NAMES):
         theirs = describe_classes(names)
-        raise ValueError(f"--real-distribution knows BloodMNIST's proportions only; this model has {theirs}")
+        raise UsageError(f"--real-distribution knows BloodMNIST's proportions only; this model has {theirs}")
     counts = CLASS_COUNTS if distribution == "real" else [1] * len(names)
     return plan_labels(n, chosen, distribution, counts), names
 
@@ -81,7 +82,7 @@ def pipeline_class_names(pipe) -> tuple[str, ...]:
         if count is None and "num_classes" in getattr(component, "config", {}):
             count = component.config.num_classes
     if count is None:
-        raise ValueError(f"{type(pipe).__name__} records neither class names nor a class count")
+        raise UsageError(f"{type(pipe).__name__} records neither class names nor a class count")
     return tuple(str(i) for i in range(count))
 
 
@@ -97,13 +98,13 @@ def configure_sampling(pipe, options: dict) -> tuple[object, dict]:
     precision = options.pop("precision", "auto")
     if scheduler is not None:
         if not hasattr(pipe, "with_scheduler"):
-            raise ValueError(f"--scheduler does not apply to {type(pipe).__name__}")
+            raise UsageError(f"--scheduler does not apply to {type(pipe).__name__}")
         pipe = pipe.with_scheduler(scheduler)
     accepted = inspect.signature(pipe.__call__).parameters
     for name in options:
         if name not in accepted:
             flag = {"num_inference_steps": "steps", "guidance_scale": "guidance"}.get(name, name).replace("_", "-")
-            raise ValueError(f"--{flag} does not apply to {type(pipe).__name__}")
+            raise UsageError(f"--{flag} does not apply to {type(pipe).__name__}")
     return pipe, {**options, "precision": resolve_precision(precision, pipe)}
 
 
@@ -114,10 +115,10 @@ def resolve_precision(precision: str, pipe) -> str:
     from bloodgen_hf.process import native_bf16
 
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = torch.device(getattr(pipe, "device", "cpu"))
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("--precision bf16 asked for, but this GPU has no bfloat16 support")
+        raise UsageError("--precision bf16 asked for, but this GPU has no bfloat16 support")
     if precision != "auto":
         return precision
     diffusion = "scheduler" in getattr(pipe, "components", {})
@@ -143,7 +144,7 @@ def generate(
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (uint8 images [B,H,W,3], labels [B], seeds [B]) batch by batch, at `precision` (resolve_precision)."""
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     device = pipe.device
     autocast = precision_context(resolve_precision(precision, pipe), device)
     if hasattr(pipe, "set_progress_bar_config"):  # one bar over all images, not one per batch's denoising loop
@@ -278,5 +279,5 @@ def read_hf_dataset(folder: Path):
     label = dataset.features.get("label")
     expected = hf_dataset_features(label.names if isinstance(label, ClassLabel) else CLASS_NAMES)
     if dataset.features != expected:
-        raise ValueError(f"{folder}: unexpected columns {dataset.features}; expected {expected}")
+        raise UsageError(f"{folder}: unexpected columns {dataset.features}; expected {expected}")
     return dataset, json.loads((folder / INFO_NAME).read_text())

@@ -19,7 +19,7 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from .blood_pipeline_utils import BloodPipelineMixin, postprocess, resolve_class_labels
+from .blood_pipeline_utils import BloodPipelineMixin, UsageError, postprocess, resolve_class_labels
 
 # name -> (scheduler class, settings that differ from the class defaults); any of them can sample
 # a UNet trained with DDPMScheduler, because they all read the same betas and prediction type.
@@ -61,7 +61,7 @@ def make_scheduler(name: str, config) -> object:
     table = FLOW_SCHEDULERS if is_flow(config) else SCHEDULERS
     if key not in table:
         kind = " (the flow-matching ones)" if table is FLOW_SCHEDULERS else ""
-        raise ValueError(f"unknown scheduler {name!r}; choose from: {', '.join(table)}{kind}")
+        raise UsageError(f"unknown scheduler {name!r}; choose from: {', '.join(table)}{kind}")
     cls, settings = table[key]
     if table is FLOW_SCHEDULERS:  # the length and the time shift carry over, under each class's own name for it
         shift = config.get("flow_shift", config.get("shift", 1.0))
@@ -75,7 +75,7 @@ def check_class_conditional(unet: UNet2DModel) -> int:
     "null" row (diffusers ignores class labels altogether in a UNet built without class embeddings)."""
     n = unet.config.num_class_embeds
     if unet.config.class_embed_type is not None or n is None or n < 2 or unet.class_embedding is None:
-        raise ValueError(
+        raise UsageError(
             "BloodDDPMPipeline needs a UNet2DModel built with num_class_embeds = classes + 1 (the last is the "
             f"null class of classifier-free guidance) and class_embed_type None; got num_class_embeds={n!r}, "
             f"class_embed_type={unet.config.class_embed_type!r}"
@@ -91,10 +91,12 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
     other value runs both in one doubled batch. `num_inference_steps` None means every training
     step for DDPMScheduler and `default_num_inference_steps` for the fast solvers.
 
+    `class_labels`: a list of labels (class indices or names) gives one image per label, as in diffusers'
+    DiTPipeline; one label or None gives `num_images` (default 8) of it or of the classes in turn.
     `generator` may be one torch.Generator or a list with one per image (then every image is
     reproducible on its own, whatever the batch it was drawn in). `with_scheduler("dpm++")` gives a
     copy sampling with another scheduler (see SCHEDULERS). `provenance` records the data it was trained on
-    (see bloodgen_hf/provenance.py); it is saved in model_index.json.
+    (see bloodgen_hf/provenance.py); saved in provenance.json (a summary in model_index.json).
     """
 
     model_cpu_offload_seq = "unet"
@@ -111,7 +113,7 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
         super().__init__()
         num_classes = check_class_conditional(unet)
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"got {len(class_names)} class names for a UNet with {num_classes} classes")
+            raise UsageError(f"got {len(class_names)} class names for a UNet with {num_classes} classes")
         check_sampling_arguments(default_guidance_scale, default_num_inference_steps)
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(
@@ -155,7 +157,7 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        num_images: int = 8,
+        num_images: int | None = None,
         class_labels=None,
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
@@ -167,8 +169,9 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
         steps = self.default_steps() if num_inference_steps is None else num_inference_steps
         check_sampling_arguments(guidance_scale, steps, self.scheduler.config.num_train_timesteps)
         labels = resolve_class_labels(class_labels, num_images, self.class_names, self.num_classes)
+        num_images = len(labels)
         if isinstance(generator, list) and len(generator) != num_images:
-            raise ValueError(f"got {len(generator)} generators for {num_images} images")
+            raise UsageError(f"got {len(generator)} generators for {num_images} images")
 
         param = next(self.unet.parameters())
         size = self.unet.config.sample_size
@@ -209,10 +212,10 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
 
 def check_sampling_arguments(guidance_scale: float, steps: int, max_steps: int | None = None) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"num_inference_steps (--steps) must be a positive integer, got {steps!r}")
+        raise UsageError(f"num_inference_steps (--steps) must be a positive integer, got {steps!r}")
     if max_steps is not None and steps > max_steps:
-        raise ValueError(f"num_inference_steps (--steps) {steps} exceeds the {max_steps} training timesteps")
+        raise UsageError(f"num_inference_steps (--steps) {steps} exceeds the {max_steps} training timesteps")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise ValueError(f"guidance_scale (--guidance) must be a number, got {guidance_scale!r}")
+        raise UsageError(f"guidance_scale (--guidance) must be a number, got {guidance_scale!r}")
     if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale (--guidance) must be >= 0 (1 = no guidance), got {guidance_scale}")
+        raise UsageError(f"guidance_scale (--guidance) must be >= 0 (1 = no guidance), got {guidance_scale}")

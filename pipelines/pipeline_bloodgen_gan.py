@@ -6,15 +6,17 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .blood_pipeline_utils import BloodPipelineMixin, postprocess, resolve_class_labels
+from .blood_pipeline_utils import BloodPipelineMixin, UsageError, postprocess, resolve_class_labels
 
 
 class BloodGANPipeline(BloodPipelineMixin, DiffusionPipeline):
     """One generator forward pass per batch: z ~ N(0, I), label -> image.
 
+    `class_labels`: a list of labels (class indices or names) gives one image per label, as in diffusers'
+    DiTPipeline; one label or None gives `num_images` (default 8) of it or of the classes in turn.
     `generator` may be one torch.Generator or a list with one per image (then every image is
     reproducible on its own, whatever the batch it was drawn in). `provenance` records the data it was
-    trained on (see bloodgen_hf/provenance.py); it is saved in model_index.json.
+    trained on (see bloodgen_hf/provenance.py); saved in provenance.json (a summary in model_index.json).
     """
 
     model_cpu_offload_seq = "gan"
@@ -30,18 +32,23 @@ class BloodGANPipeline(BloodPipelineMixin, DiffusionPipeline):
         names = self.gan.config.get("class_names")
         return list(names) if names else None
 
+    @property
+    def num_classes(self) -> int:
+        return self.gan.config.num_classes
+
     @torch.no_grad()
     def __call__(
         self,
-        num_images: int = 8,
+        num_images: int | None = None,
         class_labels=None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ):
-        labels = resolve_class_labels(class_labels, num_images, self.class_names, self.gan.config.num_classes)
+        labels = resolve_class_labels(class_labels, num_images, self.class_names, self.num_classes)
+        num_images = len(labels)
         if isinstance(generator, list) and len(generator) != num_images:
-            raise ValueError(f"got {len(generator)} generators for {num_images} images")
+            raise UsageError(f"got {len(generator)} generators for {num_images} images")
         param = next(self.gan.parameters())
         z = randn_tensor(
             (num_images, self.gan.config.latent_dim), generator=generator, device=param.device, dtype=param.dtype

@@ -11,7 +11,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .blood_pipeline_utils import BloodPipelineMixin, postprocess, resolve_class_labels
+from .blood_pipeline_utils import BloodPipelineMixin, UsageError, postprocess, resolve_class_labels
 
 
 def inference(method):
@@ -33,8 +33,11 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
     typical-looking cells) and `latent_bias` shifts it; both are the reparameterization knobs of
     the blood-cell VAE literature. Images given to `encode`, `reconstruct`, `variations` or
     `interpolate` may be PIL images, uint8 [N,H,W,3] arrays or [-1, 1] float [N,3,H,W] tensors at
-    the model's resolution. Their class is inferred (see `classify`) unless given. `provenance` records
-    the data it was trained on (see bloodgen_hf/provenance.py); it is saved in model_index.json.
+    the model's resolution. Their class is inferred (see `classify`) unless given. `class_labels` of a call:
+    a list of labels (class indices or names) gives one image per label, as in diffusers' DiTPipeline; one
+    label or None gives `num_images` (default 8) of it or of the classes in turn. `provenance` records
+    the data it was trained on (see bloodgen_hf/provenance.py); saved in provenance.json (a summary in
+    model_index.json).
     """
 
     model_cpu_offload_seq = "vae"
@@ -50,8 +53,12 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
         names = self.vae.config.get("class_names")
         return list(names) if names else None
 
-    def _labels(self, class_labels, num_images: int) -> torch.Tensor:
-        labels = resolve_class_labels(class_labels, num_images, self.class_names, self.vae.config.num_classes)
+    @property
+    def num_classes(self) -> int:
+        return self.vae.config.num_classes
+
+    def _labels(self, class_labels, num_images: int | None) -> torch.Tensor:
+        labels = resolve_class_labels(class_labels, num_images, self.class_names, self.num_classes)
         return labels.to(self.vae.device)
 
     def prior_latents(
@@ -63,9 +70,9 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
     ) -> torch.Tensor:
         """z = latent_bias + temperature * eps: [num_images, *vae.latent_shape]."""
         if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+            raise UsageError(f"temperature must be >= 0, got {temperature}")
         if isinstance(generator, list) and len(generator) != num_images:
-            raise ValueError(f"got {len(generator)} generators for {num_images} images")
+            raise UsageError(f"got {len(generator)} generators for {num_images} images")
         param = next(self.vae.parameters())
         shape = (num_images, *self.vae.latent_shape)
         eps = randn_tensor(shape, generator=generator, device=param.device, dtype=param.dtype)
@@ -74,7 +81,7 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
     @inference
     def __call__(
         self,
-        num_images: int = 8,
+        num_images: int | None = None,
         class_labels=None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
@@ -83,7 +90,7 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
         latent_bias: float | torch.Tensor = 0.0,
     ):
         labels = self._labels(class_labels, num_images)
-        z = self.prior_latents(num_images, generator, temperature, latent_bias)
+        z = self.prior_latents(len(labels), generator, temperature, latent_bias)
         return self._output(self.vae.decode(z, labels).sample, output_type, return_dict)
 
     # --- image to image ----------------------------------------------------------------------
@@ -96,15 +103,15 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
             images = np.stack([np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im) for im in images])
         if isinstance(images, np.ndarray):
             if images.dtype != np.uint8:
-                raise ValueError(f"numpy images must be uint8 [N,H,W,3], got dtype {images.dtype}")
+                raise UsageError(f"numpy images must be uint8 [N,H,W,3], got dtype {images.dtype}")
             images = torch.tensor(images[None] if images.ndim == 3 else images).permute(0, 3, 1, 2)
             images = images.float() / 127.5 - 1
         if not isinstance(images, torch.Tensor):
-            raise ValueError(f"cannot use a {type(images).__name__} as images")
+            raise UsageError(f"cannot use a {type(images).__name__} as images")
         images = images[None] if images.ndim == 3 else images
         size, channels = self.vae.config.resolution, self.vae.config.in_channels
         if images.ndim != 4 or images.shape[1] != channels or images.shape[-2:] != (size, size):
-            raise ValueError(
+            raise UsageError(
                 f"images of shape {tuple(images.shape)} do not fit this model: it works on "
                 f"{channels}-channel {size}x{size} images"
             )
@@ -148,7 +155,7 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
         """Resample around one image's posterior: z = mean + temperature * std * eps, decoded with its class."""
         x = self.preprocess(image)
         if len(x) != 1:
-            raise ValueError(f"variations takes one image, got {len(x)}")
+            raise UsageError(f"variations takes one image, got {len(x)}")
         label = self.classify(x) if class_label is None else self._labels(class_label, 1)
         posterior = self.vae.encode(x, label).latent_dist
         eps = self.prior_latents(num_variations, generator, temperature)
@@ -173,7 +180,7 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
         one shared prior draw (at `temperature`) so only the cell type changes.
         """
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-            raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+            raise UsageError(f"num_steps must be an integer >= 2, got {num_steps!r}")
         ends = [self._endpoint(e) for e in (start, end)]
         shared = next((z for z, _ in ends if z is not None), None)
         if shared is None:
@@ -190,7 +197,7 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
             return None, self.vae.class_embedding(self._labels(value, 1))
         x = self.preprocess(value)
         if len(x) != 1:
-            raise ValueError(f"an interpolation endpoint is one image, got {len(x)}")
+            raise UsageError(f"an interpolation endpoint is one image, got {len(x)}")
         label = self.classify(x)
         return self.vae.encode(x, label).latent_dist.mode(), self.vae.class_embedding(label)
 

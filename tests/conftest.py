@@ -112,7 +112,7 @@ def tiny_vae_pipeline(seed: int = 0, resolution: int = 28, latent_dim: int | Non
 
 @pytest.fixture
 def tiny_gan_dir(tmp_path: Path) -> Path:
-    from bloodgen_hf.hub import save_pipeline
+    from bloodgen_hf.registry import save_pipeline
 
     return save_pipeline(tiny_gan_pipeline(), tmp_path / "tiny_gan")
 
@@ -121,4 +121,5 @@ def tiny_gan_dir(tmp_path: Path) -> Path:
 def _quiet_and_small(monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
     monkeypatch.delenv("BLOODGEN_DATA_DIR", raising=False)
+    monkeypatch.delenv("BLOODGEN_DEBUG", raising=False)  # tests that want tracebacks set it themselves
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from bloodgen_hf.cli import DEFAULT_MODEL, app
 from bloodgen_hf.data import CLASS_NAMES
-from bloodgen_hf.hub import bundled_models, load_pipeline
+from bloodgen_hf.registry import bundled_models, load_pipeline
 
 runner = CliRunner()
-REPORT = Path(__file__).resolve().parents[1] / "reports" / "compare"
+REPORT = Path(__file__).resolve().parents[1] / "experiments" / "reports" / "compare"
 
 
 def invoke(*args):
@@ -170,7 +170,7 @@ def test_bundled_models_load_and_generate_each_class():
 
 
 def test_default_model_follows_the_readme_rule_on_the_committed_report():
-    """`sample` defaults to the model `choose_default` picks from reports/compare (the README's report):
+    """`sample` defaults to the model `choose_default` picks from experiments/reports/compare (docs/results.md):
     quality first (fd_bloodnet and class accuracy within 10% of the best), then speed. Re-running the
     comparison with another winner makes this fail until DEFAULT_MODEL follows."""
     from bloodgen_hf.evaluation.compare import choose_default

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from bloodgen_hf.cli import app
-from bloodgen_hf.hub import ModelLoadError, load_pipeline, save_pipeline
 from bloodgen_hf.pipelines import BloodDDPMPipeline
+from bloodgen_hf.registry import ModelLoadError, load_pipeline, save_pipeline
 from bloodgen_hf.training import ddpm
 from bloodgen_hf.training.checkpoint import load_state
 from tests.conftest import tiny_ddpm_pipeline

@@ -49,8 +49,8 @@ def common(fake_data_dir, tiny_bloodnet_dir, tmp_path) -> list[str]:
 @pytest.fixture
 def train_split_gan_dir(tmp_path: Path) -> Path:
     """The tiny GAN, recorded as trained on the train split only: the augmentation study accepts it."""
-    from bloodgen_hf.hub import save_pipeline
     from bloodgen_hf.provenance import training_provenance
+    from bloodgen_hf.registry import save_pipeline
 
     pipe = tiny_gan_pipeline()
     provenance = training_provenance("bloodmnist", 28, "train", 48)
@@ -127,7 +127,7 @@ def test_evaluate_bad_input_is_one_error_line(tiny_gan_dir, common, tmp_path, ex
 
 
 def test_compare_writes_one_report_folder(tiny_gan_dir, common, tmp_path):
-    from bloodgen_hf.hub import save_pipeline
+    from bloodgen_hf.registry import save_pipeline
 
     other = save_pipeline(tiny_gan_pipeline(seed=1), tmp_path / "other_gan")
     (other / "metrics.jsonl").write_text('{"step": 1, "loss_g": 2.0}\n{"step": 2, "loss_g": 1.5}\n')
@@ -177,7 +177,7 @@ def test_augment_study_trains_every_setting_and_fraction(train_split_gan_dir, fa
     out = tmp_path / "study"
     args = ["--model", train_split_gan_dir, "--data-dir", fake_data_dir, "--fractions", "0.5,1", "--seeds", "0"]
     result = invoke(
-        "augment-study", *args, "--steps", "2", "--batch-size", "8", "--out", out, "--device", "cpu", "--html"
+        "augment-study", *args, *FIXED, "--steps", "2", "--batch-size", "8", "--out", out, "--device", "cpu", "--html"
     )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
@@ -194,6 +194,9 @@ def test_augment_study_trains_every_setting_and_fraction(train_split_gan_dir, fa
         assert (out / name).is_file(), name
 
 
+FIXED = ["--protocol", "fixed-steps"]  # the earlier protocol: a few steps keep these tests fast
+
+
 def one_seed_study_args(model, data_dir, out) -> list:
     return ["--model", model, "--data-dir", data_dir, "--fractions", "1", "--seeds", "0", "--out", out]
 
@@ -201,10 +204,10 @@ def one_seed_study_args(model, data_dir, out) -> list:
 def test_augment_study_resumes_keeping_the_pool_and_finished_runs(train_split_gan_dir, fake_data_dir, tmp_path):
     out = tmp_path / "study"
     args = one_seed_study_args(train_split_gan_dir, fake_data_dir, out)
-    args += ["--settings", "real,synthetic", "--steps", "2", "--batch-size", "8", "--device", "cpu"]
+    args += ["--settings", "real,synthetic", *FIXED, "--steps", "2", "--batch-size", "8", "--device", "cpu"]
     assert invoke("augment-study", *args).exit_code == 0
     # a study stopped after its first classifier: the second has no result yet, the first is marked
-    (out / "runs" / "synthetic-1-seed0" / "result.json").unlink()
+    (out / "runs" / "synthetic-1x-1-seed0" / "result.json").unlink()
     (out / "results.json").unlink()
     first = out / "runs" / "real-1-seed0" / "result.json"
     first.write_text(json.dumps({**json.loads(first.read_text()), "accuracy": 0.123}))
@@ -220,7 +223,7 @@ def test_augment_study_resumes_keeping_the_pool_and_finished_runs(train_split_ga
 def test_augment_study_resume_refuses_other_settings(train_split_gan_dir, fake_data_dir, tmp_path):
     out = tmp_path / "study"
     args = one_seed_study_args(train_split_gan_dir, fake_data_dir, out)
-    args += ["--settings", "real", "--batch-size", "8", "--device", "cpu"]
+    args += ["--settings", "real", *FIXED, "--batch-size", "8", "--device", "cpu"]
     assert invoke("augment-study", *args, "--steps", "2").exit_code == 0
     result = invoke("augment-study", *args, "--steps", "3", "--resume")
     assert result.exit_code != 0 and "was started with other settings (steps)" in result.output

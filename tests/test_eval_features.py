@@ -14,7 +14,7 @@ import torch
 from bloodgen_hf.data import CLASS_NAMES
 from bloodgen_hf.evaluation import features as F
 from bloodgen_hf.evaluation.bloodnet import BloodNet, predict
-from bloodgen_hf.hub import WEIGHTS_NAME
+from bloodgen_hf.registry import WEIGHTS_NAME
 
 
 class StandInInception(torch.nn.Module):
@@ -156,7 +156,7 @@ def test_missing_bloodnet_says_how_to_train_it(tmp_path):
 
 
 def test_corrupt_bloodnet_weights_are_named(tmp_path):
-    from bloodgen_hf.hub import ModelLoadError
+    from bloodgen_hf.registry import ModelLoadError
 
     tiny_bloodnet().save_pretrained(tmp_path / "bn")
     (tmp_path / "bn" / WEIGHTS_NAME).write_bytes(b"garbage")

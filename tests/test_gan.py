@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from bloodgen_hf.hub import ModelLoadError, load_pipeline, save_pipeline
 from bloodgen_hf.models.gan import ConditionalDiscriminator, ConditionalGenerator, _MinibatchStd
+from bloodgen_hf.registry import ModelLoadError, load_pipeline, save_pipeline
 from bloodgen_hf.training.gan_losses import diff_augment, discriminator_loss, generator_loss, gradient_penalty
 from tests.conftest import tiny_gan_pipeline
 

@@ -32,11 +32,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import tests.conftest as fixtures
-from bloodgen_hf import hub
+from bloodgen_hf import publish
 from bloodgen_hf.cli import app
 from bloodgen_hf.data import CLASS_NAMES
-from bloodgen_hf.hub import SPECS, family_of, load_pipeline, save_pipeline
 from bloodgen_hf.model_card import find_train_config, read_eval_results, training_command, write_eval_results
+from bloodgen_hf.registry import SPECS, WEIGHTS_NAME, bundled_models, family_of, load_pipeline, save_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [3, 1, 4, 1, 5]
@@ -200,7 +200,7 @@ class FakeHub:
 @pytest.fixture
 def fake_hub(monkeypatch) -> FakeHub:
     fake = FakeHub()
-    monkeypatch.setattr(hub, "HfApi", fake.api)
+    monkeypatch.setattr(publish, "HfApi", fake.api)
     return fake
 
 
@@ -247,7 +247,7 @@ def test_saved_code_is_the_single_source(class_name, tmp_path):
         assert copy.read_bytes() == Path(inspect.getfile(source)).read_bytes()
     for name, (module, cls, _) in spec.components.items():
         assert index[name] == [module, cls.__name__]
-        assert (folder / name / hub.WEIGHTS_NAME).is_file()
+        assert (folder / name / WEIGHTS_NAME).is_file()
     # no second, drifting copy of the remote-code modules anywhere in the source tree: the bundled folders
     # hold links to the single source (copied into wheels)
     listed = subprocess.run(
@@ -280,11 +280,11 @@ def test_every_pipeline_loads_without_bloodgen_hf_from_folder_and_offline_hub_ca
         np.testing.assert_array_equal(reference_images(load_pipeline(str(folder))), original, err_msg=class_name)
 
         repo_id, call = f"bloodgen-test/tiny-{family_of(SPECS[class_name])}", call_kwargs(pipe)
-        first = hub.push_to_hub(str(folder), repo_id, token=TOKEN, grid_per_class=1, grid_options=call)
+        first = publish.push_to_hub(str(folder), repo_id, token=TOKEN, grid_per_class=1, grid_options=call)
         pinned = pinned_revision(fake_hub.files(repo_id)["README.md"])
         assert pinned == first.commit
         retrained = perturbed(tiny_pipeline(class_name))
-        second = hub.push_to_hub(retrained, repo_id, token=TOKEN, grid_per_class=1, grid_options=call)
+        second = publish.push_to_hub(retrained, repo_id, token=TOKEN, grid_per_class=1, grid_options=call)
         snapshots = {oid: fake_hub.write_snapshot(oid, work / oid) for oid in (pinned, second.card_commit)}
         offline_cache(hf_home, repo_id, snapshots, main=second.card_commit)
 
@@ -308,7 +308,7 @@ def test_every_pipeline_loads_without_bloodgen_hf_from_folder_and_offline_hub_ca
 def test_the_bundled_few_step_student_loads_as_remote_code_at_1_and_4_steps(tmp_path):
     """The bundled student (issue 14) is a BloodDDPMPipeline folder like the others: an interpreter without
     bloodgen_hf loads it with trust_remote_code and draws the in-package images bit for bit."""
-    folder, pipe = hub.bundled_models()["ddpm-fast"], load_pipeline("ddpm-fast")
+    folder, pipe = bundled_models()["ddpm-fast"], load_pipeline("ddpm-fast")
     calls = [{"num_inference_steps": steps} for steps in (1, 4)]
     jobs = [{"source": str(folder), "load": {}, "call": call} for call in calls]
     expected = [reference_images(pipe, call) for call in calls]
@@ -341,7 +341,7 @@ def test_push_uploads_weights_code_grid_and_card(tiny_gan_dir, fake_hub):
     metrics = [{"type": "fid", "value": 41.25, "name": "FID (Inception-v3)"}, {"type": "kid", "value": 0.0312}]
     write_eval_results(tiny_gan_dir, metrics, split="test", num_generated=1000)
 
-    result = hub.push_to_hub(str(tiny_gan_dir), "bloodgen-test/tiny-gan", private=True, token=TOKEN)
+    result = publish.push_to_hub(str(tiny_gan_dir), "bloodgen-test/tiny-gan", private=True, token=TOKEN)
 
     assert fake_hub.tokens == [TOKEN]
     assert [name for name, _ in fake_hub.calls] == ["create_repo", "upload_folder", "upload_file"]
@@ -389,7 +389,7 @@ def test_push_uploads_weights_code_grid_and_card(tiny_gan_dir, fake_hub):
 
 def test_push_a_pipeline_object_to_a_branch(fake_hub):
     pipe = fixtures.tiny_gan_pipeline()
-    result = hub.push_to_hub(pipe, "bloodgen-test/tiny-gan", revision="v1", token=TOKEN)
+    result = publish.push_to_hub(pipe, "bloodgen-test/tiny-gan", revision="v1", token=TOKEN)
     names = [name for name, _ in fake_hub.calls]
     assert names == ["create_repo", "create_branch", "upload_folder", "upload_file"]
     assert fake_hub.calls[1][1]["branch"] == "v1"
@@ -401,6 +401,35 @@ def test_push_a_pipeline_object_to_a_branch(fake_hub):
     assert card.data.eval_results is None and "Not evaluated yet." in card.text
     assert "No training configuration was saved" in card.text
     assert result.url == "https://huggingface.co/bloodgen-test/tiny-gan"
+
+
+def test_push_uploads_provenance_json_and_the_card_names_the_training_data(fake_hub, tmp_path):
+    """The whole record goes up as provenance.json (model_index.json keeps its summary) and loads back from the
+    pushed repo; a pipeline that holds only the summary is refused before anything is uploaded."""
+    from bloodgen_hf.provenance import training_provenance
+
+    start = {"model": "first", "provenance": training_provenance("bloodmnist", 28, "all", 80)}
+    provenance = {**training_provenance("bloodmnist", 28, "train", 48), "init_from": start}
+    pipe = fixtures.tiny_gan_pipeline()
+    folder = save_pipeline(type(pipe)(**pipe.components, provenance=provenance), tmp_path / "gan")
+    result = publish.push_to_hub(str(folder), "bloodgen-test/tiny-gan", token=TOKEN, grid_per_class=1)
+    pushed = fake_hub.commits[result.commit]
+    assert pushed["provenance.json"] == (folder / "provenance.json").read_bytes()
+    summary = json.loads(pushed["model_index.json"])["provenance"]
+    assert summary["file"] == "provenance.json" and summary["origins"] == {"init_from": "first"}
+    snapshot = fake_hub.write_snapshot(result.commit, tmp_path / "snapshot")
+    assert load_pipeline(str(snapshot)).config.provenance == provenance
+    card = ModelCard(fake_hub.files("bloodgen-test/tiny-gan")["README.md"].decode())
+    assert (
+        "Training data: split 'train' of bloodmnist at 28x28, 48 images; started from first; the models it "
+        "descends from were trained on split 'all' of bloodmnist." in " ".join(card.text.split())
+    )
+
+    summary_only = type(pipe)(**pipe.components, provenance=summary)  # as diffusers loads it from a Hub repo
+    fake_hub.calls.clear()
+    with pytest.raises(ValueError, match="holds only the summary of its training data"):
+        publish.push_to_hub(summary_only, "bloodgen-test/other", token=TOKEN, grid_per_class=1)
+    assert fake_hub.calls == []
 
 
 def test_training_command_parses_back_to_the_same_config(tmp_path):
@@ -473,15 +502,15 @@ def test_cli_push_without_a_token(tiny_gan_dir, fake_hub, no_token):
 
 def test_token_from_the_environment(tiny_gan_dir, fake_hub, no_token, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
-    hub.push_to_hub(str(tiny_gan_dir), "org/name")
+    publish.push_to_hub(str(tiny_gan_dir), "org/name")
     assert fake_hub.tokens == ["hf_from_env"]
 
 
 @pytest.mark.parametrize(
     "damage, named",
     [
-        (lambda d: (d / "gan" / hub.WEIGHTS_NAME).unlink(), "gan/diffusion_pytorch_model.safetensors"),
-        (lambda d: (d / "gan" / hub.WEIGHTS_NAME).write_bytes(b"not safetensors"), "diffusion_pytorch_model"),
+        (lambda d: (d / "gan" / WEIGHTS_NAME).unlink(), "gan/diffusion_pytorch_model.safetensors"),
+        (lambda d: (d / "gan" / WEIGHTS_NAME).write_bytes(b"not safetensors"), "diffusion_pytorch_model"),
         (lambda d: (d / "model_index.json").unlink(), "model_index.json"),
         (lambda d: (d / "eval_results.json").write_text('{"split": "test", "metrics": []}'), "eval_results.json"),
     ],
@@ -515,11 +544,10 @@ def test_cli_push_reports_hub_and_network_failures_in_one_line(failure, message,
 
 
 def test_pipeline_push_to_hub_uses_the_bloodgen_publisher(monkeypatch):
-    import bloodgen_hf.hub as hub
     from tests.conftest import tiny_gan_pipeline
 
     calls = []
-    monkeypatch.setattr(hub, "push_to_hub", lambda pipe, repo_id, **kw: calls.append((pipe, repo_id, kw)) or "ok")
+    monkeypatch.setattr(publish, "push_to_hub", lambda pipe, repo_id, **kw: calls.append((pipe, repo_id, kw)) or "ok")
     pipe = tiny_gan_pipeline()
     assert pipe.push_to_hub("org/name", private=True) == "ok"
     assert calls == [(pipe, "org/name", {"private": True})]

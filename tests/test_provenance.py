@@ -7,6 +7,7 @@ per-fraction generator that sees only the classifier's subset R_f, and TSTR, on 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +18,29 @@ from typer.testing import CliRunner
 from bloodgen_hf.cli import app
 from bloodgen_hf.data import CLASS_NAMES, load_data
 from bloodgen_hf.evaluation.bloodnet import BloodNet
-from bloodgen_hf.hub import bundled_models, load_pipeline, read_model_index, save_pipeline
+from bloodgen_hf.pipelines.blood_pipeline_utils import (
+    expand_provenance,
+    flatten_provenance,
+    is_provenance_summary,
+    record_links,
+)
 from bloodgen_hf.provenance import (
     LeakError,
     check_unseen,
+    content_sha256,
     describe_provenance,
     indices_fingerprint,
+    portable_provenance,
     real_subset,
+    same_dataset,
     training_provenance,
 )
+from bloodgen_hf.registry import ModelLoadError, bundled_models, load_pipeline, read_model_index, save_pipeline
 from tests.conftest import tiny_ddpm_pipeline, tiny_gan_pipeline, tiny_vae_pipeline
 
 TRAIN = training_provenance("bloodmnist", 28, "train", 48)
 ALL = training_provenance("bloodmnist", 28, "all", 80)
-STUDY = ["--seeds", "0", "--steps", "2", "--batch-size", "8", "--device", "cpu"]
+STUDY = ["--seeds", "0", "--protocol", "fixed-steps", "--steps", "2", "--batch-size", "8", "--device", "cpu"]
 
 
 def invoke(*args):
@@ -163,15 +173,182 @@ def test_provenance_round_trips_through_save_and_both_loaders(make, tmp_path):
     provenance = {**TRAIN, "num_images": 24, "subset": {**subset, "indices_sha256": "ab" * 32}}
     pipe = with_provenance(make(), provenance)
     pipe.save_pretrained(tmp_path / "saved")
-    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["provenance"] == provenance
+    assert saved_record(tmp_path / "saved") == provenance
     assert load_pipeline(str(tmp_path / "saved")).config.provenance == provenance  # no diffusers loader
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True)
     assert loaded.config.provenance == provenance
     loaded.save_pretrained(tmp_path / "again")  # the remote-code copy saves it again
-    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["provenance"] == provenance
+    assert saved_record(tmp_path / "again") == provenance
     assert load_pipeline(str(tmp_path / "again")).config.provenance == provenance
     if hasattr(pipe, "with_scheduler"):
         assert pipe.with_scheduler("ddim").config.provenance == provenance
+
+
+def saved_record(folder: Path) -> dict:
+    """The record in a saved folder's provenance.json, nested again; its model_index.json holds the summary."""
+    index = json.loads((folder / "model_index.json").read_text())
+    assert is_provenance_summary(index["provenance"]) and index["provenance"]["file"] == "provenance.json"
+    return expand_provenance(json.loads((folder / "provenance.json").read_text()))
+
+
+# --- provenance.json ------------------------------------------------------------------------------------
+
+
+def chain(depth: int, base: dict) -> dict:
+    """A model retrained `depth` times from the one before, each distilled from the same teacher."""
+    teacher = {**TRAIN, "init_from": {"model": "ddpm", "provenance": TRAIN, "revision": "git 1234567"}}
+    record = base
+    for i in range(depth):
+        record = {
+            **TRAIN,
+            "init_from": {"model": f"run{i}", "provenance": record},
+            "distilled_from": {"model": "ddpm", "provenance": teacher, "pairs": {"file": f"pairs-{i}.npz"}},
+            "adversarial": {"dataset": "bloodmnist", "split": "train", "resolution": 28, "num_images": 48},
+        }
+    return record
+
+
+def test_provenance_json_holds_each_record_once_and_nests_nothing():
+    provenance = chain(4, {**TRAIN, "init_from": {"model": "old", "provenance": None}})
+    document = flatten_provenance(provenance)
+    assert expand_provenance(document) == provenance
+    records = document["records"]
+    assert list(records)[0] == document["model"]  # the model's own first
+    # the 4 runs and the model the first started from, then the teacher, its own start and the adversarial
+    # images: each of the last three stored once, however many runs refer to it
+    texts = [json.dumps(r, sort_keys=True) for r in records.values()]
+    assert len(texts) == len(set(texts)) == 4 + 1 + 2 + 1
+    for record in records.values():
+        for key in ("init_from", "distilled_from"):
+            origin = record.get(key)
+            assert origin is None or origin["provenance"] is None or origin["provenance"] in records
+        assert record.get("adversarial") is None or record["adversarial"] in records
+        assert all(link in records for link in record_links(record))
+    assert expand_provenance(flatten_provenance(TRAIN)) == TRAIN
+
+
+def blow_up(document: dict) -> None:
+    """40 records, each started from and distilled from the next: 2**40 records nested, 40 stored."""
+    records = document["records"] = {}
+    for i in range(40):
+        link = {"model": "m", "provenance": f"k{i + 1}"}
+        records[f"k{i}"] = {**TRAIN, "init_from": link, "distilled_from": link}
+    records["k40"] = TRAIN
+    document["model"] = "k0"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: d["records"].pop(d["model"]), "no record"),
+        (lambda d: d["records"][d["model"]]["init_from"].update(provenance=d["model"]), "among its own origins"),
+        (lambda d: d.pop("records"), "expected"),
+        (blow_up, "refer to each other more than 10,000 times over"),
+    ],
+)
+def test_a_damaged_provenance_json_is_refused_in_one_line(damage, message, tmp_path):
+    folder = saved_gan(tmp_path / "gan", chain(1, TRAIN))
+    document = json.loads((folder / "provenance.json").read_text())
+    damage(document)
+    (folder / "provenance.json").write_text(json.dumps(document))
+    with pytest.raises(ModelLoadError, match=f"cannot read {re.escape(str(folder / 'provenance.json'))}: .*{message}"):
+        load_pipeline(str(folder))
+    (folder / "provenance.json").unlink()
+    with pytest.raises(ModelLoadError, match="provenance.json is missing: .*holds only a summary"):
+        load_pipeline(str(folder))
+
+
+def test_a_folder_saved_before_provenance_json_loads_its_record_from_model_index(tmp_path):
+    """Old folders (committed runs/) hold the nested record in model_index.json: it loads, the refusal follows
+    its whole chain, and saving again moves it to provenance.json."""
+    folder = saved_gan(tmp_path / "old", None)
+    leaky = chain(3, ALL)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "provenance": leaky}))
+    assert not (folder / "provenance.json").exists()
+    pipe = load_pipeline(str(folder))
+    assert pipe.config.provenance == leaky == read_model_index(folder)["provenance"]
+    started = " (started from run2) (started from run1) (started from run0)"
+    with pytest.raises(LeakError, match=re.escape(f"old{started} was trained on split 'all'")):
+        check_unseen(pipe.config.provenance, "old", "test", "bloodmnist", "augment-study")
+    save_pipeline(pipe, tmp_path / "new")
+    assert saved_record(tmp_path / "new") == leaky
+
+
+def test_saving_without_provenance_removes_an_old_provenance_json(tmp_path):
+    folder = saved_gan(tmp_path / "gan", TRAIN)
+    saved_gan(folder, None)
+    assert not (folder / "provenance.json").exists()
+    assert json.loads((folder / "model_index.json").read_text())["provenance"] is None
+    assert load_pipeline(str(folder)).config.provenance is None
+
+
+def absolute_paths(value) -> list[str]:
+    """Every absolute path (POSIX, home or Windows drive) anywhere in a JSON value, inside longer strings too."""
+    if isinstance(value, dict):
+        return [p for v in [*value.keys(), *value.values()] for p in absolute_paths(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in absolute_paths(v)]
+    if isinstance(value, str):
+        return re.findall(r"(?:^|[\s(:=\"'])((?:/|~/|[A-Za-z]:[\\/])[^\s)\"']*)", value)
+    return []
+
+
+def test_no_bundled_model_index_or_provenance_json_holds_an_absolute_path():
+    assert absolute_paths(["/work/main/x.npz", "git 1: ~/run (C:\\data)", "runs/a", "a/b", "git 4ddc008: x"]) == [
+        "/work/main/x.npz",
+        "~/run",
+        "C:\\data",
+    ]
+    for name, folder in bundled_models().items():
+        for file in ("model_index.json", "provenance.json"):
+            if (folder / file).is_file():
+                assert absolute_paths(json.loads((folder / file).read_text())) == [], f"{name}/{file}"
+        index = json.loads((folder / "model_index.json").read_text())
+        if "_class_name" in index:  # a pipeline (bloodnet is a classifier): the record is in provenance.json
+            assert is_provenance_summary(index["provenance"]) and (folder / "provenance.json").is_file(), name
+            assert len(json.dumps(index["provenance"])) < 500, name  # a short summary
+
+
+def test_paths_in_a_record_become_relative_to_the_run_or_a_name_and_hash(tmp_path):
+    root, outside = tmp_path / "repo", tmp_path / "elsewhere"
+    (root / "runs" / "a").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "pairs.npz").write_bytes(b"pairs")
+    record = {
+        **TRAIN,
+        "dataset": str(outside),
+        "init_from": {"model": str(root / "runs" / "a"), "provenance": None},
+        "distilled_from": {"model": "ddpm", "pairs": {"files": [{"file": str(outside / "pairs.npz")}]}},
+        "adversarial": {**TRAIN, "dataset": "~/gone-for-good-bloodgen"},
+    }
+    portable = portable_provenance(record, root)
+    assert portable["init_from"]["model"] == "runs/a"
+    pairs = portable["distilled_from"]["pairs"]["files"][0]["file"]
+    assert pairs == f"pairs.npz@sha256:{content_sha256(outside / 'pairs.npz')}"
+    assert portable["dataset"] == f"elsewhere@sha256:{content_sha256(outside)}"
+    assert portable["adversarial"]["dataset"] == "gone-for-good-bloodgen"  # gone: its name
+    assert portable["distilled_from"]["model"] == "ddpm" and portable["split"] == "train"
+    assert absolute_paths(portable) == []
+    # a dataset folder recorded by name and hash is the same dataset as that folder, and no other
+    assert same_dataset(portable["dataset"], str(outside)) and not same_dataset(portable["dataset"], str(root))
+    assert same_dataset("BloodMNIST", "bloodmnist")
+
+
+def test_a_training_run_saves_provenance_json_with_its_origin_relative_to_the_run(fake_data_dir, tmp_path, monkeypatch):
+    from bloodgen_hf.training import gan
+
+    monkeypatch.chdir(tmp_path)  # the repo the runs start in
+    args = ["--data-dir", str(fake_data_dir), "--max-steps", "1", "--split", "train", "--log-with", "none"]
+    args += GAN_OPTIONS.split()
+    gan.main([*args, "--output-dir", str(tmp_path / "source")])
+    gan.main([*args, "--output-dir", str(tmp_path / "tuned"), "--init-from", str(tmp_path / "source" / "pipeline")])
+    source, tuned = saved_record(tmp_path / "source" / "pipeline"), saved_record(tmp_path / "tuned" / "pipeline")
+    assert source == training_provenance("bloodmnist", 28, "train", 48)
+    assert tuned == {**source, "init_from": {"model": "source/pipeline", "provenance": source}}
+    assert load_pipeline(str(tmp_path / "tuned" / "pipeline")).config.provenance == tuned
+    assert json.loads((tmp_path / "tuned" / "train_config.json").read_text())["provenance"] == tuned
+    check_unseen(tuned, "tuned", "test", "bloodmnist", "augment-study")
 
 
 # --- a generator per fraction ------------------------------------------------------------------------
@@ -206,10 +383,11 @@ def test_per_fraction_generator_sees_only_the_classifiers_subset(fake_data_dir, 
     assert resumed.exit_code == 0 and "generator 0.25-seed0: finished earlier" in resumed.output
     other_budget = [("4" if a == "3" else a) for a in args]  # --generator-steps 4
     assert "was started with other settings (generators)" in one_error_line(invoke(*other_budget, "--resume"))
-    index = out / "generators" / "0.25-seed0" / "pipeline" / "model_index.json"
-    tampered = json.loads(index.read_text())
-    tampered["provenance"]["subset"]["indices_sha256"] = indices_fingerprint(real_subset(labels, 0.25, 1))
-    index.write_text(json.dumps(tampered))
+    saved_file = out / "generators" / "0.25-seed0" / "pipeline" / "provenance.json"
+    tampered = json.loads(saved_file.read_text())
+    own = tampered["records"][tampered["model"]]
+    own["subset"]["indices_sha256"] = indices_fingerprint(real_subset(labels, 0.25, 1))
+    saved_file.write_text(json.dumps(tampered))
     refused = invoke(*args, "--resume")
     assert refused.exit_code == 2 and "not on exactly the classifier's 16 train images" in refused.output
     assert refused.output.strip().splitlines()[-1].startswith("error: the gan generator for 0.25-seed0")

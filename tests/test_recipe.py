@@ -11,8 +11,8 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-from bloodgen_hf.hub import load_pipeline, save_pipeline
 from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import make_scheduler
+from bloodgen_hf.registry import load_pipeline, save_pipeline
 from bloodgen_hf.training import ddpm, gan
 from bloodgen_hf.training.core import TrainConfig, epoch_batches, init_from_pretrained
 from tests.test_ddpm import sample, train_args

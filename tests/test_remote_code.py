@@ -1,5 +1,6 @@
 """Issue 13: plain `save_pretrained` writes the remote-code layout, the bundled folders load as remote code,
-and the pipelines install as `bloodgen_hf.pipelines` (no top-level `pipelines` module).
+and the pipelines install as `bloodgen_hf.pipelines` (no top-level `pipelines` module). Issue 32: loaded so,
+every bundled folder takes diffusers' class labels (`class_labels=[0, 1, 2]` gives 3 images, `id2label`).
 
 Remote-code loading runs in a fresh interpreter where a meta-path blocker makes `bloodgen_hf` and
 `pipelines` unimportable, as in a Python without bloodgen-hf; unlike `python -I -S` this works for an
@@ -12,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -24,8 +26,8 @@ from setuptools import find_packages
 from setuptools.config.pyprojecttoml import read_configuration
 
 import tests.conftest as fixtures
-from bloodgen_hf.hub import BUNDLED_DIR, SPECS, bundled_models, family_of, load_pipeline
 from bloodgen_hf.pipelines.blood_pipeline_utils import remote_code_files
+from bloodgen_hf.registry import BUNDLED_DIR, SPECS, bundled_models, family_of, load_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [2, 7, 1, 8]
@@ -78,9 +80,29 @@ def load(source):
     return pipe
 
 
+def label_conventions(pipe, call):
+    # diffusers' class-conditional convention (DiTPipeline): a list of labels and no count, one image per label
+    made = pipe(class_labels=[0, 1, 2], output_type="np", **call).images
+    try:
+        pipe(num_images=2, class_labels=[0, 1, 2], **call)
+        mismatch = None
+    except ValueError as err:
+        mismatch = [type(err).__name__, str(err)]
+    return {
+        "shape": list(made.shape),
+        "id2label": pipe.id2label,
+        "label_ids": pipe.get_label_ids(["platelet", "Basophil"]),
+        "mismatch": mismatch,
+    }
+
+
 for job in request["jobs"]:
     pipe = load(job["source"])
     np.save(job["out"] + ".npy", images(pipe, job["call"]))
+    if job.get("labels"):
+        open(job["labels"], "w").write(json.dumps(label_conventions(pipe, job["call"])))
+    if job.get("provenance"):  # what the remote code read from provenance.json
+        open(job["provenance"], "w").write(json.dumps(pipe.config.provenance))
     if job.get("resave"):  # saving again needs no bloodgen_hf either
         pipe.save_pretrained(job["resave"])
         np.save(job["out"] + "-resaved.npy", images(load(job["resave"]), job["call"]))
@@ -155,9 +177,10 @@ def remote(tmp_path_factory) -> dict:
     for family in BUNDLED:
         pipe = load_pipeline(family)
         expected[f"bundled-{family}"] = reference_images(pipe)
-        jobs.append(
-            {"source": str(BUNDLED_DIR / family), "out": str(work / f"bundled-{family}"), "call": call_kwargs(pipe)}
-        )
+        out = str(work / f"bundled-{family}")
+        call = call_kwargs(pipe)
+        jobs.append({"source": str(BUNDLED_DIR / family), "out": out, "call": call, "labels": out + ".json"})
+        jobs[-1]["provenance"] = out + "-provenance.json"
     push = {"source": str(work / "BloodGANPipeline" / "saved"), "repo_id": "org/tiny-gan", "out": str(work / "pushed")}
     run_without_bloodgen_hf(work, {"jobs": jobs, "push": push, "threads": torch.get_num_threads()})
     return {"work": work, "expected": expected}
@@ -211,6 +234,25 @@ def test_bundled_folders_load_as_remote_code(family, remote):
     np.testing.assert_array_equal(loaded, remote["expected"][f"bundled-{family}"], err_msg=family)
 
 
+@pytest.mark.parametrize("family", BUNDLED)
+def test_bundled_folders_take_diffusers_class_labels_without_bloodgen_hf(family, remote):
+    """DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)(class_labels=[0, 1, 2]) makes 3 images."""
+    found = json.loads((remote["work"] / f"bundled-{family}.json").read_text())
+    assert found["shape"] == [3, *remote["expected"][f"bundled-{family}"].shape[1:]]
+    id2label = load_pipeline(family).id2label
+    assert found["id2label"] == {str(i): name for i, name in id2label.items()} and len(id2label) == 8  # JSON: str keys
+    assert found["label_ids"] == [7, 0]
+    assert found["mismatch"][0] == "UsageError"  # the remote code's own, a ValueError, without bloodgen_hf
+    assert found["mismatch"][1].startswith("got 3 class labels for 2 images: give one label per image")
+
+
+@pytest.mark.parametrize("family", BUNDLED)
+def test_bundled_folders_read_their_provenance_json_as_remote_code(family, remote):
+    """Without bloodgen_hf the pipeline holds the whole record, read from provenance.json, not the summary."""
+    found = json.loads((remote["work"] / f"bundled-{family}-provenance.json").read_text())
+    assert found == load_pipeline(family).config.provenance and "file" not in found
+
+
 def test_diffusers_push_of_a_remote_code_pipeline_uploads_a_loadable_repo(remote):
     """Without bloodgen_hf, pipe.push_to_hub falls back to diffusers' push, which saves through save_pretrained."""
     pushed, saved = remote["work"] / "pushed", remote["work"] / "BloodGANPipeline" / "saved"
@@ -227,12 +269,13 @@ def test_diffusers_push_of_a_remote_code_pipeline_uploads_a_loadable_repo(remote
 
 @pytest.mark.parametrize("family", BUNDLED)
 def test_bundled_folders_are_what_save_pretrained_writes(family, tmp_path):
-    """Their model_index.json and code are the saver's, the code linked to (or, installed, copied from) the
-    single source in pipelines/ and bloodgen_hf/models/; the weights are untouched."""
+    """Their model_index.json, provenance.json and code are the saver's, the code linked to (or, installed,
+    copied from) the single source in pipelines/ and bloodgen_hf/models/; the weights are untouched."""
     bundled = BUNDLED_DIR / family
     pipe = load_pipeline(family)
     pipe.save_pretrained(tmp_path)
-    assert (tmp_path / "model_index.json").read_text() == (bundled / "model_index.json").read_text()
+    for name in ("model_index.json", "provenance.json"):
+        assert (tmp_path / name).read_text() == (bundled / name).read_text(), name
     for relative, source in remote_code_files(pipe).items():
         assert (bundled / relative).read_bytes() == source.read_bytes(), relative
         if (bundled / relative).is_symlink():
@@ -283,8 +326,41 @@ def test_pyproject_lists_every_package():
     assert sorted(config["packages"]) == sorted([*found, "bloodgen_hf.pipelines"])
 
 
+INSTALLED = r"""
+import json, sys
+from pathlib import Path
+
+target, site_dirs = sys.argv[1], json.loads(sys.argv[2])
+sys.path[:0] = [target]
+sys.path.extend(site_dirs)  # torch, diffusers, ... as plain entries: no .pth file, so no editable install
+import bloodgen_hf
+import datasets
+from PIL import Image
+
+from bloodgen_hf.data import CLASS_NAMES
+from bloodgen_hf.model_card import TEMPLATES_DIR, render_dataset_card, render_model_card
+from bloodgen_hf.registry import bundled_models, load_pipeline
+
+pipes = {name: load_pipeline(name) for name in bundled_models()}  # every weights file loads
+provenance = {name: pipe.config.provenance for name, pipe in pipes.items()}
+common = {"revision": "abc", "pipeline_class": "BloodDDPMPipeline", "family": "ddpm", "class_names": CLASS_NAMES}
+common |= {"parameters": 10, "resolution": 28, "grid_per_class": 2}
+card = render_model_card(repo_id="org/ddpm-fast", provenance=provenance["ddpm-fast"], **common)
+features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASS_NAMES))})
+images = {"image": [Image.new("RGB", (28, 28))] * 3, "label": [0, 7, 7]}
+dataset = datasets.Dataset.from_dict(images, features=features)
+dataset_card = render_dataset_card(dataset, "org/synthetic", {"model": "ddpm-fast", "n": 3})
+print(json.dumps({
+    "package": bloodgen_hf.__file__, "templates": str(TEMPLATES_DIR), "models": sorted(pipes),
+    "provenance": provenance, "model_card": str(card), "dataset_card": str(dataset_card),
+}))
+"""
+
+
 def test_the_wheel_installs_the_pipelines_under_bloodgen_hf(tmp_path):
-    """Build a wheel from a copy of the source (links kept, as in a checkout) and install it into a folder."""
+    """Build a wheel from a copy of the source (links kept, as in a checkout) and install it into a folder; from
+    there alone (no checkout) it loads every bundled model, with its weights, code and provenance.json intact, and
+    renders a model card and a dataset card offline."""
     source = tmp_path / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -317,3 +393,25 @@ def test_the_wheel_installs_the_pipelines_under_bloodgen_hf(tmp_path):
     found = find_specs_outside_the_repo(tmp_path, ("-I", "-S"), f"import sys; sys.path.insert(0, {str(target)!r})\n")
     assert not found["pipelines"]
     assert Path(found["origin"]) == target / "bloodgen_hf" / "pipelines" / "__init__.py"
+
+    installed = target / "bloodgen_hf"
+    for file in sorted(p for p in (REPO_ROOT / "bloodgen_hf" / "weights").rglob("*") if p.is_file()):
+        copy = installed / file.relative_to(REPO_ROOT / "bloodgen_hf")
+        assert copy.is_file() and not copy.is_symlink() and copy.read_bytes() == file.read_bytes(), copy
+    for template in sorted((REPO_ROOT / "bloodgen_hf" / "templates").glob("*.md")):
+        assert (installed / "templates" / template.name).read_bytes() == template.read_bytes(), template.name
+
+    site_dirs = [p for p in site.getsitepackages() if not Path(p).resolve().is_relative_to(REPO_ROOT)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "PYTHON", "DIFFUSERS"))}
+    env |= {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-I", "-S", "-c", INSTALLED, str(target), json.dumps(site_dirs)]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(found["package"]) == installed / "__init__.py" and Path(found["templates"]) == installed / "templates"
+    assert found["models"] == sorted(bundled_models())
+    assert found["provenance"] == {name: load_pipeline(name).config.provenance for name in bundled_models()}
+    assert "# BloodMNIST diffusion model (DDPM): ddpm-fast" in found["model_card"]
+    assert "Training data: split 'train' of bloodmnist at 28x28, 11,959 images; started from" in found["model_card"]
+    assert "# Synthetic BloodMNIST: synthetic" in found["dataset_card"]
+    assert "| 7 | platelet | 2 |" in found["dataset_card"]

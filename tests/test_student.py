@@ -14,15 +14,21 @@ from typer.testing import CliRunner
 
 from bloodgen_hf.cli import app
 from bloodgen_hf.data import CLASS_NAMES
-from bloodgen_hf.hub import load_pipeline, save_pipeline
 from bloodgen_hf.pipelines import pipeline_bloodgen_ddpm
-from bloodgen_hf.provenance import LeakError, check_unseen
+from bloodgen_hf.provenance import LeakError, check_unseen, portable_path
+from bloodgen_hf.registry import load_pipeline, save_pipeline
 from bloodgen_hf.sampling import resolve_precision
 from bloodgen_hf.training import student
 from bloodgen_hf.training.checkpoint import load_state
 from bloodgen_hf.training.core import TrainConfig
 from tests.conftest import tiny_ddpm_pipeline
 from tests.test_ddpm import sample
+
+
+def recorded(folder: Path) -> str:
+    """How a provenance names a model folder: no absolute path, so relative to the working directory or (a tmp
+    folder outside it) by its name and content hash (issue 32)."""
+    return portable_path(str(folder), Path.cwd())
 
 
 def tiny_flow_teacher(folder: Path, split: str = "train", guidance: float = 2.0) -> Path:
@@ -147,7 +153,7 @@ def test_reflow_student_trains_saves_and_samples_in_1_and_4_steps(teacher, tmp_p
         with pytest.raises(ValueError, match="num_inference_steps"):
             sample(pipe, num_inference_steps=bad)
     provenance = pipe.config.provenance
-    assert provenance["split"] == "train" and provenance["distilled_from"]["model"] == str(teacher)
+    assert provenance["split"] == "train" and provenance["distilled_from"]["model"] == recorded(teacher)
     assert provenance["distilled_from"]["pairs"]["num_pairs"] == 32
     assert provenance["distilled_from"]["provenance"]["split"] == "train"
 
@@ -164,10 +170,10 @@ def test_a_student_continued_with_init_from_records_where_its_weights_started(te
         student_args(teacher, second, "--pairs", str(pairs), "--max-steps", "2", "--init-from", str(first / "pipeline"))
     )
     provenance = load_pipeline(str(second / "pipeline")).config.provenance
-    assert provenance["init_from"]["model"] == str(first / "pipeline")
+    assert provenance["init_from"]["model"] == recorded(first / "pipeline")
     assert provenance["init_from"]["provenance"]["distilled_from"]["pairs"]["files"][0]["seed"] == 0
     distilled_from = provenance["distilled_from"]
-    assert distilled_from["pairs"]["files"][0]["seed"] == 100 and distilled_from["model"] == str(teacher)
+    assert distilled_from["pairs"]["files"][0]["seed"] == 100 and distilled_from["model"] == recorded(teacher)
 
 
 def test_consistency_student_trains_on_real_images(teacher, fake_data_dir, tmp_path):
@@ -177,7 +183,7 @@ def test_consistency_student_trains_on_real_images(teacher, fake_data_dir, tmp_p
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and np.isfinite(losses).all()
     provenance = load_pipeline(str(out / "pipeline")).config.provenance
-    assert provenance["split"] == "train" and provenance["distilled_from"]["model"] == str(teacher)
+    assert provenance["split"] == "train" and provenance["distilled_from"]["model"] == recorded(teacher)
     assert sample(load_pipeline(str(out / "pipeline")), num_inference_steps=1).shape == (4, 28, 28, 3)
 
 

@@ -9,7 +9,7 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from bloodgen_hf.hub import load_pipeline
+from bloodgen_hf.registry import load_pipeline
 from bloodgen_hf.training import checkpoint
 from bloodgen_hf.training.core import epoch_batches
 from bloodgen_hf.training.gan import main as train_gan

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from bloodgen_hf.cli import app
-from bloodgen_hf.hub import ModelLoadError, load_pipeline, save_pipeline
 from bloodgen_hf.models.vae import ConditionalAutoencoderKL, gaussian_nll, kl_per_dimension
 from bloodgen_hf.plots import plot_metrics
+from bloodgen_hf.registry import ModelLoadError, load_pipeline, save_pipeline
 from bloodgen_hf.training.checkpoint import load_state
 from bloodgen_hf.training.vae import beta_at, kl_term, write_model_figures
 from bloodgen_hf.training.vae import main as train_vae

@@ -1,17 +1,28 @@
 """`bloodgen-hf augment-study`: does synthetic data help a classifier, and at what real-data size?
 
 For each seed and real-data fraction f (a class-stratified random subset R_f of the train split), a
-small BloodNet is trained on
+classifier is trained on
   real            R_f
-  real+synthetic  R_f plus synthetic images: `synthetic_ratio` x |R_f| in R_f's class proportions,
-                  or with `balance`, per class just enough to top every class up to the largest one
+  real+synthetic  R_f plus synthetic images by a recipe: `synthetic_ratio` x |R_f| in R_f's class
+                  proportions, or with `balance` just enough per class to top every class up to the largest
+                  one; with `filter_threshold`, only synthetic images that the real-only classifier of the same
+                  (seed, f) gives at least that probability of their class (a classifier trained on R_f alone)
   synthetic       as many synthetic images as R_f has (R_f's proportions, or equal per class with `balance`)
-and scored on the real test split (accuracy, macro-F1, class-wise precision/recall/F1, confusion).
-Every run is the same number of optimizer steps, so small and large training sets get equal compute.
-Synthetic images come from one pool per class, generated once (seeded) and saved as synthetic_pool.npz;
-each run draws its own random subset of it. Every finished classifier leaves runs/<name>/result.json,
-so a stopped study continues with `resume` (same model and config, checked against study.json):
-finished runs and the pool are kept, and only the missing classifiers are trained.
+and scored once on the real test split (accuracy, macro-F1, class-wise precision/recall/F1, confusion).
+
+Two protocols:
+  converged    (default) a fixed number of epochs over the real images (synthetic images ride along in
+               the same epochs, so every real image is seen equally often whatever is added), batch size
+               by the size of R_f; the epoch with the best macro-F1 on the real val split is kept, and only
+               that classifier is scored on the test split. Every val curve is recorded.
+  fixed-steps  the earlier protocol: the same number of optimizer steps for every training set, a small
+               BloodNet, the last weights scored. It cannot see what data is worth; kept for comparison.
+
+Synthetic images come from one pool per class, generated once per image seed and saved as
+synthetic_pool.npz; each run draws its own random subset. Every finished classifier leaves
+runs/<name>/result.json, so a stopped study continues with `resume` (same model, protocol and classifier,
+checked against study.json). A resumed study may use another recipe: its runs are added beside the
+others (the pool grows as needed, earlier images are kept) and the report shows every recipe.
 
 The classifiers are trained by the shared training loop (core.train with BloodNetTask), so each run
 folder holds its metrics.jsonl, last checkpoint and saved model.
@@ -29,14 +40,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shlex
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from bloodgen_hf.augment import Recipe
 from bloodgen_hf.data import CLASS_NAMES, DEFAULT_DATASET, BloodMNIST, describe_classes, load_data, same_classes
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.bloodnet import predict
 from bloodgen_hf.evaluation.metrics import classification_report
 from bloodgen_hf.evaluation.protocol import summarize
@@ -44,6 +60,7 @@ from bloodgen_hf.evaluation.report import mean_std, write_json, write_markdown_r
 from bloodgen_hf.evaluation.runner import image_size
 from bloodgen_hf.guard import check_unchanged
 from bloodgen_hf.io import atomic_path
+from bloodgen_hf.process import native_bf16
 from bloodgen_hf.provenance import (
     check_unseen,
     describe_provenance,
@@ -54,9 +71,21 @@ from bloodgen_hf.provenance import (
 from bloodgen_hf.sampling import generate, pipeline_class_names, sampling_record
 
 SETTINGS = ("real", "real+synthetic", "synthetic")
+PROTOCOLS = ("converged", "fixed-steps")
 POOL_SEED = 7_000_000  # generation seeds of the pool start here, away from evaluate's
+POOL_CLASS_STRIDE = 1_000_000  # image j of class c is drawn with seed POOL_SEED + c * stride + j
 EVAL_SPLIT = "test"  # what every classifier is scored on, so what no generator may have seen
+SELECT_SPLIT = "val"  # what the converged protocol chooses the epoch on
 FAMILIES = ("gan", "ddpm", "vae")
+# The classifiers: BloodNet's architecture, the small one of the fixed-steps protocol, MedMNIST's ResNet-18.
+CLASSIFIERS = {
+    "bloodnet": {"arch": "bloodnet", "channels": [24, 48, 96], "blocks_per_stage": 2},
+    "bloodnet-small": {"arch": "bloodnet", "channels": [16, 32, 64], "blocks_per_stage": 1},
+    "resnet18": {"arch": "resnet18"},
+}
+# What a resumed study may change: the recipe of its real+synthetic runs (each recipe's runs are kept apart).
+RECIPE_KEYS = ("synthetic_ratio", "balance", "filter_threshold", "synthetic_weight")
+FILTER_OVERSAMPLE = 1.5  # a filtered recipe's pool holds this many candidates per image it needs
 # Train-script flags the study sets for a per-fraction generator: its data (R_f), budget and folder.
 STUDY_FLAGS = (
     "--output-dir",
@@ -78,22 +107,82 @@ class StudyConfig:
     fractions: tuple[float, ...] = (0.01, 0.1, 0.5, 1.0)
     seeds: tuple[int, ...] = (0, 1, 2)
     settings: tuple[str, ...] = SETTINGS
+    # the recipe of real+synthetic (and synthetic) runs
     synthetic_ratio: float = 1.0
     balance: bool = False
-    steps: int = 300
-    batch_size: int = 128
-    channels: tuple[int, ...] = (16, 32, 64)
+    filter_threshold: float = 0.0  # 0: no filter
+    synthetic_weight: float = 1.0  # real+synthetic: the loss weight of a synthetic image (a real one's is 1)
+    # how every classifier is trained
+    protocol: str = "converged"
+    classifier: str = "bloodnet"
+    epochs: int = 20  # converged: passes over the real images (more for a small R_f, see epochs_for)
+    min_steps: int = 1000  # converged: optimizer steps that the real images alone get at least
+    max_evaluations: int = 20  # converged: val evaluations per classifier at most (every k epochs, k >= 1)
+    steps: int = 300  # fixed-steps: optimizer steps
+    batch_size: int = 128  # fixed-steps: the batch; converged: the largest batch (small R_f get smaller ones)
+    channels: tuple[int, ...] = (16, 32, 64)  # fixed-steps' small BloodNet (the bloodnet-small classifier)
     blocks_per_stage: int = 1
     lr: float = 3e-3
+    select_on: str = "macro_f1"  # converged: the val score that chooses the epoch
 
     def check(self) -> None:
         if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
-            raise ValueError(f"--fractions must be in (0, 1] (e.g. 0.01,0.1,0.5,1), got {self.fractions}")
+            raise UsageError(f"--fractions must be in (0, 1] (e.g. 0.01,0.1,0.5,1), got {self.fractions}")
         unknown = set(self.settings) - set(SETTINGS)
         if unknown or not self.settings:
-            raise ValueError(f"unknown setting(s) {sorted(unknown)}; choose from: {', '.join(SETTINGS)}")
+            raise UsageError(f"unknown setting(s) {sorted(unknown)}; choose from: {', '.join(SETTINGS)}")
         if not self.seeds or self.steps < 1 or self.batch_size < 1 or self.synthetic_ratio < 0:
-            raise ValueError("--seeds, a positive --steps and --batch-size, and --synthetic-ratio >= 0 are needed")
+            raise UsageError("--seeds, a positive --steps and --batch-size, and --synthetic-ratio >= 0 are needed")
+        if self.protocol not in PROTOCOLS:
+            raise UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.classifier not in CLASSIFIERS:
+            raise UsageError(f"--classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}")
+        if self.epochs < 1 or self.min_steps < 0 or self.max_evaluations < 1:
+            raise UsageError("--epochs and --max-evaluations must be at least 1, --min-steps at least 0")
+        if not 0 <= self.filter_threshold < 1:
+            raise UsageError(f"--filter-threshold must be in [0, 1) (0: no filter), got {self.filter_threshold}")
+        if not 0 < self.synthetic_weight <= 1:
+            raise UsageError(f"--synthetic-weight must be in (0, 1], got {self.synthetic_weight}")
+        if self.filter_threshold and "real" not in self.settings:
+            raise UsageError("--filter-threshold filters with the real-only classifiers: keep 'real' in --settings")
+
+    @property
+    def recipe(self) -> str:
+        """The recipe's name, part of its runs' names: '1x', '0.5x', 'balance', '2x+filter0.9'."""
+        name = "balance" if self.balance else f"{self.synthetic_ratio:g}x"
+        name += f"+filter{self.filter_threshold:g}" if self.filter_threshold else ""
+        return name + (f"+w{self.synthetic_weight:g}" if self.synthetic_weight != 1 else "")
+
+    def classifier_options(self) -> dict:
+        """BloodNetTask's options: the architecture and the optimiser every study classifier shares."""
+        arch = dict(CLASSIFIERS[self.classifier])
+        if self.classifier == "bloodnet-small":
+            arch.update(channels=list(self.channels), blocks_per_stage=self.blocks_per_stage)
+        options = {**arch, "dropout": 0.1, "lr": self.lr, "weight_decay": 5e-4, "label_smoothing": 0.05}
+        options["warmup_fraction"] = 0.05
+        if self.protocol == "converged":
+            options.update(keep_best=True, select_on=self.select_on)
+        return options
+
+    def epochs_for(self, num_real: int) -> int:
+        """converged: `epochs`, or more where R_f alone would get fewer than `min_steps` optimizer steps (1% of
+        BloodMNIST is 7 batches an epoch); every training set of one R_f gets the same epochs over its real
+        images, so synthetic images add steps and never take real ones away."""
+        per_epoch = max(1, num_real // self.batch_for(num_real))
+        epochs = max(self.epochs, math.ceil(self.min_steps / per_epoch))
+        every = self.epochs_per_evaluation(epochs)
+        return math.ceil(epochs / every) * every  # the last epoch is evaluated too
+
+    def epochs_per_evaluation(self, epochs: int) -> int:
+        """The val split is scored every k epochs, so that a long run (a small R_f) is not mostly scoring."""
+        return max(1, math.ceil(epochs / self.max_evaluations))
+
+    def batch_for(self, num_real: int) -> int:
+        """converged: the largest power of two up to |R_f| / 32, within [16, batch_size], so a small R_f still
+        gets several optimizer steps per epoch; fixed-steps: batch_size (or all images, if fewer)."""
+        if self.protocol == "fixed-steps":
+            return min(self.batch_size, num_real)
+        return int(min(self.batch_size, max(16, 2 ** math.floor(math.log2(max(num_real, 1) / 32)))))
 
 
 @dataclass(frozen=True)
@@ -108,13 +197,13 @@ class GeneratorPlan:
 
     def check(self) -> None:
         if self.family not in FAMILIES:
-            raise ValueError(f"--generator-per-fraction must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+            raise UsageError(f"--generator-per-fraction must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         if self.steps < 1:
-            raise ValueError(f"--generator-steps must be at least 1, got {self.steps}")
+            raise UsageError(f"--generator-steps must be at least 1, got {self.steps}")
         for word in self.words():
             flag = word.split("=", 1)[0]
             if flag in STUDY_FLAGS:
-                raise ValueError(
+                raise UsageError(
                     f"--generator-options may not set {flag}: the study sets it (each generator trains on R_f of "
                     "--split train, for --generator-steps steps)"
                 )
@@ -123,7 +212,7 @@ class GeneratorPlan:
         try:
             return shlex.split(self.options)
         except ValueError as err:
-            raise ValueError(f"--generator-options {self.options!r}: {err}") from None
+            raise UsageError(f"--generator-options {self.options!r}: {err}") from None
 
     def argv(self, folder: Path, fraction: float, seed: int, dataset: str, data_dir, resume: bool) -> list[str]:
         """The train script's arguments: defaults the options may change, the options, then what the study fixes
@@ -141,10 +230,8 @@ def synthetic_counts(real_counts: np.ndarray, setting: str, config: StudyConfig)
     num_classes = len(real_counts)
     if setting == "real":
         return np.zeros(num_classes, np.int64)
-    if setting == "real+synthetic":
-        if config.balance:
-            return real_counts.max() - real_counts
-        return np.round(config.synthetic_ratio * real_counts).astype(np.int64)
+    if setting == "real+synthetic":  # the recipe `bloodgen-hf augment` applies
+        return Recipe(config.synthetic_ratio, config.balance).counts(real_counts)
     if config.balance:  # synthetic only, balanced: |R_f| images spread evenly
         total = int(real_counts.sum())
         return total // num_classes + (np.arange(num_classes) < total % num_classes)
@@ -152,11 +239,28 @@ def synthetic_counts(real_counts: np.ndarray, setting: str, config: StudyConfig)
 
 
 def make_pool(pipe, counts: np.ndarray, sampling_kwargs: dict, batch_size: int, log=print) -> dict[str, np.ndarray]:
-    """counts[c] generated images of class c, image i with seed POOL_SEED + i."""
+    """counts[c] generated images of class c, image i with seed POOL_SEED + i (TSTR's pools)."""
     labels = np.repeat(np.arange(len(counts)), counts)
     log(f"generating a synthetic pool of {len(labels)} images ({', '.join(map(str, counts))} per class)")
     batches = list(generate(pipe, labels, seed=POOL_SEED, batch_size=batch_size, **sampling_kwargs))
     return {"images": np.concatenate([b[0] for b in batches]), "labels": labels}
+
+
+def grow_pool(pool: dict | None, pipe, counts: np.ndarray, sampling_kwargs: dict, batch_size: int, log) -> dict:
+    """`pool` with at least counts[c] images of class c: image j of class c is drawn with seed
+    POOL_SEED + c * POOL_CLASS_STRIDE + j, so a pool grown later holds the same images as one made at once."""
+    have = np.zeros(len(counts), np.int64) if pool is None else np.bincount(pool["labels"], minlength=len(counts))
+    missing = np.maximum(np.asarray(counts) - have, 0)
+    if not missing.any():
+        return pool
+    log(f"generating {int(missing.sum())} synthetic images ({', '.join(map(str, missing))} per class)")
+    parts = [] if pool is None else [(pool["images"], pool["labels"], pool["seeds"])]
+    for c in np.flatnonzero(missing):
+        seed = POOL_SEED + int(c) * POOL_CLASS_STRIDE + int(have[c])
+        labels = np.full(missing[c], c, np.int64)
+        batches = list(generate(pipe, labels, seed=seed, batch_size=batch_size, **sampling_kwargs))
+        parts.append(tuple(np.concatenate([b[i] for b in batches]) for i in range(3)))
+    return {key: np.concatenate([part[i] for part in parts]) for i, key in enumerate(("images", "labels", "seeds"))}
 
 
 def record_study(path: Path, study: dict, resume: bool) -> None:
@@ -174,72 +278,125 @@ def flat_study(study: dict) -> dict:
     """study.json's config keys beside its model, sampling options, dataset and per-fraction generator plan
     (None for studies of one model, and for those from before plans existed), for one comparison."""
     dataset = study.get("dataset", DEFAULT_DATASET)  # studies from before --dataset were all BloodMNIST
-    flat = {**study["config"], "model": study.get("model"), "sampling": study.get("sampling"), "dataset": dataset}
+    config = {k: v for k, v in study["config"].items() if k not in RECIPE_KEYS}
+    config.setdefault("protocol", "fixed-steps")  # studies from before --protocol
+    flat = {**config, "model": study.get("model"), "sampling": study.get("sampling"), "dataset": dataset}
     return {**flat, "generators": study.get("generators")}
 
 
 def load_or_make_pool(path: Path, pipe, counts: np.ndarray, sampling_kwargs: dict, config: StudyConfig, resume, log):
-    """The saved pool when resuming (it must hold `counts` images per class), else a freshly generated one."""
+    """The pool in `path` when resuming, grown to hold `counts` images per class if it holds fewer (an earlier
+    recipe needed fewer); else a freshly generated one. Saved atomically whenever it changes."""
     if not counts.any():
         return None
+    pool = None
     if resume and path.exists():
         with np.load(path) as saved:
-            pool = {"images": saved["images"], "labels": saved["labels"]}
-        if not np.array_equal(np.bincount(pool["labels"], minlength=len(counts)), counts):
-            raise ValueError(f"--resume: {path} does not hold the pool this study needs; delete it to regenerate")
+            pool = {key: saved[key] for key in saved.files}
+        if "seeds" not in pool:  # a pool from before per-class seeds: usable only as it is
+            if (np.bincount(pool["labels"], minlength=len(counts)) < counts).any():
+                raise UsageError(f"--resume: {path} holds fewer images than this recipe needs; delete it to regenerate")
+            log(f"reusing the synthetic pool in {path} ({len(pool['labels'])} images)")
+            return pool
         log(f"reusing the synthetic pool in {path} ({len(pool['labels'])} images)")
-        return pool
-    pool = make_pool(pipe, counts, sampling_kwargs, config.batch_size, log)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **pool)
-    return pool
+    grown = grow_pool(pool, pipe, counts, sampling_kwargs, config.batch_size, log)
+    if grown is not pool:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **grown)
+    return grown
 
 
-def draw_synthetic(pool: dict, counts: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    index = np.concatenate(
-        [rng.choice(np.flatnonzero(pool["labels"] == c), counts[c], replace=False) for c in range(len(counts))]
-    )
+def draw_synthetic(
+    pool: dict, counts: np.ndarray, rng: np.random.Generator, accepted: np.ndarray | None = None, name: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
+    """counts[c] distinct images of class c, drawn at random from the pool (or from its `accepted` images)."""
+    allowed = np.ones(len(pool["labels"]), bool)
+    if accepted is not None:
+        allowed[:] = False
+        allowed[accepted] = True
+    index = []
+    for c in range(len(counts)):
+        candidates = np.flatnonzero((pool["labels"] == c) & allowed)
+        if len(candidates) < counts[c] and accepted is None:  # the pool is sized for the study: a bug
+            raise RuntimeError(f"{name}: the pool holds {len(candidates)} images of class {c}, {counts[c]} are needed")
+        if len(candidates) < counts[c]:
+            raise UsageError(
+                f"{name}: only {len(candidates)} synthetic images of class {c} passed the filter, {counts[c]} are "
+                "needed; lower --filter-threshold"
+            )
+        index.append(rng.choice(candidates, counts[c], replace=False))
+    index = np.concatenate(index)
     return pool["images"][index], pool["labels"][index]
 
 
 def train_classifier(
-    images, labels, holdout, config: StudyConfig, seed: int, folder: Path, class_names: tuple[str, ...] = CLASS_NAMES
+    images,
+    labels,
+    holdout,
+    config: StudyConfig,
+    seed: int,
+    folder: Path,
+    class_names: tuple[str, ...] = CLASS_NAMES,
+    num_real: int | None = None,
+    weights: np.ndarray | None = None,
 ):
-    """One small BloodNet through the shared loop: fixed steps, flips + transposes, no trackers."""
+    """One classifier through the shared loop, with flips + transposes and no trackers.
+
+    converged: `config.epochs` passes over the images (batch by `num_real`, the real images among them),
+    the best val epoch kept. fixed-steps: `config.steps` optimizer steps, the last weights kept. `weights`:
+    each image's loss weight.
+    Returns (classifier in eval mode, its BloodNetTask: the val curve and the chosen epoch)."""
     from accelerate.utils import set_seed
 
     from bloodgen_hf.evaluation.bloodnet_train import BloodNetTask
     from bloodgen_hf.training.core import TrainConfig, make_accelerator, train
 
+    converged = config.protocol == "converged"
+    num_real = len(labels) if num_real is None else num_real
+    batch = min(config.batch_for(num_real if converged else len(labels)), len(labels))
+    steps = None if converged else config.steps
+    epochs = config.epochs_for(num_real)
+    every = config.epochs_per_evaluation(epochs)  # converged: score val after every `every` epochs
+    options = {**config.classifier_options(), "epochs_per_evaluation": every}
     train_config = TrainConfig(
         output_dir=str(folder),
         resolution=images.shape[1],
         split="train",
-        batch_size=min(config.batch_size, len(labels)),
-        epochs=10**6,
-        max_steps=config.steps,
+        batch_size=batch,
+        epochs=epochs if converged else 10**6,
+        max_steps=steps,
+        mixed_precision="bf16" if converged and native_bf16() else "no",
         seed=seed,
-        checkpoint_every=config.steps,
+        checkpoint_every=10**9 if converged else config.steps,  # a stopped classifier starts again
         keep_checkpoints=1,
         overwrite=True,  # a classifier that did not finish (no result.json) starts again
-        sample_every=config.steps,
-        log_every=max(1, config.steps // 10),
+        sample_every=every * (len(labels) // batch) if converged else config.steps,
+        log_every=20 if converged else max(1, config.steps // 10),
         log_with="none",
-        extra={
-            "channels": list(config.channels),
-            "blocks_per_stage": config.blocks_per_stage,
-            "dropout": 0.1,
-            "lr": config.lr,
-            "weight_decay": 5e-4,
-            "label_smoothing": 0.05,
-            "warmup_fraction": 0.05,
-        },
+        extra=options,
     )
     accelerator = make_accelerator(train_config)
     set_seed(seed)
     task = BloodNetTask.create(train_config, len(labels), holdout, class_names)
-    train(task, train_config, accelerator, BloodMNIST(images, labels, flip=True, class_names=class_names))
-    return accelerator.unwrap_model(task.models["classifier"]).eval()
+    data = BloodMNIST(images, labels, flip=True, class_names=class_names)
+    if weights is not None:
+        data = WeightedImages(images, labels, weights, class_names)
+    train(task, train_config, accelerator, data)
+    model = task.final_model(accelerator)
+    accelerator.free_memory()
+    return model, task
+
+
+class WeightedImages(BloodMNIST):
+    """Images with a loss weight each, which `batch` hands to BloodNetTask.training_step after the labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, weights: np.ndarray, class_names=CLASS_NAMES):
+        super().__init__(images, labels, flip=True, class_names=class_names)
+        self.weights = torch.as_tensor(np.asarray(weights, np.float32))
+
+    def batch(self, indices):
+        images, labels = super().batch(indices)
+        return images, labels, self.weights[indices]
 
 
 def run_study(
@@ -255,15 +412,17 @@ def run_study(
     dataset: str = DEFAULT_DATASET,
     generator: GeneratorPlan | None = None,
     device: str = "cpu",
+    report_only: bool = False,
 ):
     """Train every (setting, fraction, seed) classifier; write results.json, report.md and plots to `out`.
 
     The synthetic images come from `pipe`, or with `generator` (and `pipe` None) from one generator per
     (seed, fraction) trained on that R_f. A generator that may have seen the test split is refused first.
+    `report_only` trains nothing: it writes the report of the runs finished so far (a study still running).
     """
     config.check()
     if (pipe is None) == (generator is None):
-        raise ValueError("the study needs one generator: a model, or --generator-per-fraction FAMILY (not both)")
+        raise UsageError("the study needs one generator: a model, or --generator-per-fraction FAMILY (not both)")
     sampling_kwargs = sampling_kwargs or {}
     if generator is not None:
         generator.check()
@@ -273,16 +432,21 @@ def run_study(
         size = image_size(pipe, sampling_kwargs)
         sampling_kwargs = sampling_record(pipe, sampling_kwargs)  # the precision it will sample at, recorded
     train_images, train_labels, names, _ = load_data(dataset, "train", size, data_dir)
-    holdout = load_data(dataset, "val", size, data_dir)[:2]
+    holdout = load_data(dataset, SELECT_SPLIT, size, data_dir)[:2]
     test_images, test_labels = load_data(dataset, EVAL_SPLIT, size, data_dir)[:2]
     if pipe is not None:
         check_generator_classes(pipe, model or "the model", names, dataset)
     num_classes = len(names)
 
     plans, needs = plan_subsets(train_labels, num_classes, config)
-    out.mkdir(parents=True, exist_ok=True)
     study = {"model": model, "config": asdict(config), "sampling": sampling_kwargs, "dataset": dataset}
     study["generators"] = asdict(generator) if generator else None
+    if report_only:
+        if not (out / "study.json").is_file():
+            raise UsageError(f"--report-only: {out} holds no study (no study.json)")
+        record_study(out / "study.json", study, resume=True)
+        return write_results(out, config, model, names, pipe, [], html)
+    out.mkdir(parents=True, exist_ok=True)
     record_study(out / "study.json", study, resume)
     generators = []
     if generator is None:
@@ -295,39 +459,61 @@ def run_study(
             generator, plans, needs, out, context, sampling_kwargs, config, resume, log
         )
 
-    runs = []
     for (seed, fraction), subset in plans.items():
         pool = pools[seed, fraction]
         real_counts = np.bincount(train_labels[subset], minlength=num_classes)
         for setting in config.settings:
+            name = run_name(setting, config, fraction, seed)
+            done = out / "runs" / name / "result.json"
+            if resume and done.exists():
+                log(f"== {name}: finished earlier, test accuracy {json.loads(done.read_text())['accuracy']:.4f}")
+                continue
             rng = np.random.default_rng([seed, round(fraction * 1e6), SETTINGS.index(setting)])
             parts_x, parts_y = [], []
             if setting != "synthetic":
                 parts_x.append(train_images[subset])
                 parts_y.append(train_labels[subset])
             counts = synthetic_counts(real_counts, setting, config)
+            accepted = None
             if counts.any():
-                x, y = draw_synthetic(pool, counts, rng)
+                if config.filter_threshold:
+                    accepted = filter_pool(pool, out / "runs" / run_name("real", config, fraction, seed), config)
+                x, y = draw_synthetic(pool, counts, rng, accepted, name)
                 parts_x.append(x)
                 parts_y.append(y)
             images, labels = np.concatenate(parts_x), np.concatenate(parts_y)
-            name = f"{setting}-{fraction:g}-seed{seed}"
-            done = out / "runs" / name / "result.json"
-            if resume and done.exists():
-                runs.append(json.loads(done.read_text()))
-                log(f"== {name}: finished earlier, test accuracy {runs[-1]['accuracy']:.4f}")
-                continue
-            log(f"== {name}: {int(real_counts.sum()) * (setting != 'synthetic')} real + {int(counts.sum())} synthetic")
-            classifier = train_classifier(images, labels, holdout, config, seed, out / "runs" / name, names)
+            num_real = int(real_counts.sum()) * (setting != "synthetic")
+            weights = None
+            if setting == "real+synthetic" and config.synthetic_weight != 1:
+                weights = np.r_[np.ones(num_real), np.full(len(labels) - num_real, config.synthetic_weight)]
+            log(f"== {name}: {num_real} real + {int(counts.sum())} synthetic")
+            cpu, wall = time.process_time(), time.time()
+            classifier, task = train_classifier(
+                images, labels, holdout, config, seed, out / "runs" / name, names, num_real or len(labels), weights
+            )
+            cpu, wall = time.process_time() - cpu, time.time() - wall
             predicted = predict(classifier, test_images, with_features=False)[1].argmax(axis=1)
             report = classification_report(test_labels, predicted, num_classes)
             log(f"   test accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}")
-            run = {"setting": setting, "fraction": fraction, "seed": seed, "num_real": int(real_counts.sum())}
-            runs.append({**run, "num_synthetic": int(counts.sum()), **report})
-            write_json(runs[-1], done)
+            run = {"setting": setting, "recipe": "real" if setting == "real" else config.recipe}
+            run.update(fraction=fraction, seed=seed, num_real=int(real_counts.sum()), num_synthetic=int(counts.sum()))
+            run.update(training_record(config, task, len(labels), num_real or len(labels), cpu, wall))
+            if accepted is not None:
+                run["filter_acceptance"] = filter_acceptance(pool, accepted, num_classes)
+            write_json({**run, **report}, done)
+    return write_results(out, config, model, names, pipe, generators, html)
+
+
+def write_results(out: Path, config: StudyConfig, model: str, names, pipe, generators: list, html: bool) -> dict:
+    """results.json (every finished run of any recipe, and their summary), report.md and the plots."""
+    runs = finished_runs(out / "runs")
+    if not runs:
+        raise UsageError(f"{out} holds no finished run yet")
     results = {
         "model": model,
         "config": asdict(config),
+        "protocol": config.protocol,
+        "classifier": config.classifier,
         "class_names": list(names),
         "provenance": None if pipe is None else pipeline_provenance(pipe),
         "generators": generators,
@@ -339,10 +525,56 @@ def run_study(
     return results
 
 
+def run_name(setting: str, config: StudyConfig, fraction: float, seed: int) -> str:
+    """runs/<name>: real-0.1-seed0, real+synthetic-2x-0.1-seed0 (real runs serve every recipe)."""
+    recipe = "" if setting == "real" else f"-{config.recipe}"
+    return f"{setting}{recipe}-{fraction:g}-seed{seed}"
+
+
+def training_record(config: StudyConfig, task, num_images: int, num_real: int, cpu: float, wall: float) -> dict:
+    """How a classifier was trained: protocol, budget, batch, the chosen epoch and the val curve, CPU time."""
+    record = {"protocol": config.protocol, "classifier": config.classifier, "num_images": num_images}
+    record["batch_size"] = min(config.batch_for(num_real if config.protocol == "converged" else num_images), num_images)
+    if config.protocol == "converged":
+        chosen = task.chosen()
+        record.update(epochs=config.epochs_for(num_real), chosen_epoch=chosen["epoch"], val_at_chosen=chosen)
+        record["val_curve"] = task.curve
+    else:
+        record.update(steps=config.steps)
+    return {**record, "cpu_minutes": cpu / 60, "wall_minutes": wall / 60}
+
+
+def finished_runs(folder: Path) -> list[dict]:
+    """Every run of the study that finished (any recipe), in a stable order."""
+    runs = [json.loads(path.read_text()) for path in sorted(folder.glob("*/result.json"))]
+    order = {s: i for i, s in enumerate(SETTINGS)}
+    return sorted(runs, key=lambda r: (order[r["setting"]], r.get("recipe", ""), r["fraction"], r["seed"]))
+
+
+def filter_pool(pool: dict, real_run: Path, config: StudyConfig) -> np.ndarray:
+    """Indices of the pool's images that the real-only classifier of the same (seed, fraction), trained on
+    R_f of the train split only, gives at least `filter_threshold` probability of their own class."""
+
+    from bloodgen_hf.evaluation.bloodnet_train import MODEL_FOLDER, load_classifier
+
+    folder = real_run / "pipeline" / MODEL_FOLDER
+    if not (real_run / "result.json").is_file():
+        raise UsageError(f"--filter-threshold needs the real-only classifier {real_run}, which has not finished")
+    logits = predict(load_classifier(folder), pool["images"], with_features=False)[1]
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    return np.flatnonzero(probs[np.arange(len(probs)), pool["labels"]] >= config.filter_threshold)
+
+
+def filter_acceptance(pool: dict, accepted: np.ndarray, num_classes: int) -> list[float]:
+    """Per class, the share of the pool's images that passed the filter."""
+    kept = np.bincount(pool["labels"][accepted], minlength=num_classes)
+    return (kept / np.maximum(np.bincount(pool["labels"], minlength=num_classes), 1)).tolist()
+
+
 def check_generator_classes(pipe, model: str, names: tuple[str, ...], dataset: str) -> None:
     if not same_classes(pipeline_class_names(pipe), names):
         ours = describe_classes(pipeline_class_names(pipe))
-        raise ValueError(f"{model} generates {ours}, but --dataset {dataset} has {describe_classes(names)}")
+        raise UsageError(f"{model} generates {ours}, but --dataset {dataset} has {describe_classes(names)}")
 
 
 def plan_subsets(train_labels: np.ndarray, num_classes: int, config: StudyConfig) -> tuple[dict, dict]:
@@ -356,6 +588,8 @@ def plan_subsets(train_labels: np.ndarray, num_classes: int, config: StudyConfig
             needed = np.zeros(num_classes, np.int64)
             for setting in config.settings:
                 needed = np.maximum(needed, synthetic_counts(real_counts, setting, config))
+            if config.filter_threshold:  # candidates to filter: more than the recipe draws
+                needed = np.ceil(needed * FILTER_OVERSAMPLE).astype(np.int64)
             needs[seed, fraction] = needed
     return plans, needs
 
@@ -365,7 +599,7 @@ def per_fraction_pools(
 ) -> tuple[dict, list[dict]]:
     """For every (seed, fraction) that needs synthetic images: a generator trained on exactly its R_f, and its
     pool; plus one record per generator (data, budget, command) for the report."""
-    from bloodgen_hf.hub import load_pipeline
+    from bloodgen_hf.registry import load_pipeline
 
     pools, records = {}, []
     for (seed, fraction), subset in plans.items():
@@ -434,7 +668,7 @@ def check_trained_on_subset(pipe, label: str, subset: np.ndarray, dataset: str) 
     fingerprint = indices_fingerprint(subset)
     exact = recorded.get("size") == len(subset) and recorded.get("indices_sha256") == fingerprint
     if provenance.get("split") != "train" or provenance.get("init_from") or not exact:
-        raise ValueError(
+        raise UsageError(
             f"{label} was trained on {describe_provenance(provenance)}, not on exactly the classifier's "
             f"{len(subset)} train images (indices sha256 {fingerprint[:12]}); delete its folder to train it again"
         )
@@ -461,14 +695,21 @@ def generator_record(plan: GeneratorPlan, pipeline: Path, provenance: dict) -> d
     }
 
 
+def row_label(setting: str, recipe: str | None) -> str:
+    """A table row: 'real', 'synthetic' or 'real+synthetic (2x)'; runs from before recipes count as 1x."""
+    return setting if setting == "real" else f"{setting} ({recipe or '1x'})"
+
+
 def summarize_study(runs: list[dict]) -> list[dict]:
-    """Per (setting, fraction): mean ± std of accuracy, macro-F1 and class-wise P/R/F1, mean confusion."""
+    """Per (setting, recipe, fraction): mean ± std of accuracy, macro-F1 and class-wise P/R/F1, mean confusion,
+    CPU minutes and chosen epochs."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["setting"], run["fraction"]), []).append(run)
+        groups.setdefault((row_label(run["setting"], run.get("recipe")), run["fraction"]), []).append(run)
     summary = []
-    for (setting, fraction), members in groups.items():
-        entry = {"setting": setting, "fraction": fraction, "seeds": [m["seed"] for m in members]}
+    for (row, fraction), members in groups.items():
+        entry = {"row": row, "setting": members[0]["setting"], "recipe": members[0].get("recipe"), "fraction": fraction}
+        entry["seeds"] = [m["seed"] for m in members]
         entry["num_real"], entry["num_synthetic"] = members[0]["num_real"], members[0]["num_synthetic"]
         for key in ("accuracy", "macro_f1"):
             entry[key] = summarize([m[key] for m in members])
@@ -479,46 +720,96 @@ def summarize_study(runs: list[dict]) -> list[dict]:
                 "std": values.std(0, ddof=1 if len(members) > 1 else 0).tolist(),
             }
         entry["confusion"] = np.mean([m["confusion"] for m in members], axis=0).tolist()
+        if all("cpu_minutes" in m for m in members):
+            entry["cpu_minutes"] = float(np.mean([m["cpu_minutes"] for m in members]))
+        if all("chosen_epoch" in m for m in members):
+            entry["chosen_epochs"] = [m["chosen_epoch"] for m in members]
         summary.append(entry)
     return summary
+
+
+def protocol_sentence(results: dict) -> str:
+    """What every classifier of the study was, how it was trained and how it was scored."""
+    config = results["config"]
+    protocol = config.get("protocol", "fixed-steps")
+    classifier = config.get("classifier", "bloodnet-small")
+    arch = CLASSIFIERS.get(classifier, {})
+    shape = f"{classifier} {arch.get('channels', '')} x {arch.get('blocks_per_stage', '')}".strip(" x")
+    if classifier == "bloodnet-small" or protocol == "fixed-steps" and "classifier" not in config:
+        shape = f"small BloodNet ({config['channels']})"
+    if protocol == "converged":
+        return (
+            f"Converged protocol: {shape} trained for {config['epochs']} epochs over the real images, or more where "
+            f"R_f alone would get fewer than {config.get('min_steps', 0)} optimizer steps (synthetic images ride "
+            f"along in the same epochs; batch up to {config['batch_size']}, smaller for small R_f), the epoch with "
+            f"the best val {config.get('select_on', 'macro_f1')} kept, then scored once on the real test split."
+        )
+    return (
+        f"Fixed-steps protocol (earlier; it cannot see what data is worth): {shape} trained for {config['steps']} "
+        "steps whatever its data, the last weights scored on the real test split."
+    )
+
+
+def study_table(summary: list[dict], key: str, with_cpu: bool = False) -> list[str]:
+    """A markdown table of `key` (mean ± std over seeds): one row per setting and recipe, one column per
+    fraction; real+synthetic rows add their change against real in points. docs/augmentation.md's tables are these."""
+    fractions = sorted({e["fraction"] for e in summary})
+    order = {s: i for i, s in enumerate(SETTINGS)}
+    rows = sorted({(order[e["setting"]], e["row"]) for e in summary})
+    cell = {(e["row"], e["fraction"]): e for e in summary}
+    lines = ["| training set | " + " | ".join(f"{f:.0%} real" for f in fractions) + " |"]
+    lines.append("|---" * (len(fractions) + 1) + "|")
+    for _, row in rows:
+        values = []
+        for f in fractions:
+            e = cell.get((row, f))
+            if e is None:
+                values.append("–")
+                continue
+            text = mean_std(e[key], 3)
+            base = cell.get(("real", f))
+            if e["setting"] == "real+synthetic" and base is not None:
+                text += f" ({100 * (e[key]['mean'] - base[key]['mean']):+.1f})"
+            if with_cpu and "cpu_minutes" in e:
+                text += f", {e['cpu_minutes']:.1f} CPU-min"
+            values.append(text)
+        lines.append(f"| {row} | " + " | ".join(values) + " |")
+    return lines
 
 
 def write_study_report(results: dict, out: Path, html: bool = False) -> None:
     summary, config = results["summary"], results["config"]
     fractions = sorted({e["fraction"] for e in summary})
-    settings = [s for s in SETTINGS if any(e["setting"] == s for e in summary)]
-    cell = {(e["setting"], e["fraction"]): e for e in summary}
-    balance = ", synthetic classes balanced" if config["balance"] else ""
-    lines = [
-        "# Augmentation study",
-        "",
-        f"Small BloodNet ({config['channels']}, {config['steps']} steps) trained per setting, real-data fraction "
-        f"and seed ({len(config['seeds'])} seeds{balance}); scored on the real test split. Mean ± std over seeds.",
-    ]
+    lines = ["# Augmentation study", "", protocol_sentence(results)]
+    lines[-1] += f" {len(config['seeds'])} seeds; mean ± std over seeds."
     if results.get("model"):
         lines[-1] += f" Synthetic images from `{results['model']}`."
     if results.get("provenance"):
         lines[-1] += f" It was trained on {describe_provenance(results['provenance'])}."
     lines += generator_lines(results.get("generators") or [])
+    lines += ["", "In brackets: the change against real only, in points."]
     for key in ("accuracy", "macro_f1"):
-        lines += ["", f"## {key}", "", "| setting | " + " | ".join(f"{f:.0%} real" for f in fractions) + " |"]
-        lines.append("|---" * (len(fractions) + 1) + "|")
-        for s in settings:
-            lines.append(
-                f"| {s} | "
-                + " | ".join(mean_std(cell[s, f][key], 3) if (s, f) in cell else "–" for f in fractions)
-                + " |"
-            )
+        lines += ["", f"## {key}", "", *study_table(summary, key)]
+    lines += ["", "## Cost and chosen epochs", "", "| training set | fraction | CPU minutes | chosen epoch per seed |"]
+    lines.append("|---|---|---|---|")
+    for e in summary:
+        cpu = f"{e['cpu_minutes']:.1f}" if "cpu_minutes" in e else "–"
+        lines.append(
+            f"| {e['row']} | {e['fraction']:g} | {cpu} | {', '.join(map(str, e.get('chosen_epochs', []))) or '–'} |"
+        )
     lines += ["", "## Class-wise F1 (mean over seeds)", ""]
     class_names = results.get("class_names") or list(CLASS_NAMES)
-    lines.append("| setting | fraction | " + " | ".join(class_names) + " |")
+    lines.append("| training set | fraction | " + " | ".join(class_names) + " |")
     lines.append("|---" * (len(class_names) + 2) + "|")
     for e in summary:
-        lines.append(
-            f"| {e['setting']} | {e['fraction']:g} | " + " | ".join(f"{v:.3f}" for v in e["f1"]["mean"]) + " |"
-        )
+        lines.append(f"| {e['row']} | {e['fraction']:g} | " + " | ".join(f"{v:.3f}" for v in e["f1"]["mean"]) + " |")
     lines += ["", "![accuracy](accuracy.png)", "", "![confusion matrices](confusion.png)"]
-    plot_study(summary, settings, fractions, out, class_names)
+    rows = list(dict.fromkeys(e["row"] for e in summary))
+    plot_study(summary, rows, fractions, out, class_names)
+    if any("val_curve" in r for r in results["runs"]):
+        lines += ["", "Validation macro-F1 after every epoch (one line per seed; the dot: the chosen epoch):"]
+        lines += ["", "![val curves](val_curves.png)"]
+        plot_val_curves(results["runs"], rows, fractions, out)
     write_markdown_report(lines, out, html)
 
 
@@ -538,7 +829,7 @@ def generator_lines(generators: list[dict]) -> list[str]:
 
 
 def plot_study(
-    summary: list[dict], settings: list[str], fractions: list[float], out: Path, class_names=CLASS_NAMES
+    summary: list[dict], rows: list[str], fractions: list[float], out: Path, class_names=CLASS_NAMES
 ) -> None:
     """accuracy.png (accuracy and macro-F1 against real fraction, error bars) and confusion.png."""
     import matplotlib
@@ -546,43 +837,72 @@ def plot_study(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cell = {(e["setting"], e["fraction"]): e for e in summary}
+    cell = {(e["row"], e["fraction"]): e for e in summary}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, key in zip(axes, ("accuracy", "macro_f1")):
-        for s in settings:
-            xs = [f for f in fractions if (s, f) in cell]
+        for row in rows:
+            xs = [f for f in fractions if (row, f) in cell]
             ax.errorbar(
                 xs,
-                [cell[s, f][key]["mean"] for f in xs],
-                yerr=[cell[s, f][key]["std"] for f in xs],
+                [cell[row, f][key]["mean"] for f in xs],
+                yerr=[cell[row, f][key]["std"] for f in xs],
                 marker="o",
                 capsize=3,
-                label=s,
+                label=row,
             )
         ax.set_xscale("log")
         ax.set_xlabel("fraction of the real train split")
         ax.set_title(key)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(out / "accuracy.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "accuracy.png")
 
-    fig, axes = plt.subplots(
-        len(settings), len(fractions), figsize=(2.6 * len(fractions), 2.6 * len(settings)), squeeze=False
-    )
-    for i, s in enumerate(settings):
+    fig, axes = plt.subplots(len(rows), len(fractions), figsize=(2.6 * len(fractions), 2.6 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
         for j, f in enumerate(fractions):
             ax = axes[i, j]
             short = [name[:4] for name in class_names]
-            ax.set_xticks(range(len(short)), short if i == len(settings) - 1 else [], rotation=90, fontsize=6)
+            ax.set_xticks(range(len(short)), short if i == len(rows) - 1 else [], rotation=90, fontsize=6)
             ax.set_yticks(range(len(short)), short if j == 0 else [], fontsize=6)
-            if (s, f) not in cell:
+            if (row, f) not in cell:
                 continue
-            confusion = np.asarray(cell[s, f]["confusion"])  # rows: true class, columns: predicted
+            confusion = np.asarray(cell[row, f]["confusion"])  # rows: true class, columns: predicted
             ax.imshow(confusion / np.maximum(confusion.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
-            ax.set_title(f"{s}, {f:.0%}", fontsize=8)
+            ax.set_title(f"{row}, {f:.0%}", fontsize=7)
     fig.tight_layout()
-    with atomic_path(out / "confusion.png") as tmp:
+    save_figure(fig, out / "confusion.png")
+
+
+def plot_val_curves(runs: list[dict], rows: list[str], fractions: list[float], out: Path) -> None:
+    """val_curves.png: one panel per fraction, val macro-F1 against epoch for every run, coloured by row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(fractions), figsize=(3.2 * len(fractions), 3.0), squeeze=False)
+    colours = {row: f"C{i}" for i, row in enumerate(rows)}
+    for ax, f in zip(axes[0], fractions):
+        for run in runs:
+            if run["fraction"] != f or "val_curve" not in run:
+                continue
+            row = row_label(run["setting"], run.get("recipe"))
+            epochs = [e["epoch"] for e in run["val_curve"]]
+            ax.plot(epochs, [e["macro_f1"] for e in run["val_curve"]], color=colours[row], lw=0.8, alpha=0.8)
+            ax.plot(run["chosen_epoch"], run["val_at_chosen"]["macro_f1"], "o", color=colours[row], ms=3)
+        ax.set_title(f"{f:.0%} real", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
+    axes[0, 0].set_ylabel("val macro-F1")
+    handles = [plt.Line2D([], [], color=c, label=row) for row, c in colours.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=7)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    save_figure(fig, out / "val_curves.png")
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

@@ -97,6 +97,37 @@ class BloodNet(ModelMixin, ConfigMixin):
         return images.to(self.device)
 
 
+class ResNet18Classifier(ModelMixin, ConfigMixin):
+    """MedMNIST's ResNet-18 for 28 px images: torchvision's resnet18 (no pretrained weights) with a 3x3
+    stride-1 stem and no max-pool, the baseline MedMNIST v2 reports (0.958 test accuracy on BloodMNIST).
+    Same interface as BloodNet (`forward_features`, `prepare`), so `predict` and the study use either."""
+
+    @register_to_config
+    def __init__(self, resolution: int = 28, num_classes: int = 8, class_names: Sequence[str] | None = None):
+        super().__init__()
+        from torchvision.models import resnet18
+
+        net = resnet18(weights=None, num_classes=num_classes)
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+        self.net = net
+
+    @property
+    def feature_dim(self) -> int:
+        return self.net.fc.in_features
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        features = n.layer4(n.layer3(n.layer2(n.layer1(x)))).mean(dim=(2, 3))
+        return features, n.fc(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[1]
+
+    prepare = BloodNet.prepare
+
+
 @torch.no_grad()
 def predict(
     model: BloodNet,

@@ -6,8 +6,12 @@ the name of the architecture, whichever cells it learns.
 The core gives Accelerate, deterministic data order, flips, checkpoints with exact resume and
 metrics.jsonl; this task adds random transposes (with the core's flips: all 8 symmetries of the
 square, which cells do not care about), a warm-up + cosine learning rate, and at the end of every
-epoch an accuracy on a held-out split (logged as `holdout_accuracy`) whose most confident images per
-class form the progress grid. The augmentation study reuses the same task for its small classifiers.
+epoch an accuracy and macro-F1 on a held-out split (logged as `holdout_accuracy`; every evaluation is
+kept in `curve`) whose most confident images per class form the progress grid. With `keep_best`, the
+weights of the evaluation with the best held-out score (`select_on`) are kept and saved instead of the
+last ones: the epoch is chosen on the held-out split, never on the split that scores the result.
+The augmentation study reuses the same task for its classifiers (`arch`: BloodNet or MedMNIST's
+ResNet-18).
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 
 from bloodgen_hf.data import CLASS_NAMES, DEFAULT_DATASET, describe_classes, load_data, same_classes
-from bloodgen_hf.evaluation.bloodnet import BloodNet, predict
+from bloodgen_hf.errors import UsageError
+from bloodgen_hf.evaluation.bloodnet import BloodNet, ResNet18Classifier, predict
 from bloodgen_hf.evaluation.metrics import classification_report
 from bloodgen_hf.io import atomic_path, make_grid
 from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training, total_optimizer_steps
 
 MODEL_FOLDER = "classifier"  # inside the saved folder: config.json + diffusion_pytorch_model.safetensors
+ARCHITECTURES = ("bloodnet", "resnet18")
+SELECT_ON = ("accuracy", "macro_f1")
 
 
 def parse_channels(text: str) -> list[int]:
@@ -65,25 +72,37 @@ def warmup_cosine(total: int, warmup_fraction: float):
     return factor
 
 
+def make_classifier(options: dict, resolution: int, class_names: tuple[str, ...]) -> torch.nn.Module:
+    """The network `options["arch"]` names (BloodNet by default, with its widths and depth)."""
+    arch = options.get("arch", "bloodnet")
+    if arch == "resnet18":
+        return ResNet18Classifier(resolution=resolution, num_classes=len(class_names), class_names=list(class_names))
+    if arch != "bloodnet":
+        raise UsageError(f"unknown classifier {arch!r}; choose from: {', '.join(ARCHITECTURES)}")
+    return BloodNet(
+        resolution=resolution,
+        num_classes=len(class_names),
+        channels=list(options["channels"]),
+        blocks_per_stage=options["blocks_per_stage"],
+        dropout=options["dropout"],
+        class_names=list(class_names),
+    )
+
+
 @dataclass
 class BloodNetTask(TrainTask):
     holdout: tuple[np.ndarray, np.ndarray] | None = None  # uint8 NHWC images, labels
     options: dict = field(default_factory=dict)
     holdout_accuracy: float = float("nan")
+    curve: list[dict] = field(default_factory=list)  # one entry per held-out evaluation: epoch, accuracy, macro_f1
+    best_state: dict[str, torch.Tensor] | None = None  # with keep_best: the weights of the best evaluation
 
     @classmethod
     def create(
         cls, config: TrainConfig, num_train: int, holdout=None, class_names: tuple[str, ...] = CLASS_NAMES
     ) -> BloodNetTask:
         o = config.extra
-        model = BloodNet(
-            resolution=config.resolution,
-            num_classes=len(class_names),
-            channels=list(o["channels"]),
-            blocks_per_stage=o["blocks_per_stage"],
-            dropout=o["dropout"],
-            class_names=list(class_names),
-        )
+        model = make_classifier(o, config.resolution, class_names)
         optimizer = torch.optim.AdamW(model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
         total = total_optimizer_steps(config, num_train, PartialState().num_processes)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, o["warmup_fraction"]))
@@ -100,19 +119,27 @@ class BloodNetTask(TrainTask):
     def build(cls, config: TrainConfig, num_images: int, class_names: tuple[str, ...] = CLASS_NAMES) -> BloodNetTask:
         """For run_training: BloodNet's test accuracy must stay honest, so it only ever sees the train split."""
         if config.split != "train":
-            raise ValueError(f"BloodNet is scored on the test split, so train it on --split train (got {config.split})")
+            raise UsageError(f"BloodNet is scored on the test split, so train it on --split train (got {config.split})")
         holdout = load_data(config.dataset, config.extra["holdout_split"], config.resolution, config.data_dir)
         return cls.create(config, num_images, (holdout.images, holdout.labels), class_names)
 
-    def training_step(self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
-        """Cross-entropy on randomly transposed images. Deliberately not channels_last: oneDNN's AVX2
-        backward of strided 1x1 convolutions on NHWC inputs with < 8 channels writes out of bounds
-        (uxlfoundation/oneDNN#6035; here it crashed narrow test nets), for ~10% speed."""
+    def training_step(
+        self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator, weights: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """Cross-entropy on randomly transposed images, each image's loss times its weight when the dataset gives
+        weights (the study's synthetic images), normalised by the batch's total weight. Deliberately not
+        channels_last: oneDNN's AVX2 backward of strided 1x1 convolutions on NHWC inputs with < 8 channels writes
+        out of bounds (uxlfoundation/oneDNN#6035; here it crashed narrow test nets), for ~10% speed."""
         model, optimizer = self.models["classifier"], self.optimizers["classifier"]
         transpose = torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5
         images = torch.where(transpose, images.transpose(-1, -2), images).contiguous()
         logits = model(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.options["label_smoothing"])
+        smoothing = self.options["label_smoothing"]
+        if weights is None:
+            loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        else:
+            per_image = F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="none")
+            loss = (per_image * weights).sum() / weights.sum()
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -129,20 +156,69 @@ class BloodNetTask(TrainTask):
         self.schedulers["classifier"].step()
 
     def sample_grid(self, accelerator: Accelerator) -> np.ndarray:
-        """Scores the held-out split (kept for the logs) and shows, per class, the 10 held-out images
-        the classifier is surest belong to it: one row per class, as for the generators."""
+        """Scores the held-out split (kept in `curve` and the logs; with keep_best, the best weights so far
+        are kept) and shows, per class, the 10 held-out images the classifier is surest belong to it: one
+        row per class, as for the generators."""
         images, labels = self.holdout
-        logits = predict(accelerator.unwrap_model(self.models["classifier"]), images, with_features=False)[1]
-        self.holdout_accuracy = float((logits.argmax(1) == labels).mean())
-        accelerator.print(f"holdout accuracy {self.holdout_accuracy:.4f}")
+        model = accelerator.unwrap_model(self.models["classifier"])
+        logits = predict(model, images, with_features=False)[1]
+        report = classification_report(labels, logits.argmax(1), logits.shape[1])
+        self.holdout_accuracy = report["accuracy"]
+        epoch = (len(self.curve) + 1) * self.options.get("epochs_per_evaluation", 1)  # evaluated after this epoch
+        self.curve.append({"epoch": epoch, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]})
+        if self.options.get("keep_best") and self.is_best(self.curve[-1]):
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        accelerator.print(f"holdout accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}")
         per_class = min(10, len(images))
         rows = [images[np.argsort(-logits[:, c])[:per_class]] for c in range(logits.shape[1])]
         return make_grid(np.concatenate(rows), nrow=per_class)
 
+    def is_best(self, entry: dict) -> bool:
+        """Strictly better than every earlier evaluation (ties keep the earlier, shorter-trained weights)."""
+        key = self.options.get("select_on", "macro_f1")
+        return all(entry[key] > earlier[key] for earlier in self.curve[:-1])
+
+    def chosen(self) -> dict | None:
+        """The curve entry whose weights are saved: the best one with keep_best, else the last."""
+        if not self.curve:
+            return None
+        if not self.options.get("keep_best"):
+            return self.curve[-1]
+        key = self.options.get("select_on", "macro_f1")
+        return max(self.curve, key=lambda e: (e[key], -e["epoch"]))
+
+    def extra_state(self) -> dict:
+        state: dict = {"curve": [[e["epoch"], e["accuracy"], e["macro_f1"]] for e in self.curve]}
+        if self.best_state is not None:
+            state["best"] = self.best_state
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        self.curve = [{"epoch": int(e), "accuracy": a, "macro_f1": f} for e, a, f in state.get("curve", [])]
+        self.best_state = state.get("best")
+        if self.curve:
+            self.holdout_accuracy = self.curve[-1]["accuracy"]
+
+    def final_model(self, accelerator: Accelerator) -> torch.nn.Module:
+        """The live classifier, carrying the best held-out weights when keep_best chose some (eval mode)."""
+        model = accelerator.unwrap_model(self.models["classifier"])
+        if self.options.get("keep_best") and self.best_state is not None:
+            model.load_state_dict(self.best_state)
+        return model.eval()
+
     def save_pipeline(self, accelerator: Accelerator, path: Path) -> None:
-        accelerator.unwrap_model(self.models["classifier"]).save_pretrained(
-            path / MODEL_FOLDER, safe_serialization=True
-        )
+        self.final_model(accelerator).save_pretrained(path / MODEL_FOLDER, safe_serialization=True)
+
+
+def load_classifier(folder: Path) -> torch.nn.Module:
+    """A classifier saved by this task (BloodNet or ResNet-18, named by its config's `_class_name`), in eval mode."""
+    from bloodgen_hf.registry import load_component
+
+    kinds = {cls.__name__: cls for cls in (BloodNet, ResNet18Classifier)}
+    name = json.loads((Path(folder) / "config.json").read_text()).get("_class_name")
+    if name not in kinds:
+        raise UsageError(f"{folder} holds a {name!r}, not one of this task's classifiers ({', '.join(kinds)})")
+    return load_component(kinds[name], Path(folder)).eval()
 
 
 def score_on_split(
@@ -155,7 +231,7 @@ def score_on_split(
     images, labels, names, _ = load_data(dataset, split, resolution, data_dir)
     if not same_classes(model.config.class_names or names, names):
         theirs = describe_classes(model.config.class_names)
-        raise ValueError(f"{folder} classifies {theirs}, but {dataset} has {describe_classes(names)}")
+        raise UsageError(f"{folder} classifies {theirs}, but {dataset} has {describe_classes(names)}")
     report = classification_report(labels, predict(model, images, with_features=False)[1].argmax(1), len(names))
     report = {"split": split, "num_images": len(labels), "class_names": list(names), **report}
     with atomic_path(folder / f"{split}_metrics.json") as tmp:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bloodgen_hf.data import CLASS_NAMES, DEFAULT_DATASET
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.protocol import Protocol, RealData, pipeline_fingerprint
 from bloodgen_hf.evaluation.report import (
     bar_chart,
@@ -121,12 +122,12 @@ def compare(
 ) -> Path:
     """Every model is loaded, and checked against the real data and the evaluator (and with `tstr`, against
     the test split it would be scored on), before anything is written."""
-    from bloodgen_hf.hub import resolve_model
+    from bloodgen_hf.registry import resolve_model
 
     sampling_kwargs = sampling_kwargs or {}
     labels = [model_label(m) for m in models]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"two models share a name ({', '.join(labels)}); give their folders distinct names")
+        raise UsageError(f"two models share a name ({', '.join(labels)}); give their folders distinct names")
     pipes, sizes, reals = {}, {}, {}
     for model in models:
         pipes[model] = load_pipeline(model)
@@ -213,7 +214,7 @@ def choose_default(results: dict[str, dict]) -> str:
     fd_bloodnet. Among the models within QUALITY_MARGIN of it in both mean fd_bloodnet and mean class
     accuracy, the default is the one that samples the most images per second."""
     if not results:
-        raise ValueError("no compare results to choose a default model from")
+        raise UsageError("no compare results to choose a default model from")
 
     def mean(name: str, metric: str) -> float:
         return float(results[name]["metrics"][metric]["mean"])

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bloodgen_hf.errors import UsageError
+
 INCEPTION_ENV = "BLOODGEN_INCEPTION_WEIGHTS"
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -198,7 +200,7 @@ def resolve_bloodnet(path: str | os.PathLike | None = None) -> Path:
 def load_bloodnet(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
     """(BloodNet in eval mode, its weights file) via the hub's loader (safetensors, errors name the file)."""
     from bloodgen_hf.evaluation.bloodnet import BloodNet
-    from bloodgen_hf.hub import WEIGHTS_NAME, load_component
+    from bloodgen_hf.registry import WEIGHTS_NAME, load_component
 
     folder = resolve_bloodnet(path)
     return load_component(BloodNet, folder).to(device).eval(), folder / WEIGHTS_NAME
@@ -249,4 +251,4 @@ def build_extractor(
         return InceptionExtractor(weights, device, batch_size or 64, num_workers)
     if name == "bloodnet":
         return BloodNetExtractor.load(bloodnet, device, batch_size or 512)
-    raise ValueError(f"unknown --extractor {name!r}; choose from: {', '.join(EXTRACTORS)}")
+    raise UsageError(f"unknown --extractor {name!r}; choose from: {', '.join(EXTRACTORS)}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bloodgen_hf.errors import UsageError
+
 CHUNK = 1024  # query rows per distance block
 
 
@@ -20,7 +22,7 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (unbiased, like clean-fid) in float64."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or len(features) < 2:
-        raise ValueError(f"need at least 2 feature vectors [N, D], got shape {features.shape}")
+        raise UsageError(f"need at least 2 feature vectors [N, D], got shape {features.shape}")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -34,7 +36,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics differ in dimension: {mu1.shape} vs {mu2.shape}")
+        raise UsageError(f"statistics differ in dimension: {mu1.shape} vs {mu2.shape}")
     values, vectors = np.linalg.eigh(sigma1)
     sqrt1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
     middle = sqrt1 @ sigma2 @ sqrt1
@@ -71,7 +73,7 @@ def kernel_inception_distance(
     fake = torch.as_tensor(np.asarray(fake, dtype=np.float64))
     d, m = real.shape[1], min(subset_size, len(real), len(fake))
     if m < 2:
-        raise ValueError("KID needs at least 2 images in each set")
+        raise UsageError("KID needs at least 2 images in each set")
     rng = np.random.default_rng(seed)
     total = 0.0
     for _ in range(num_subsets):
@@ -90,7 +92,7 @@ def inception_score(probs: np.ndarray, splits: int = 10, seed: int = 0) -> tuple
     one class would have a one-class marginal p(y) and score near 1 however good the images are."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or len(probs) < splits:
-        raise ValueError(f"need at least {splits} probability vectors [N, C], got shape {probs.shape}")
+        raise UsageError(f"need at least {splits} probability vectors [N, C], got shape {probs.shape}")
     probs = probs[np.random.default_rng(seed).permutation(len(probs))]
     scores = []
     for part in np.array_split(probs, splits):
@@ -138,7 +140,7 @@ def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
     """Distance from each row to its k-th nearest other row (the radius of its k-NN ball)."""
     x = _as_tensor(features)
     if len(x) <= k:
-        raise ValueError(f"k-NN radii with k={k} need more than {k} points, got {len(x)}")
+        raise UsageError(f"k-NN radii with k={k} need more than {k} points, got {len(x)}")
     radii = []
     for start in range(0, len(x), CHUNK):
         block = squared_distances(x[start : start + CHUNK], x)
@@ -201,7 +203,7 @@ def radial_power_spectrum(images: np.ndarray) -> np.ndarray:
     uint8 NHWC of square images -> float64 [H // 2 - 1]. Independent of any feature network."""
     grey = np.asarray(images, dtype=np.float64).mean(axis=-1) / 255.0
     if grey.ndim != 3 or grey.shape[1] != grey.shape[2]:
-        raise ValueError(f"radial_power_spectrum needs square NHWC images, got shape {np.shape(images)}")
+        raise UsageError(f"radial_power_spectrum needs square NHWC images, got shape {np.shape(images)}")
     size = grey.shape[1]
     grey = grey - grey.mean(axis=(1, 2), keepdims=True)
     power = (np.abs(np.fft.fftshift(np.fft.fft2(grey), axes=(1, 2))) ** 2).mean(axis=0)
@@ -244,7 +246,7 @@ def memorization_threshold(reference: np.ndarray, quantile: float, sample: int, 
     """The `quantile` of real images' leave-one-out nearest-copy distances to the rest of `reference`:
     a generated image closer to a training image than that is closer than real data gets, a near-copy."""
     if not 0 < quantile < 1:
-        raise ValueError(f"memorization quantile must be in (0, 1), got {quantile}")
+        raise UsageError(f"memorization quantile must be in (0, 1), got {quantile}")
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(reference), min(sample, len(reference)), replace=False)
     distances = nearest_copies(reference[picked], reference, exclude=picked)["distance"]
@@ -259,7 +261,7 @@ def classification_report(true: np.ndarray, pred: np.ndarray, num_classes: int) 
     (rows: true class, columns: predicted). A class never predicted has precision 0, as in sklearn."""
     true, pred = np.asarray(true, np.int64), np.asarray(pred, np.int64)
     if true.shape != pred.shape or len(true) == 0:
-        raise ValueError(f"need equally many true and predicted labels, got {true.shape} and {pred.shape}")
+        raise UsageError(f"need equally many true and predicted labels, got {true.shape} and {pred.shape}")
     confusion = np.bincount(true * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
     hits = np.diag(confusion).astype(np.float64)
     predicted, support = confusion.sum(axis=0), confusion.sum(axis=1)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bloodgen_hf.data import CLASS_NAMES, DEFAULT_DATASET, dataset_label, load_data
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation import metrics as M
 from bloodgen_hf.evaluation.cache import cached_features
 from bloodgen_hf.evaluation.features import FeatureExtractor, Features
@@ -55,7 +56,7 @@ def parse_metrics(names: Sequence[str] | None) -> tuple[str, ...]:
             continue
         name = ALIASES.get(name, name)
         if name not in METRICS:
-            raise ValueError(f"unknown metric {name!r}; choose from: {', '.join(METRICS)} (or all)")
+            raise UsageError(f"unknown metric {name!r}; choose from: {', '.join(METRICS)} (or all)")
         chosen.add(name)
     return tuple(m for m in METRICS if m in chosen)
 
@@ -145,20 +146,20 @@ def summarize(values: Sequence[float]) -> dict:
 def check_protocol(protocol: Protocol, real: RealData, extractor: FeatureExtractor, classifier) -> None:
     n, total = protocol.n, len(real.labels)
     if isinstance(protocol.runs, bool) or protocol.runs < 1:
-        raise ValueError(f"--runs must be at least 1, got {protocol.runs}")
+        raise UsageError(f"--runs must be at least 1, got {protocol.runs}")
     if n < 2 or n > total:
-        raise ValueError(f"--n must be between 2 and the {total} real images of split {real.split!r}, got {n}")
+        raise UsageError(f"--n must be between 2 and the {total} real images of split {real.split!r}, got {n}")
     if n > GEN_SEED_STRIDE:
-        raise ValueError(f"--n above {GEN_SEED_STRIDE} would reuse generation seeds across runs")
+        raise UsageError(f"--n above {GEN_SEED_STRIDE} would reuse generation seeds across runs")
     smallest = min(n, floor_size(protocol, real)) if protocol.with_floor else n
     if {"pr", "dc"} & set(protocol.metrics) and smallest <= protocol.nearest_k:
-        raise ValueError(f"precision/recall need more than k={protocol.nearest_k} images per set (also in the floor)")
+        raise UsageError(f"precision/recall need more than k={protocol.nearest_k} images per set (also in the floor)")
     if "is" in protocol.metrics and not extractor.has_probs:
-        raise ValueError(f"the {extractor.name} extractor gives no class probabilities: leave out 'is'")
+        raise UsageError(f"the {extractor.name} extractor gives no class probabilities: leave out 'is'")
     if "is" in protocol.metrics and smallest < protocol.is_splits:
-        raise ValueError(f"the Inception Score needs at least {protocol.is_splits} images per set (also in the floor)")
+        raise UsageError(f"the Inception Score needs at least {protocol.is_splits} images per set (also in the floor)")
     if "accuracy" in protocol.metrics and classifier is None:
-        raise ValueError("'accuracy' needs the BloodNet classifier (--bloodnet PATH), or leave it out with --metrics")
+        raise UsageError("'accuracy' needs the BloodNet classifier (--bloodnet PATH), or leave it out with --metrics")
 
 
 def floor_size(protocol: Protocol, real: RealData) -> int:

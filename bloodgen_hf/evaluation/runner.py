@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from bloodgen_hf.data import DEFAULT_DATASET, describe_classes, same_classes
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.features import BloodNetExtractor, FeatureExtractor, build_extractor
 from bloodgen_hf.evaluation.protocol import Protocol, RealData, evaluate
 from bloodgen_hf.evaluation.report import write_evaluation
@@ -48,13 +49,13 @@ def check_classes(pipe, model: str, real: RealData, dataset: str, tools=()) -> N
     per-class metrics and class accuracy would silently compare different cells."""
     ours = pipeline_class_names(pipe)
     if not same_classes(ours, real.class_names):
-        raise ValueError(
+        raise UsageError(
             f"{model} generates {describe_classes(ours)}, but --dataset {dataset} has "
             f"{describe_classes(real.class_names)}; pass the --dataset it was trained on"
         )
     for tool in tools:
         if isinstance(tool, BloodNetExtractor) and not same_classes(tool.class_names, ours):
-            raise ValueError(
+            raise UsageError(
                 f"the evaluator {tool.folder} classifies {describe_classes(tool.class_names)}, but {model} generates "
                 f"{describe_classes(ours)}; train one on the model's data (`bloodgen-hf train bloodnet --dataset "
                 f"{dataset} --split train --output-dir runs/bloodnet-x`) and pass --bloodnet runs/bloodnet-x/pipeline"

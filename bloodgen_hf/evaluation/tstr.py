@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bloodgen_hf.data import DEFAULT_DATASET, load_data
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.augment_study import EVAL_SPLIT, StudyConfig, make_pool, train_classifier
 from bloodgen_hf.evaluation.bloodnet import predict
 from bloodgen_hf.evaluation.metrics import classification_report
@@ -43,7 +44,7 @@ class TSTRConfig:
 
     def check(self) -> None:
         if self.n < 1 or self.steps < 1:
-            raise ValueError(f"--tstr and --tstr-steps must be positive, got {self.n} and {self.steps}")
+            raise UsageError(f"--tstr and --tstr-steps must be positive, got {self.n} and {self.steps}")
 
 
 def split_models(pipes: dict, dataset: str) -> tuple[dict, dict[str, str]]:
@@ -64,7 +65,7 @@ def split_models(pipes: dict, dataset: str) -> tuple[dict, dict[str, str]]:
 def real_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """N random indices of the train split (its class proportions, up to chance), fixed by (seed, n)."""
     if n > len(labels):
-        raise ValueError(f"--tstr {n} asks for more real images than the train split's {len(labels)}")
+        raise UsageError(f"--tstr {n} asks for more real images than the train split's {len(labels)}")
     return np.sort(np.random.default_rng([seed, n]).choice(len(labels), n, replace=False))
 
 
@@ -83,7 +84,7 @@ def run_tstr(
     config.check()
     pipes, refused = split_models(pipes, dataset)
     sampling_kwargs = sampling_kwargs or {}
-    study = StudyConfig(steps=config.steps)
+    study = StudyConfig(protocol="fixed-steps", classifier="bloodnet-small", steps=config.steps)
     splits, results = {}, {}
     for label, pipe in pipes.items():
         size = image_size(pipe, sampling_kwargs)
@@ -129,7 +130,7 @@ def scored(folder: Path, make_data, data: dict, study: StudyConfig, seed: int, s
     log(f"== TSTR {folder.name}: training a classifier on {len(labels)} images")
     train = data["train"]
     holdout = (data["val"].images, data["val"].labels)
-    classifier = train_classifier(images, labels, holdout, study, seed, folder, train.class_names)
+    classifier = train_classifier(images, labels, holdout, study, seed, folder, train.class_names)[0]
     test = data[EVAL_SPLIT]
     predicted = predict(classifier, test.images, with_features=False)[1].argmax(axis=1)
     report = classification_report(test.labels, predicted, len(train.class_names))

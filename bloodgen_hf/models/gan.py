@@ -1,8 +1,9 @@
 """Conditional DCGAN: a class-conditional generator and a projection discriminator.
 
-This file imports only torch and diffusers on purpose: it is copied next to the weights when a
-pipeline is saved, so that `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` can
-rebuild the models without bloodgen_hf installed.
+This file imports only torch and diffusers on purpose (and bloodgen_hf's UsageError where it is
+installed): it is copied next to the weights when a pipeline is saved, so that
+`DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` can rebuild the models without
+bloodgen_hf installed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.nn.utils import spectral_norm
 
+try:  # bloodgen_hf's own class where it is installed, so its commands report these as bad input, not as bugs
+    from bloodgen_hf.errors import UsageError
+except ImportError:  # remote code without bloodgen_hf
+
+    class UsageError(ValueError):
+        """The model refuses its settings; the message says why."""
+
 
 def _num_doublings(resolution: int) -> tuple[int, int]:
     """28 -> (7, 2 doublings), 64 -> (4, 4): halve while even and above 4."""
@@ -20,7 +28,7 @@ def _num_doublings(resolution: int) -> tuple[int, int]:
     while base % 2 == 0 and base > 4:
         base, steps = base // 2, steps + 1
     if steps == 0:
-        raise ValueError(f"resolution {resolution} must be a multiple of 2 above 4")
+        raise UsageError(f"resolution {resolution} must be a multiple of 2 above 4")
     return base, steps
 
 

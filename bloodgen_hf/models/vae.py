@@ -3,9 +3,10 @@
 It reuses diffusers' `Encoder`, `Decoder` and `DiagonalGaussianDistribution` unchanged and adds the
 class label to both halves, which makes it a conditional VAE (CVAE): q(z | x, y) and p(x | z, y).
 
-This file imports only torch and diffusers on purpose: it is copied next to the weights when a
-pipeline is saved, so that `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` can
-rebuild the model without bloodgen_hf installed.
+This file imports only torch and diffusers on purpose (and bloodgen_hf's UsageError where it is
+installed): it is copied next to the weights when a pipeline is saved, so that
+`DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` can rebuild the model without
+bloodgen_hf installed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+try:  # bloodgen_hf's own class where it is installed, so its commands report these as bad input, not as bugs
+    from bloodgen_hf.errors import UsageError
+except ImportError:  # remote code without bloodgen_hf
+
+    class UsageError(ValueError):
+        """The model refuses its settings; the message says why."""
+
 
 @dataclass
 class ConditionalAutoencoderKLOutput(BaseOutput):
@@ -35,7 +43,7 @@ def latent_size(resolution: int, num_blocks: int) -> int:
     """Side of the encoder's output map: every block but the last halves the image (28 -> 14 -> 7)."""
     factor = 2 ** (num_blocks - 1)
     if resolution < factor or resolution % factor:
-        raise ValueError(f"resolution {resolution} must be a multiple of {factor} for {num_blocks} encoder blocks")
+        raise UsageError(f"resolution {resolution} must be a multiple of {factor} for {num_blocks} encoder blocks")
     return resolution // factor
 
 
@@ -70,9 +78,9 @@ class ConditionalAutoencoderKL(ModelMixin, ConfigMixin):
         blocks = len(block_out_channels)
         side = latent_size(resolution, blocks)
         if any(c % norm_num_groups for c in block_out_channels):
-            raise ValueError(f"block_out_channels {tuple(block_out_channels)} must be multiples of {norm_num_groups}")
+            raise UsageError(f"block_out_channels {tuple(block_out_channels)} must be multiples of {norm_num_groups}")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"got {len(class_names)} class names for {num_classes} classes")
+            raise UsageError(f"got {len(class_names)} class names for {num_classes} classes")
         self.class_embedding = nn.Embedding(num_classes, class_embed_dim)
         self.encoder = Encoder(
             in_channels=in_channels + class_embed_dim,

@@ -33,12 +33,15 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from bloodgen_hf.data import BloodMNIST, DataError
+from bloodgen_hf.errors import UsageError, explain
 from bloodgen_hf.guard import OutputLockedError, check_unchanged, output_lock, plain
 from bloodgen_hf.io import atomic_path, fsync_dir, save_image, write_durably
-from bloodgen_hf.process import tune_malloc
+from bloodgen_hf.process import sigterm_exits, tune_malloc
 from bloodgen_hf.provenance import (
+    LeakError,
     check_subset_options,
     origin_record,
+    portable_provenance,
     real_subset,
     subset_record,
     training_provenance,
@@ -83,7 +86,7 @@ class LaunchError(RuntimeError):
 
 class ErrorExit(SystemExit):
     """Prints `error: <message>` on stderr and exits with `code` (2: bad input or usage, 1: a failure
-    while working); str() is that line, so callers and tests can read it."""
+    while working or a bug, see bloodgen_hf/errors.py); str() is that line, so callers and tests can read it."""
 
     def __init__(self, message: str, code: int) -> None:
         super().__init__(code)
@@ -138,7 +141,7 @@ class TrainTask:
     # `--init-from`: model key -> the saved pipeline's component holding its weights ("" = the folder
     # is that model itself, as for BloodNet). Models not named here start from scratch.
     init_components: dict[str, str] = field(default_factory=dict)
-    # The data it trains on (bloodgen_hf.provenance); run_training fills it, save_pipeline saves it in the config.
+    # The data it trains on (bloodgen_hf.provenance); run_training fills it, save_pipeline saves it (provenance.json).
     provenance: dict[str, Any] | None = None
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
@@ -222,13 +225,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator that also works multi-process on CPU, and refuses a broken launch."""
     check_launch_environment()  # before Accelerator(), which would wait for ranks that never come
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=None if config.log_with == "none" else config.log_with,
-        project_dir=config.output_dir,
-    )
+    try:
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with=None if config.log_with == "none" else config.log_with,
+            project_dir=config.output_dir,
+        )
+    except ValueError as err:  # Accelerate's refusal of --mixed-precision or --log-with, with the valid choices
+        raise UsageError(str(err)) from err
     check_launch(accelerator)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.cpu_threads, accelerator.num_processes))
@@ -239,7 +245,7 @@ def cpu_threads(requested: int | None, num_processes: int) -> int:
     """`--cpu-threads`, else this machine's usable cores shared out among the processes."""
     if requested is not None:
         if requested < 1:
-            raise ValueError(f"--cpu-threads must be at least 1, got {requested}")
+            raise UsageError(f"--cpu-threads must be at least 1, got {requested}")
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // num_processes)
@@ -285,7 +291,7 @@ def epoch_batches(
         order = torch.multinomial(class_balanced_weights(labels), n, replacement=True, generator=generator)
     per_step = batch_size * world
     if n < per_step:
-        raise ValueError(f"{n} images cannot fill one batch of {batch_size} x {world} processes")
+        raise UsageError(f"{n} images cannot fill one batch of {batch_size} x {world} processes")
     return order[: n // per_step * per_step].view(-1, world, batch_size)[:, rank]
 
 
@@ -306,7 +312,7 @@ def check_whole_batch(config: TrainConfig, num_images: int, num_processes: int) 
     """Refuse data too small for one optimizer step, which would otherwise save an untrained model."""
     if total_optimizer_steps(config, num_images, num_processes) == 0 and config.epochs > 0:
         per_step = config.batch_size * num_processes * config.gradient_accumulation_steps
-        raise ValueError(
+        raise UsageError(
             f"{num_images} training images make no whole batch of {per_step} (--batch-size {config.batch_size}"
             f" x {num_processes} processes x {config.gradient_accumulation_steps} accumulation); lower --batch-size"
         )
@@ -316,10 +322,11 @@ def train(task: TrainTask, config: TrainConfig, accelerator: Accelerator, datase
     """Train until `epochs` or `max_steps`; returns the folder of the saved pipeline.
 
     The main process holds the output folder's lock throughout, so a second run into it is refused.
+    SIGTERM stops the run as Ctrl-C does (exit 143); the next run clears what a killed one left.
     """
     out = Path(config.output_dir)
     Path(os.path.abspath(out)).parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(out) if accelerator.is_main_process else contextlib.nullcontext():
+    with sigterm_exits(), output_lock(out) if accelerator.is_main_process else contextlib.nullcontext():
         return train_locked(task, config, accelerator, dataset)
 
 
@@ -465,10 +472,10 @@ def prepare_output_dir(out: Path, config: TrainConfig, main: bool) -> None:
     The main process (which holds the lock) also removes temporaries that killed runs left behind.
     """
     if config.resume and config.overwrite:
-        raise ValueError("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
+        raise UsageError("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
     found = existing_run(out)
     if found and not config.resume and not config.overwrite:
-        raise ValueError(
+        raise UsageError(
             f"{out} already holds a training run ({found}); pass --resume latest to continue it, "
             "or --overwrite to delete it and start again"
         )
@@ -554,10 +561,10 @@ def recorded_settings(checkpoint: Path) -> dict[str, Any] | None:
 def init_from_pretrained(task: TrainTask, source: str) -> None:
     """Copy the weights of a bundled model, saved folder or Hub repo into the task's models (step 0),
     refusing a source whose architecture differs from the one this command builds."""
-    from bloodgen_hf.hub import load_pretrained_component
+    from bloodgen_hf.registry import load_pretrained_component
 
     if not task.init_components:
-        raise ValueError("--init-from is not supported for this model family")
+        raise UsageError("--init-from is not supported for this model family")
     for key, component in task.init_components.items():
         model = task.models[key]
         pretrained = load_pretrained_component(source, component, type(model))
@@ -576,7 +583,7 @@ def check_same_architecture(model: torch.nn.Module, pretrained: torch.nn.Module,
             f"{k}: {normalise(theirs.get(k))!r} there, {normalise(ours.get(k))!r} here" for k in differing[:4]
         )
         more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""
-        raise ValueError(f"{what} has a different architecture from this run's ({shown}{more})")
+        raise UsageError(f"{what} has a different architecture from this run's ({shown}{more})")
 
 
 def normalise(value: Any) -> Any:
@@ -613,9 +620,9 @@ def check_cpu_budget(config: TrainConfig, accelerator: Accelerator) -> None:
     if config.cpu_budget_minutes is None:
         return
     if not config.cpu_budget_minutes > 0:
-        raise ValueError(f"--cpu-budget-minutes must be positive, got {config.cpu_budget_minutes}")
+        raise UsageError(f"--cpu-budget-minutes must be positive, got {config.cpu_budget_minutes}")
     if accelerator.num_processes > 1:  # each rank would stop at its own step and the others would wait forever
-        raise ValueError("--cpu-budget-minutes works with one process; use --max-steps with several")
+        raise UsageError("--cpu-budget-minutes works with one process; use --max-steps with several")
 
 
 def save_checkpoint(
@@ -696,15 +703,16 @@ def load_checkpoint(task: TrainTask, accelerator: Accelerator, path: Path) -> tu
     return progress["step"], progress["epoch"], progress["batch_in_epoch"], progress.get("cpu_seconds", 0.0)
 
 
+# Refusals besides UsageError (bloodgen_hf/errors.py): exit 2. Another OSError is a failure while working (exit 1).
 BAD_INPUT = (
     LaunchError,
     DataError,
     CheckpointError,
     OutputLockedError,
+    LeakError,
     FileNotFoundError,
     FileExistsError,
     NotADirectoryError,
-    ValueError,
 )
 
 
@@ -755,23 +763,28 @@ def run_training(
     data and its provenance (default: the real images, `load_training_data`).
 
     Bad input (missing data, bad launch, bad checkpoint, a folder that holds a run or is in use) ends
-    with one clear line and exit code 2; a failure while working (a full disk) with one line and 1.
+    with one clear line and exit code 2; a failure while working (a full disk) with one line and 1; any
+    other error, a bug, with one line that says so and 1 (--debug or BLOODGEN_DEBUG=1: its traceback too).
     """
     tune_malloc()
     parser = argparse.ArgumentParser(description=description)
     add_model_arguments(add_train_arguments(parser, **defaults))
-    config = config_from_args(parser.parse_args(argv))
+    parser.add_argument("--debug", action="store_true", help="On an error, print its traceback (BLOODGEN_DEBUG=1).")
+    args = parser.parse_args(argv)
+    debug = vars(args).pop("debug")  # not a setting of the run: never recorded nor compared on --resume
+    config = config_from_args(args)
     try:
         accelerator = make_accelerator(config)
         set_seed(config.seed)  # identical initial weights on every rank
         dataset, provenance = load_data(config)
         task = build_task(config, len(dataset), class_names=dataset.class_names)
-        task.provenance = provenance
+        task.provenance = portable_provenance(provenance)  # no absolute paths in provenance.json
         pipeline_dir = train(task, config, accelerator, dataset)
-    except BAD_INPUT as err:
-        raise ErrorExit(str(err), 2) from None
-    except (OSError, RuntimeError) as err:
-        raise ErrorExit(str(err), 1) from None
+    except Exception as err:
+        from bloodgen_hf.registry import ModelLoadError  # lazily, as init_from_pretrained imports the registry
+
+        code, message = explain(err, (*BAD_INPUT, ModelLoadError), debug=debug)
+        raise ErrorExit(message, code) from None
     if accelerator.is_main_process:
         print(f"saved pipeline to {pipeline_dir}")
     return pipeline_dir

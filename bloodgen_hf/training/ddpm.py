@@ -32,6 +32,7 @@ from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine
 from diffusers.training_utils import EMAModel, compute_snr
 
 from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, to_uint8
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.io import make_grid
 from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import SCHEDULERS, BloodDDPMPipeline, make_scheduler
 from bloodgen_hf.training.core import EMATask, TrainConfig, run_training, total_optimizer_steps
@@ -68,7 +69,7 @@ def build_unet(
 
     `channels`, `layers_per_block` and `attention_levels` override the preset (the ablation's knobs)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown UNet preset {preset!r}; choose from: {', '.join(PRESETS)}")
+        raise UsageError(f"unknown UNet preset {preset!r}; choose from: {', '.join(PRESETS)}")
     p = PRESETS[preset]
     channels = tuple(channels or preset_channels(p, resolution))
     layers_per_block = p.layers_per_block if layers_per_block is None else layers_per_block
@@ -103,18 +104,18 @@ def preset_channels(p: UNetPreset, resolution: int) -> tuple[int, ...]:
         return p.channels[64]
     if resolution % 4 == 0:
         return p.channels[28]
-    raise ValueError(f"the DDPM's UNet needs a resolution that is a multiple of 4, not {resolution}")
+    raise UsageError(f"the DDPM's UNet needs a resolution that is a multiple of 4, not {resolution}")
 
 
 def check_unet_shape(channels, resolution: int, layers: int, attention_levels: int, groups: int) -> None:
     if len(channels) < 2 or any(c < 1 or c % groups for c in channels):
-        raise ValueError(f"--channels needs at least 2 levels, each a multiple of {groups}; got {list(channels)}")
+        raise UsageError(f"--channels needs at least 2 levels, each a multiple of {groups}; got {list(channels)}")
     if resolution % 2 ** (len(channels) - 1):
-        raise ValueError(f"{len(channels)} UNet levels halve {resolution} pixels {len(channels) - 1} times: not whole")
+        raise UsageError(f"{len(channels)} UNet levels halve {resolution} pixels {len(channels) - 1} times: not whole")
     if layers < 1:
-        raise ValueError(f"--layers-per-block must be at least 1, got {layers}")
+        raise UsageError(f"--layers-per-block must be at least 1, got {layers}")
     if not 0 <= attention_levels <= len(channels):
-        raise ValueError(f"--attention-levels must be between 0 and {len(channels)}, got {attention_levels}")
+        raise UsageError(f"--attention-levels must be between 0 and {len(channels)}, got {attention_levels}")
 
 
 def parse_channels(text: str | None) -> tuple[int, ...] | None:
@@ -123,7 +124,7 @@ def parse_channels(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(c) for c in str(text).split(","))
     except ValueError:
-        raise ValueError(f"--channels takes comma-separated integers such as 32,64,64; got {text!r}") from None
+        raise UsageError(f"--channels takes comma-separated integers such as 32,64,64; got {text!r}") from None
 
 
 def build_noise_scheduler(
@@ -133,9 +134,9 @@ def build_noise_scheduler(
 
     Flow matching has no betas: x_t = (1 - t) x + t noise for t in [0, 1], which the UNet sees as 1000 t."""
     if beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(f"unknown beta schedule {beta_schedule!r}; choose from: {', '.join(BETA_SCHEDULES)}")
+        raise UsageError(f"unknown beta schedule {beta_schedule!r}; choose from: {', '.join(BETA_SCHEDULES)}")
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction type {prediction_type!r}; choose from: {', '.join(PREDICTION_TYPES)}")
+        raise UsageError(f"unknown prediction type {prediction_type!r}; choose from: {', '.join(PREDICTION_TYPES)}")
     if prediction_type == "flow":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)
     return DDPMScheduler(
@@ -329,7 +330,7 @@ class DDPMTask(EMATask):
         return make_grid(to_uint8(images * 2 - 1).numpy(), nrow=per_class)
 
     def save_pipeline(self, accelerator: Accelerator, path: Path) -> None:
-        from bloodgen_hf.hub import save_pipeline
+        from bloodgen_hf.registry import save_pipeline
 
         save_pipeline(self.pipeline(accelerator), path)
 
@@ -347,19 +348,19 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, predictio
 def check_options(o: dict) -> None:
     """Refuse nonsensical settings before any work is done."""
     if o["snr_gamma"] < 0 or not math.isfinite(o["snr_gamma"]):
-        raise ValueError(f"--snr-gamma must be >= 0 (0 turns it off), got {o['snr_gamma']}")
+        raise UsageError(f"--snr-gamma must be >= 0 (0 turns it off), got {o['snr_gamma']}")
     if o["snr_gamma"] and o["prediction_type"] == "flow":
-        raise ValueError("--snr-gamma weights the DDPM targets (epsilon, v_prediction), not --prediction-type flow")
+        raise UsageError("--snr-gamma weights the DDPM targets (epsilon, v_prediction), not --prediction-type flow")
     if not 0 <= o["cfg_dropout"] < 1:
-        raise ValueError(f"--cfg-dropout must be in [0, 1), got {o['cfg_dropout']}")
+        raise UsageError(f"--cfg-dropout must be in [0, 1), got {o['cfg_dropout']}")
     if o["sampler_steps"] < 1:
-        raise ValueError(f"--sampler-steps must be at least 1, got {o['sampler_steps']}")
+        raise UsageError(f"--sampler-steps must be at least 1, got {o['sampler_steps']}")
     if not (math.isfinite(o["guidance_scale"]) and o["guidance_scale"] >= 0):
-        raise ValueError(f"--guidance-scale must be >= 0, got {o['guidance_scale']}")
+        raise UsageError(f"--guidance-scale must be >= 0, got {o['guidance_scale']}")
     if o["guidance_scale"] != 1 and o["cfg_dropout"] == 0:
-        raise ValueError("--guidance-scale other than 1 needs a trained null class: set --cfg-dropout above 0")
+        raise UsageError("--guidance-scale other than 1 needs a trained null class: set --cfg-dropout above 0")
     if o["grid_per_class"] < 1:
-        raise ValueError(f"--grid-per-class must be at least 1, got {o['grid_per_class']}")
+        raise UsageError(f"--grid-per-class must be at least 1, got {o['grid_per_class']}")
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -11,6 +11,7 @@ from accelerate import Accelerator, PartialState
 from diffusers.training_utils import EMAModel
 
 from bloodgen_hf.data import CLASS_NAMES, to_uint8
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.io import make_grid
 from bloodgen_hf.models.gan import ConditionalDiscriminator, ConditionalGenerator
 from bloodgen_hf.training.core import EMATask, TrainConfig, run_training
@@ -61,7 +62,7 @@ class GANTask(EMATask):
         group = o.get("minibatch_std_group", 0)  # absent from runs made before it existed
         if group > 0 and config.batch_size % group:
             message = f"--minibatch-std-group {group} must divide --batch-size {config.batch_size} (0 turns it off)"
-            raise ValueError(message)
+            raise UsageError(message)
         generator = ConditionalGenerator(
             resolution=config.resolution,
             latent_dim=o["latent_dim"],
@@ -137,8 +138,8 @@ class GANTask(EMATask):
         return make_grid(images, nrow=per_class)
 
     def save_pipeline(self, accelerator: Accelerator, path: Path) -> None:
-        from bloodgen_hf.hub import save_pipeline
         from bloodgen_hf.pipelines import BloodGANPipeline
+        from bloodgen_hf.registry import save_pipeline
 
         save_pipeline(BloodGANPipeline(gan=self.ema_generator(accelerator), provenance=self.provenance), path)
 

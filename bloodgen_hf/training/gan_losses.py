@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bloodgen_hf.errors import UsageError
+
 GAN_LOSSES = ("bce", "hinge", "wgan-gp")
 
 
@@ -16,7 +18,7 @@ def discriminator_loss(kind: str, real_scores: torch.Tensor, fake_scores: torch.
         return F.relu(1 - real_scores).mean() + F.relu(1 + fake_scores).mean()
     if kind == "wgan-gp":
         return fake_scores.mean() - real_scores.mean()
-    raise ValueError(f"unknown GAN loss {kind!r}; choose from: {', '.join(GAN_LOSSES)}")
+    raise UsageError(f"unknown GAN loss {kind!r}; choose from: {', '.join(GAN_LOSSES)}")
 
 
 def generator_loss(kind: str, fake_scores: torch.Tensor) -> torch.Tensor:
@@ -24,7 +26,7 @@ def generator_loss(kind: str, fake_scores: torch.Tensor) -> torch.Tensor:
         return F.softplus(-fake_scores).mean()
     if kind in ("hinge", "wgan-gp"):
         return -fake_scores.mean()
-    raise ValueError(f"unknown GAN loss {kind!r}; choose from: {', '.join(GAN_LOSSES)}")
+    raise UsageError(f"unknown GAN loss {kind!r}; choose from: {', '.join(GAN_LOSSES)}")
 
 
 def frozen_scores(accelerator, discriminator, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -48,7 +50,7 @@ def diff_augment(x: torch.Tensor, policy: str = "color,translation,cutout") -> t
     """Apply the comma-separated augmentations in `policy` ('' = none), each differentiable."""
     for name in filter(None, (p.strip() for p in policy.split(","))):
         if name not in _AUGMENTS:
-            raise ValueError(f"unknown DiffAugment policy {name!r}; choose from: {', '.join(_AUGMENTS)}")
+            raise UsageError(f"unknown DiffAugment policy {name!r}; choose from: {', '.join(_AUGMENTS)}")
         x = _AUGMENTS[name](x)
     return x.contiguous()
 

@@ -48,6 +48,7 @@ from diffusers import UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from bloodgen_hf.data import CLASS_NAMES, BloodMNIST, same_classes
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.models.gan import ConditionalDiscriminator
 from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import BloodDDPMPipeline, is_flow
 from bloodgen_hf.provenance import ALL_SPLITS, origin_record, pipeline_provenance, splits_seen
@@ -108,7 +109,7 @@ class ClassMatchedImages:
         self.starts = torch.cumsum(self.counts, 0) - self.counts
         missing = [dataset.class_names[i] for i in range(num_classes) if self.counts[i] == 0]
         if missing:
-            raise ValueError(f"--adversarial-weight needs real images of every class; none of {', '.join(missing)}")
+            raise UsageError(f"--adversarial-weight needs real images of every class; none of {', '.join(missing)}")
 
     def draw(self, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.cpu()
@@ -139,12 +140,12 @@ def pipeline_noise(seeds: np.ndarray, shape: tuple[int, ...], init_noise_sigma: 
 
 
 def load_teacher(name: str) -> BloodDDPMPipeline:
-    from bloodgen_hf.hub import load_pipeline, resolve_model
+    from bloodgen_hf.registry import load_pipeline, resolve_model
 
     teacher = load_pipeline(name, PartialState().device)
     if not isinstance(teacher, BloodDDPMPipeline) or not is_flow(teacher.scheduler.config):
         kind = type(teacher).__name__
-        raise ValueError(
+        raise UsageError(
             f"--teacher {name} ({resolve_model(name)}) is a {kind} without flow matching; distillation needs a "
             "BloodDDPMPipeline trained with --prediction-type flow"
         )
@@ -178,14 +179,14 @@ def load_pairs(
     for part in parts[1:]:
         for key in shared:
             if part.drawn[key] != first[key]:
-                raise ValueError(
+                raise UsageError(
                     f"{part.drawn['file']} was drawn at {key} {part.drawn[key]}, {first['file']} at {first[key]}; "
                     "pairs of one student need one teacher setting"
                 )
     unique, counts = np.unique(np.concatenate([part.seeds for part in parts]), return_counts=True)
     if (counts > 1).any():
         twice = [part.drawn["file"] for part in parts if np.isin(part.seeds, unique[counts > 1]).any()]
-        raise ValueError(
+        raise UsageError(
             f"seed {int(unique[counts > 1][0])} is in more than one pair (files {', '.join(twice)}): "
             "draw new pairs with a --seed past the others"
         )
@@ -206,31 +207,31 @@ def load_pairs(
 def load_pairs_file(path: str, teacher_name: str, teacher: BloodDDPMPipeline) -> PairsFile:
     """One npz of pairs (see load_pairs)."""
     from bloodgen_hf.evaluation.protocol import pipeline_fingerprint
-    from bloodgen_hf.hub import resolve_model
+    from bloodgen_hf.registry import resolve_model
 
     file = Path(path).expanduser()
     try:
         with np.load(file, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in ("images", "labels", "seeds", "class_names", "info")}
     except (OSError, KeyError, ValueError) as err:
-        raise ValueError(f"{file} is not an archive written by `bloodgen-hf sample --format npz` ({err})") from None
+        raise UsageError(f"{file} is not an archive written by `bloodgen-hf sample --format npz` ({err})") from None
     info = json.loads(str(arrays["info"]))
     drawn_by = resolve_model(str(info.get("model"))).resolve()
     if drawn_by != resolve_model(teacher_name).resolve():
-        raise ValueError(f"{file} holds images of {info.get('model')} ({drawn_by}), not of --teacher {teacher_name}")
+        raise UsageError(f"{file} holds images of {info.get('model')} ({drawn_by}), not of --teacher {teacher_name}")
     drawn_sha, teacher_sha = str(info.get("model_sha256")), pipeline_fingerprint(teacher)
     if drawn_sha != teacher_sha:
-        raise ValueError(
+        raise UsageError(
             f"{file} was drawn by other weights than --teacher {teacher_name} holds now "
             f"(model_sha256 {drawn_sha[:12]}, not {teacher_sha[:12]}); draw new pairs"
         )
     names = tuple(str(n) for n in arrays["class_names"])
     if not same_classes(names, teacher.class_names or CLASS_NAMES):
-        raise ValueError(f"{file} has classes {list(names)}, the teacher {teacher.class_names}")
+        raise UsageError(f"{file} has classes {list(names)}, the teacher {teacher.class_names}")
     images, labels = arrays["images"], arrays["labels"]
     size = teacher.unet.config.sample_size
     if images.ndim != 4 or images.shape[1:] != (size, size, 3) or len(labels) != len(images):
-        raise ValueError(f"{file} holds images of shape {images.shape}; the teacher makes {size}x{size} RGB")
+        raise UsageError(f"{file} holds images of shape {images.shape}; the teacher makes {size}x{size} RGB")
     shape = (teacher.unet.config.in_channels, size, size)
     noise = pipeline_noise(arrays["seeds"], shape, getattr(teacher.scheduler, "init_noise_sigma", 1.0))
     drawn = {
@@ -259,7 +260,7 @@ def load_student_data(config: TrainConfig) -> tuple[BloodMNIST, dict[str, Any]]:
     dataset, drawn = load_pairs(o["pairs"], o["teacher"], teacher)
     provenance = dict(pipeline_provenance(teacher) or {})
     if not provenance:
-        raise ValueError(f"--teacher {o['teacher']} records no training data (provenance); retrain it with a script")
+        raise UsageError(f"--teacher {o['teacher']} records no training data (provenance); retrain it with a script")
     provenance["distilled_from"] = {**origin_record(o["teacher"]), "pairs": drawn}
     provenance["init_from"] = origin_record(weights_origin(config))  # the student's own start, not the teacher's
     if o["adversarial_weight"] > 0:
@@ -272,7 +273,7 @@ def adversarial_record(config: TrainConfig, teacher_provenance: dict[str, Any]) 
     provenance (the teacher's data) stays true; any other split is refused."""
     seen = splits_seen(teacher_provenance)
     if (ALL_SPLITS not in seen and config.split not in seen) or config.dataset != teacher_provenance.get("dataset"):
-        raise ValueError(
+        raise UsageError(
             f"--adversarial-weight trains on --split {config.split} of {config.dataset}, but the teacher saw split "
             f"{teacher_provenance.get('split')!r} of {teacher_provenance.get('dataset')}; pass its split"
         )
@@ -283,35 +284,35 @@ def adversarial_record(config: TrainConfig, teacher_provenance: dict[str, Any]) 
 def check_student_options(o: dict, config: TrainConfig) -> None:
     if o["method"] == "reflow":
         if not o["pairs"]:
-            raise ValueError(
+            raise UsageError(
                 "--method reflow needs --pairs, teacher images with their seeds: "
                 "`bloodgen-hf sample --model TEACHER --format npz --n 20000 --out pairs.npz`"
             )
         if config.flip:
-            raise ValueError("--flip would break the (noise, image) pairs of --method reflow; leave it off")
+            raise UsageError("--flip would break the (noise, image) pairs of --method reflow; leave it off")
         if config.subset_fraction is not None:
-            raise ValueError("--subset-fraction picks real images; --method reflow trains on the teacher's pairs")
+            raise UsageError("--subset-fraction picks real images; --method reflow trains on the teacher's pairs")
         if o["adversarial_weight"] < 0 or not math.isfinite(o["adversarial_weight"]):
-            raise ValueError(f"--adversarial-weight must be >= 0 (0 turns it off), got {o['adversarial_weight']}")
+            raise UsageError(f"--adversarial-weight must be >= 0 (0 turns it off), got {o['adversarial_weight']}")
         if o["d_base_channels"] < 1:
-            raise ValueError(f"--d-base-channels must be at least 1, got {o['d_base_channels']}")
+            raise UsageError(f"--d-base-channels must be at least 1, got {o['d_base_channels']}")
         if o["adversarial_weight"] > 0 and config.batch_size % MINIBATCH_STD_GROUP:
-            raise ValueError(
+            raise UsageError(
                 f"--adversarial-weight needs a --batch-size divisible by {MINIBATCH_STD_GROUP} (the discriminator's "
                 f"minibatch-std groups), got {config.batch_size}"
             )
     elif o["pairs"]:
-        raise ValueError("--pairs is for --method reflow; consistency distillation trains on the real images")
+        raise UsageError("--pairs is for --method reflow; consistency distillation trains on the real images")
     elif o["adversarial_weight"]:
-        raise ValueError("--adversarial-weight is for --method reflow")
+        raise UsageError("--adversarial-weight is for --method reflow")
     elif (o["reflow_time"], o["reflow_loss"]) != (REFLOW_TIMES[0], REFLOW_LOSSES[0]):  # set away from the defaults
-        raise ValueError("--reflow-time and --reflow-loss are for --method reflow")
+        raise UsageError("--reflow-time and --reflow-loss are for --method reflow")
     if o["cd_intervals"] < 1:
-        raise ValueError(f"--cd-intervals must be at least 1, got {o['cd_intervals']}")
+        raise UsageError(f"--cd-intervals must be at least 1, got {o['cd_intervals']}")
     if o["sampler_steps"] < 1:
-        raise ValueError(f"--sampler-steps must be at least 1, got {o['sampler_steps']}")
+        raise UsageError(f"--sampler-steps must be at least 1, got {o['sampler_steps']}")
     if not (math.isfinite(o["sampler_shift"]) and o["sampler_shift"] > 0):
-        raise ValueError(f"--sampler-shift must be above 0 (1 leaves the sigmas as they are), got {o['sampler_shift']}")
+        raise UsageError(f"--sampler-shift must be above 0 (1 leaves the sigmas as they are), got {o['sampler_shift']}")
 
 
 @dataclass
@@ -325,7 +326,7 @@ class StudentTask(DDPMTask):
         teacher = load_teacher(o["teacher"])
         teacher.unet.requires_grad_(False).eval()
         if not same_classes(tuple(class_names), teacher.class_names or CLASS_NAMES):
-            raise ValueError(f"the data's classes {list(class_names)} are not the teacher's {teacher.class_names}")
+            raise UsageError(f"the data's classes {list(class_names)} are not the teacher's {teacher.class_names}")
         unet = UNet2DModel.from_config(teacher.unet.config)
         unet.load_state_dict(teacher.unet.state_dict())
         optimizer, lr_scheduler, ema = unet_optimization(unet, o, config, num_images)

@@ -29,6 +29,7 @@ from bloodgen_hf.data import (
     to_model_range,
     to_uint8,
 )
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.io import atomic_path, labelled_class_grid, make_grid, save_image
 from bloodgen_hf.models.vae import ConditionalAutoencoderKL, gaussian_nll, kl_per_dimension
 from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training
@@ -64,9 +65,9 @@ def parse_blocks(text: str | None, resolution: int) -> tuple[int, ...]:
     try:
         blocks = tuple(int(c) for c in text.split(","))
     except ValueError:
-        raise ValueError(f"--block-out-channels must be comma-separated integers, got {text!r}") from None
+        raise UsageError(f"--block-out-channels must be comma-separated integers, got {text!r}") from None
     if not blocks or min(blocks) < 1:
-        raise ValueError(f"--block-out-channels must be positive, got {text!r}")
+        raise UsageError(f"--block-out-channels must be positive, got {text!r}")
     return blocks
 
 
@@ -82,10 +83,10 @@ def default_blocks(resolution: int) -> tuple[int, ...]:
 def check_options(o: dict) -> None:
     for name in ("beta", "free_bits", "kl_warmup_steps", "max_grad_norm"):
         if o[name] < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {o[name]}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {o[name]}")
     for name in ("lr", "recon_sigma"):
         if not o[name] > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {o[name]}")
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {o[name]}")
 
 
 def kl_term(kl_dims: torch.Tensor, free_bits: float) -> torch.Tensor:
@@ -188,7 +189,7 @@ class VAETask(TrainTask):
         return make_grid(to_uint8(images * 2 - 1).numpy(), nrow=per_class)
 
     def save_pipeline(self, accelerator: Accelerator, path: Path) -> None:
-        from bloodgen_hf.hub import save_pipeline
+        from bloodgen_hf.registry import save_pipeline
 
         save_pipeline(self.pipeline(accelerator), path)
 
@@ -213,14 +214,14 @@ def write_model_figures(
     SWEEP_TEMPERATURES, the same noise in each column), and metrics.json: the whole split's
     -ELBO, KL and reconstruction error, with one seeded posterior sample per image.
     """
-    from bloodgen_hf.hub import load_pipeline
+    from bloodgen_hf.registry import load_pipeline
 
     pipe = load_pipeline(model)
     vae, size = pipe.vae.eval(), pipe.vae.config.resolution
     images, labels, names, _ = load_data(dataset, split, size, data_dir)
     if not same_classes(names, pipe.class_names or names):
         theirs = describe_classes(pipe.class_names)
-        raise ValueError(f"{dataset} has other classes ({describe_classes(names)}) than the VAE ({theirs})")
+        raise UsageError(f"{dataset} has other classes ({describe_classes(names)}) than the VAE ({theirs})")
     num_classes = len(names)
     x_all, y_all = to_model_range(torch.from_numpy(images)), torch.from_numpy(labels)
     scale = max(1, 96 // size)

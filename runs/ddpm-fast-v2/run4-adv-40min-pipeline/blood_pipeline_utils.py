@@ -1,1 +1,0 @@
-../../../pipelines/blood_pipeline_utils.py

@@ -1,1 +1,0 @@
-../../../../pipelines/pipeline_bloodgen_ddpm.py

@@ -1,0 +1,329 @@
+"""augment-study's converged protocol and recipes (issue 31) on tiny fixtures: the epoch is chosen on the val
+split and never on the test split, class balancing and ratios per class, the filter, the pool that grows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bloodgen_hf.cli import app
+from bloodgen_hf.evaluation import augment_study, bloodnet_train
+from bloodgen_hf.evaluation.augment_study import StudyConfig, draw_synthetic, grow_pool, run_study, synthetic_counts
+from bloodgen_hf.evaluation.bloodnet_train import MODEL_FOLDER, BloodNetTask, load_classifier
+from bloodgen_hf.evaluation.metrics import classification_report
+from bloodgen_hf.registry import load_pipeline
+from tests.conftest import tiny_gan_pipeline
+
+TINY = {"classifier": "bloodnet-small", "channels": (4, 8, 8), "batch_size": 16, "seeds": (0,), "min_steps": 0}
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def train_split_gan(tmp_path: Path):
+    """The tiny GAN, recorded as trained on the train split only, loaded as a pipeline."""
+    from bloodgen_hf.provenance import training_provenance
+    from bloodgen_hf.registry import save_pipeline
+
+    pipe = tiny_gan_pipeline()
+    provenance = training_provenance("bloodmnist", 28, "train", 48)
+    folder = save_pipeline(type(pipe)(gan=pipe.gan, provenance=provenance), tmp_path / "tiny_gan")
+    return load_pipeline(str(folder), "cpu")
+
+
+@pytest.fixture
+def disagreeing_data_dir(fake_data_dir: Path) -> Path:
+    """The fake archive with shuffled val labels: the epoch that val prefers is not the one test would."""
+    path = fake_data_dir / "bloodmnist.npz"
+    with np.load(path) as saved:
+        arrays = dict(saved)
+    arrays["val_labels"] = np.random.default_rng(5).permutation(arrays["val_labels"])
+    np.savez(path, **arrays)
+    return fake_data_dir
+
+
+def test_the_epoch_is_chosen_on_val_and_never_on_test(train_split_gan, disagreeing_data_dir, tmp_path, monkeypatch):
+    with np.load(disagreeing_data_dir / "bloodmnist.npz") as saved:
+        val, test, test_labels = saved["val_images"], saved["test_images"], saved["test_labels"].ravel()
+    seen_in_training = []
+    real_predict = bloodnet_train.predict
+
+    def spy(model, images, *args, **kwargs):
+        seen_in_training.append(images)
+        return real_predict(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(bloodnet_train, "predict", spy)
+    config = StudyConfig(fractions=(1.0,), settings=("real",), epochs=6, **TINY)
+    results = run_study(train_split_gan, tmp_path / "s", config, disagreeing_data_dir, log=lambda *_: None)
+
+    assert len(seen_in_training) == 6 and all(np.array_equal(x, val) for x in seen_in_training)  # val only
+    run = results["runs"][0]
+    curve = [e["macro_f1"] for e in run["val_curve"]]
+    assert len(curve) == 6 and run["chosen_epoch"] == int(np.argmax(curve)) + 1  # first best val epoch
+    saved = load_classifier(tmp_path / "s" / "runs" / "real-1-seed0" / "pipeline" / MODEL_FOLDER)
+    predicted = real_predict(saved, test, with_features=False)[1].argmax(1)
+    assert classification_report(test_labels, predicted, 8)["accuracy"] == run["accuracy"]  # scored once, chosen
+    with np.load(disagreeing_data_dir / "bloodmnist.npz") as data:
+        val_pred = real_predict(saved, data["val_images"], with_features=False)[1].argmax(1)
+        val_report = classification_report(data["val_labels"].ravel(), val_pred, 8)
+    assert val_report["macro_f1"] == pytest.approx(run["val_at_chosen"]["macro_f1"])  # the saved weights are those
+
+
+def test_chosen_keeps_the_first_best_epoch_and_last_without_keep_best():
+    curve = [
+        {"epoch": i + 1, "accuracy": a, "macro_f1": f} for i, (a, f) in enumerate([(0.5, 0.4), (0.9, 0.7), (0.8, 0.7)])
+    ]
+    assert BloodNetTask(models={}, optimizers={}, options={"keep_best": True}, curve=curve).chosen()["epoch"] == 2
+    by_accuracy = BloodNetTask(models={}, optimizers={}, options={"keep_best": True, "select_on": "accuracy"})
+    by_accuracy.curve = curve
+    assert by_accuracy.chosen()["epoch"] == 2
+    assert BloodNetTask(models={}, optimizers={}, curve=curve).chosen()["epoch"] == 3
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.0, 2.0, 4.0])
+def test_the_ratio_is_honoured_per_class(ratio):
+    counts = np.array([12, 31, 15, 29, 12, 14, 33, 23])
+    extra = synthetic_counts(counts, "real+synthetic", StudyConfig(synthetic_ratio=ratio))
+    assert extra.tolist() == np.round(ratio * counts).astype(int).tolist()
+    pool = {"images": np.arange(1600)[:, None], "labels": np.repeat(np.arange(8), 200)}
+    _, labels = draw_synthetic(pool, extra, np.random.default_rng(0))
+    assert np.bincount(labels, minlength=8).tolist() == extra.tolist()
+
+
+def test_balancing_tops_every_class_up_to_the_largest_exactly():
+    counts = np.array([12, 31, 15, 29, 12, 14, 33, 23])
+    extra = synthetic_counts(counts, "real+synthetic", StudyConfig(balance=True))
+    assert (counts + extra).tolist() == [33] * 8 and extra.min() == 0
+
+
+def test_the_converged_batch_and_epochs_follow_the_real_subset():
+    config = StudyConfig()
+    assert [config.batch_for(n) for n in (48, 119, 1196, 5979, 11959)] == [16, 16, 32, 128, 128]
+    assert [config.epochs_for(n) for n in (119, 1196, 11959)] == [144, 28, 20]  # >= 1000 steps of real images
+    assert [config.epochs_per_evaluation(e) for e in (144, 28, 20)] == [8, 2, 1]  # <= 20 val evaluations
+    assert StudyConfig(protocol="fixed-steps").batch_for(48) == 48
+
+
+def test_a_pool_grown_later_holds_the_same_images_as_one_made_at_once(train_split_gan):
+    quiet = {"log": lambda *_: None}
+    at_once = grow_pool(None, train_split_gan, np.array([3, 0, 2, 0, 0, 0, 0, 1]), {}, 8, **quiet)
+    first = grow_pool(None, train_split_gan, np.array([1, 0, 2, 0, 0, 0, 0, 0]), {}, 8, **quiet)
+    grown = grow_pool(first, train_split_gan, np.array([3, 0, 1, 0, 0, 0, 0, 1]), {}, 8, **quiet)
+    assert len(grown["labels"]) == 6
+    by_seed = lambda pool: {int(s): img.tobytes() for s, img in zip(pool["seeds"], pool["images"])}  # noqa: E731
+    assert by_seed(grown) == by_seed(at_once)
+
+
+def test_the_filter_keeps_only_what_the_real_only_classifier_accepts(train_split_gan, fake_data_dir, tmp_path):
+    out = tmp_path / "s"
+    config = StudyConfig(fractions=(1.0,), settings=("real", "real+synthetic"), epochs=2, filter_threshold=0.05, **TINY)
+    results = run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None)
+    runs = {r["recipe"]: r for r in results["runs"]}
+    assert set(runs) == {"real", "1x+filter0.05"} and (out / "runs" / "real+synthetic-1x+filter0.05-1-seed0").is_dir()
+    acceptance = runs["1x+filter0.05"]["filter_acceptance"]
+    assert len(acceptance) == 8 and all(0 <= a <= 1 for a in acceptance)
+    with np.load(out / "synthetic_pool.npz") as pool:  # 1.5 candidates per image the recipe draws
+        assert np.bincount(pool["labels"], minlength=8).tolist() == [9] * 8
+
+    config.filter_threshold = 0.999  # nothing this sure: one clear refusal, not a silent shortfall
+    with pytest.raises(ValueError, match="passed the filter.*lower --filter-threshold"):
+        run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None, resume=True)
+
+
+def test_a_resumed_study_adds_a_recipe_and_reports_both(train_split_gan, fake_data_dir, tmp_path):
+    out = tmp_path / "s"
+    config = StudyConfig(fractions=(1.0,), settings=("real", "real+synthetic"), epochs=1, **TINY)
+    run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None)
+    config.balance = True
+    logged = []
+    results = run_study(train_split_gan, out, config, fake_data_dir, log=logged.append, resume=True)
+    assert any("real-1-seed0: finished earlier" in line for line in logged)
+    assert sorted(r["recipe"] for r in results["runs"]) == ["1x", "balance", "real"]
+    report = (out / "report.md").read_text()
+    assert "| real+synthetic (balance) |" in report and "| real+synthetic (1x) |" in report
+    assert (out / "val_curves.png").is_file()
+    config.epochs = 2  # the protocol itself may not change under --resume
+    with pytest.raises(ValueError, match="other settings"):
+        run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None, resume=True)
+
+
+def test_converged_results_record_every_cell(train_split_gan, fake_data_dir, tmp_path):
+    config = StudyConfig(fractions=(0.5, 1.0), settings=("real", "real+synthetic"), epochs=2, **TINY)
+    results = run_study(train_split_gan, tmp_path / "s", config, fake_data_dir, log=lambda *_: None)
+    saved = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert saved["runs"] == results["runs"] and len(saved["runs"]) == 4
+    for run in saved["runs"]:
+        for key in ("fraction", "seed", "recipe", "classifier", "accuracy", "macro_f1", "epochs", "chosen_epoch"):
+            assert key in run, key
+        assert run["protocol"] == "converged" and len(run["val_curve"]) == 2 and run["cpu_minutes"] > 0
+
+
+def test_a_generator_that_saw_the_test_split_is_refused_by_the_converged_study(fake_data_dir, tmp_path):
+    from bloodgen_hf.provenance import training_provenance
+    from bloodgen_hf.registry import save_pipeline
+
+    pipe = tiny_gan_pipeline()
+    leaky = type(pipe)(gan=pipe.gan, provenance=training_provenance("bloodmnist", 28, "all", 80))
+    folder = save_pipeline(leaky, tmp_path / "leaky")
+    result = invoke("augment-study", "--model", folder, "--data-dir", fake_data_dir, "--out", tmp_path / "s")
+    assert result.exit_code == 2 and "the 'test' split augment-study scores on" in result.output
+    assert not (tmp_path / "s" / "runs").exists()
+
+
+def test_budget_flags_belong_to_their_protocol(train_split_gan, tmp_path):
+    result = invoke("augment-study", "--steps", "5", "--out", tmp_path / "s")
+    assert result.exit_code == 2 and "--steps is the fixed-steps protocol's budget" in result.output
+    result = invoke("augment-study", "--protocol", "fixed-steps", "--epochs", "5", "--out", tmp_path / "s")
+    assert result.exit_code == 2 and "--epochs is the converged protocol's budget" in result.output
+    with pytest.raises(ValueError, match="--classifier must be one of"):
+        StudyConfig(classifier="vgg").check()
+    with pytest.raises(ValueError, match="keep 'real' in --settings"):
+        StudyConfig(settings=("real+synthetic",), filter_threshold=0.5).check()
+
+
+def test_resnet18_is_medmnists_and_trains_in_the_study(train_split_gan, fake_data_dir, tmp_path):
+    from bloodgen_hf.evaluation.bloodnet import ResNet18Classifier
+
+    net = ResNet18Classifier()
+    assert net.net.conv1.kernel_size == (3, 3) and net.net.conv1.stride == (1, 1)
+    assert isinstance(net.net.maxpool, __import__("torch").nn.Identity) and net.feature_dim == 512
+    config = StudyConfig(fractions=(1.0,), settings=("real",), epochs=1, classifier="resnet18", seeds=(0,), min_steps=0)
+    results = run_study(train_split_gan, tmp_path / "s", config, fake_data_dir, log=lambda *_: None)
+    assert results["runs"][0]["classifier"] == "resnet18"
+    saved = load_classifier(tmp_path / "s" / "runs" / "real-1-seed0" / "pipeline" / MODEL_FOLDER)
+    assert isinstance(saved, ResNet18Classifier)
+    assert augment_study.CLASSIFIERS["resnet18"] == {"arch": "resnet18"}
+
+
+# --- `bloodgen-hf augment`: the recipe applied to a user's labelled data -----------------------------------
+
+
+def read_manifest(folder: Path) -> list[dict]:
+    import csv
+
+    with open(folder / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_augment_writes_real_and_synthetic_images_marked_in_the_manifest(tiny_gan_dir, fake_data_dir, tmp_path):
+    out = tmp_path / "aug"
+    args = ["--model", tiny_gan_dir, "--data-dir", fake_data_dir, "--synthetic-ratio", "2", "--device", "cpu"]
+    result = invoke("augment", *args, "--out", out, "--seed", "5")
+    assert result.exit_code == 0, result.output
+    rows = read_manifest(out)
+    real = [r for r in rows if r["source"] == "real"]
+    synthetic = [r for r in rows if r["source"] == "synthetic"]
+    assert len(real) == 48 and len(synthetic) == 96 and "48 real + 96 synthetic" in result.output
+    per_class = lambda rs: np.bincount([int(r["label"]) for r in rs], minlength=8).tolist()  # noqa: E731
+    assert per_class(synthetic) == [2 * c for c in per_class(real)]  # the ratio, class by class
+    assert all(r["seed"] == "" for r in real) and sorted(int(r["seed"]) for r in synthetic) == list(range(5, 101))
+    assert all((out / r["file"]).is_file() and r["file"].startswith(r["class_name"] + "/") for r in rows)
+    with np.load(fake_data_dir / "bloodmnist.npz") as data:  # real images are written as they were read
+        first = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out / real[0]["file"]))
+        assert np.array_equal(first, data["train_images"][0])
+    info = json.loads((out / "info.json").read_text())
+    assert info["recipe"] == "2x" and info["num_images"] == {"real": 48, "synthetic": 96}
+
+    again = invoke("augment", *args, "--out", out)  # never over an existing output without --overwrite
+    assert again.exit_code == 2 and len(read_manifest(out)) == 144
+
+
+def test_augment_balance_tops_up_to_the_largest_class_as_a_dataset(tiny_gan_dir, tmp_path):
+    from datasets import load_from_disk
+
+    from tests.conftest import write_fake_bloodmnist
+
+    folder = tmp_path / "cells"  # an ImageFolder with unequal classes
+    data_dir = write_fake_bloodmnist(tmp_path / "d")
+    with np.load(data_dir / "bloodmnist.npz") as data:
+        images, labels = data["train_images"], data["train_labels"].ravel()
+    from PIL import Image
+
+    from bloodgen_hf.data import CLASS_NAMES
+
+    keep = [i for i in range(len(labels)) if labels[i] != 0 or i < 8]  # basophils: 1 of 6
+    for i in keep:
+        (folder / CLASS_NAMES[labels[i]]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / CLASS_NAMES[labels[i]] / f"{i}.png")
+    out = tmp_path / "aug"
+    result = invoke(
+        "augment", "--model", tiny_gan_dir, "--dataset", folder, "--split", "all", "--balance",
+        "--format", "hf-dataset", "--out", out, "--device", "cpu",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    dataset = load_from_disk(str(out))
+    totals = np.bincount(dataset["label"], minlength=8)
+    assert totals.tolist() == [6] * 8 and dataset["source"].count("real") == len(keep)
+    assert np.bincount([lb for lb, s in zip(dataset["label"], dataset["source"]) if s == "synthetic"])[0] == 5
+
+
+def test_augment_refuses_a_bad_recipe_and_other_classes(tiny_gan_dir, fake_data_dir, tmp_path):
+    result = invoke("augment", "--model", tiny_gan_dir, "--synthetic-ratio", "-1", "--out", tmp_path / "a")
+    assert result.exit_code == 2 and "--synthetic-ratio must be positive" in result.output
+    result = invoke(
+        "augment", "--model", tiny_gan_dir, "--dataset", "pathmnist", "--data-dir", fake_data_dir,
+        "--out", tmp_path / "b", "--device", "cpu",
+    )  # fmt: skip
+    assert result.exit_code == 2 and not (tmp_path / "b").exists()
+
+
+def test_long_runs_score_val_every_few_epochs(train_split_gan, fake_data_dir, tmp_path):
+    config = StudyConfig(fractions=(1.0,), settings=("real",), epochs=5, max_evaluations=2, **TINY)
+    run = run_study(train_split_gan, tmp_path / "s", config, fake_data_dir, log=lambda *_: None)["runs"][0]
+    assert run["epochs"] == 6 and [e["epoch"] for e in run["val_curve"]] == [3, 6]  # rounded up to a whole k
+    assert run["chosen_epoch"] in (3, 6)
+
+
+def test_synthetic_images_can_weigh_less_in_the_loss(train_split_gan, fake_data_dir, tmp_path):
+    import torch
+
+    from bloodgen_hf.evaluation.augment_study import WeightedImages
+
+    data = WeightedImages(np.zeros((4, 28, 28, 3), np.uint8), np.arange(4), np.array([1, 1, 0.5, 0.5]))
+    assert data.batch(torch.tensor([0, 2]))[2].tolist() == [1.0, 0.5]
+    config = StudyConfig(fractions=(1.0,), settings=("real+synthetic",), epochs=1, synthetic_weight=0.5, **TINY)
+    run = run_study(train_split_gan, tmp_path / "s", config, fake_data_dir, log=lambda *_: None)["runs"][0]
+    assert run["recipe"] == "1x+w0.5" and (tmp_path / "s" / "runs" / "real+synthetic-1x+w0.5-1-seed0").is_dir()
+    with pytest.raises(ValueError, match="--synthetic-weight must be in"):
+        StudyConfig(synthetic_weight=0).check()
+
+
+def test_weighted_loss_with_equal_weights_is_the_plain_loss():
+    import torch
+    from accelerate import Accelerator
+
+    from bloodgen_hf.evaluation.bloodnet import BloodNet
+
+    def one_step(weights):
+        torch.manual_seed(0)
+        model = BloodNet(channels=(4, 8, 8), blocks_per_stage=1)
+        task = BloodNetTask(
+            models={"classifier": model},
+            optimizers={"classifier": torch.optim.SGD(model.parameters(), lr=0.1)},
+            options={"label_smoothing": 0.05},
+        )
+        torch.manual_seed(1)
+        images, labels = torch.randn(6, 3, 28, 28), torch.arange(6)
+        return task.training_step(images, labels, Accelerator(cpu=True), weights)["loss"]
+
+    assert one_step(None) == pytest.approx(one_step(torch.full((6,), 0.7)))
+    assert one_step(None) != pytest.approx(one_step(torch.tensor([1, 1, 1, 0.1, 0.1, 0.1])))
+
+
+def test_report_only_reports_the_finished_runs_and_trains_nothing(train_split_gan, fake_data_dir, tmp_path):
+    out = tmp_path / "s"
+    config = StudyConfig(fractions=(1.0,), settings=("real", "real+synthetic"), epochs=1, **TINY)
+    with pytest.raises(ValueError, match="holds no study"):
+        run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None, report_only=True)
+    run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None)
+    (out / "report.md").unlink()
+    config.balance = True  # a recipe not trained yet: left out, not started
+    results = run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None, report_only=True)
+    assert [r["recipe"] for r in results["runs"]] == ["real", "1x"] and (out / "report.md").is_file()
+    assert not (out / "runs" / "real+synthetic-balance-1-seed0").exists()
