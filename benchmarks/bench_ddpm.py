@@ -34,13 +34,13 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
-from bloodgen_hf.data import NUM_CLASSES, BloodMNIST, archive_name, to_model_range
+from bloodgen_hf.data import NUM_CLASSES, LabelledImages, archive_name, to_model_range
 from bloodgen_hf.pipelines import BloodDDPMPipeline
 from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import make_scheduler
 from bloodgen_hf.registry import load_pipeline
 from bloodgen_hf.sampling import generate, plan_labels
 from bloodgen_hf.training.core import TrainConfig, make_accelerator, train
-from bloodgen_hf.training.ddpm import DDPMTask, add_ddpm_arguments, build_noise_scheduler, build_unet
+from bloodgen_hf.training.ddpm import DDPMOptions, DDPMTask, build_noise_scheduler, build_unet
 
 TARGET_IMAGES, TARGET_SECONDS = 10_000, 20 * 60
 
@@ -156,8 +156,6 @@ def fake_archive(folder: Path, n: int, resolution: int) -> Path:
 
 
 def train_config(args, data_dir: Path, out: Path) -> TrainConfig:
-    parser = add_ddpm_arguments(argparse.ArgumentParser())
-    options = vars(parser.parse_args(["--preset", args.preset]))
     return TrainConfig(
         output_dir=str(out),
         data_dir=str(data_dir),
@@ -170,7 +168,7 @@ def train_config(args, data_dir: Path, out: Path) -> TrainConfig:
         sample_every=10**9,
         log_every=args.train_steps,
         log_with="none",
-        extra=options,
+        extra=DDPMOptions(preset=args.preset),
     )
 
 
@@ -178,7 +176,7 @@ def our_loop(config: TrainConfig) -> float:
     """core.train with DDPMTask; its own images/s over the training loop (set-up and final save excluded)."""
     accelerator = make_accelerator(config)
     set_seed(config.seed)
-    dataset = BloodMNIST.load(config.split, config.resolution, config.data_dir, flip=config.flip)
+    dataset = LabelledImages.load(config.split, config.resolution, config.data_dir, flip=config.flip)
     with contextlib.redirect_stderr(io.StringIO()):  # the core's progress bar
         train(DDPMTask.build(config, len(dataset)), config, accelerator, dataset)
     last = (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()[-1]
@@ -190,12 +188,12 @@ def plain_loop(config: TrainConfig) -> float:
     o = config.extra
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
     set_seed(config.seed)
-    unet = build_unet(o["preset"], config.resolution)
-    noise_scheduler = build_noise_scheduler(o["beta_schedule"], o["prediction_type"])
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, o["lr_warmup_steps"], config.max_steps)
-    ema = EMAModel(unet.parameters(), decay=o["ema_max_decay"], use_ema_warmup=True, power=o["ema_power"])
-    dataset = BloodMNIST.load(config.split, config.resolution, config.data_dir)
+    unet = build_unet(o.preset, config.resolution)
+    noise_scheduler = build_noise_scheduler(o.beta_schedule, o.prediction_type)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, o.lr_warmup_steps, config.max_steps)
+    ema = EMAModel(unet.parameters(), decay=o.ema_max_decay, use_ema_warmup=True, power=o.ema_power)
+    dataset = LabelledImages.load(config.split, config.resolution, config.data_dir)
     images = to_model_range(dataset.images)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(images, dataset.labels), batch_size=config.batch_size, shuffle=True

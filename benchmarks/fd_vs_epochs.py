@@ -21,8 +21,8 @@ from pathlib import Path
 from bloodgen_hf.evaluation.protocol import Protocol
 from bloodgen_hf.evaluation.runner import build_tools, evaluate_to_folder
 from bloodgen_hf.process import tune_malloc
-from bloodgen_hf.training.checkpoint import load_state
-from bloodgen_hf.training.core import TrainConfig, resolve_resume
+from bloodgen_hf.training.checkpoint import load_state, resolve_resume
+from bloodgen_hf.training.core import TrainConfig
 from bloodgen_hf.training.ddpm import DDPMTask
 
 

@@ -505,9 +505,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-class BloodMNIST(Dataset):
-    """Labelled images held in memory as uint8 (BloodMNIST by default, any `load_data` source with
-    `dataset`); `batch(indices)` gives model-ready [-1, 1] tensors.
+class LabelledImages(Dataset):
+    """Labelled images held in memory as uint8, from any `load_data` source (`load`: BloodMNIST by default,
+    another with `dataset`); `batch(indices)` gives model-ready [-1, 1] tensors.
 
     With `flip`, batches get random horizontal/vertical flips: cells have no orientation, so flips
     are free, label-preserving augmentation.
@@ -522,7 +522,7 @@ class BloodMNIST(Dataset):
     @classmethod
     def load(
         cls, split: str = "all", size: int = 28, data_dir=None, flip: bool = False, dataset: str = DEFAULT_DATASET
-    ) -> BloodMNIST:
+    ) -> LabelledImages:
         data = load_data(dataset, split, size, data_dir)
         return cls(data.images, data.labels, flip=flip, class_names=data.class_names)
 

@@ -142,6 +142,22 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def remove(path: Path) -> None:
+    """Delete a file or folder; a folder is first renamed aside, so a kill leaves no half of it in place."""
+    if path.is_dir() and not path.is_symlink():
+        aside = path.with_name(f".{path.name}.deleted.tmp")
+        shutil.rmtree(aside, ignore_errors=True)
+        path.rename(aside)
+        shutil.rmtree(aside)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def reason(err: BaseException) -> str:
+    """The short cause of a write failure ("No space left on device"), without errno decoration."""
+    return getattr(err, "strerror", None) or str(err)
+
+
 def save_image(image: np.ndarray | Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG atomically."""
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))

@@ -5,8 +5,8 @@ import torch
 from bloodgen_hf.data import (
     CLASS_COUNTS,
     CLASS_NAMES,
-    BloodMNIST,
     DataError,
+    LabelledImages,
     class_index,
     load_arrays,
     to_model_range,
@@ -65,7 +65,7 @@ def test_range_conversions_round_trip():
 
 
 def test_batches_flip_but_keep_labels(fake_data_dir):
-    ds = BloodMNIST.load("train", 28, fake_data_dir, flip=True)
+    ds = LabelledImages.load("train", 28, fake_data_dir, flip=True)
     idx = torch.arange(8)
     torch.manual_seed(0)
     images, labels = ds.batch(idx)

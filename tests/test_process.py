@@ -45,7 +45,7 @@ def test_training_uses_every_core_unless_told_otherwise(monkeypatch, fake_data_d
     import torch
 
     from bloodgen_hf.training import ddpm
-    from bloodgen_hf.training.core import cpu_threads
+    from bloodgen_hf.training.launch import cpu_threads
     from tests.test_ddpm import train_args
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})

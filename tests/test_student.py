@@ -275,7 +275,7 @@ def adversarial_args(teacher: Path, out: Path, pairs: Path, data_dir: Path, *ext
 
 
 def test_class_matched_images_give_each_label_an_image_of_its_class(fake_data_dir):
-    real = student.BloodMNIST.load("train", 28, fake_data_dir)
+    real = student.LabelledImages.load("train", 28, fake_data_dir)
     matched = student.ClassMatchedImages(real, len(CLASS_NAMES))
     labels = torch.tensor([7, 0, 0, 3, 5, 7, 1, 2] * 8)
     torch.manual_seed(0)
@@ -286,7 +286,9 @@ def test_class_matched_images_give_each_label_an_image_of_its_class(fake_data_di
         assert (by_class[int(label)] - image).abs().flatten(1).amax(1).min() == 0
     torch.manual_seed(0)
     assert torch.equal(images, matched.draw(labels))  # the global RNG decides: a checkpoint restores it
-    without_basophils = student.BloodMNIST(real.images[real.labels != 0].numpy(), real.labels[real.labels != 0].numpy())
+    without_basophils = student.LabelledImages(
+        real.images[real.labels != 0].numpy(), real.labels[real.labels != 0].numpy()
+    )
     with pytest.raises(ValueError, match="real images of every class; none of basophil"):
         student.ClassMatchedImages(without_basophils, len(CLASS_NAMES))
 

@@ -44,19 +44,20 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bloodgen_hf.augment import Recipe
-from bloodgen_hf.data import CLASS_NAMES, DEFAULT_DATASET, BloodMNIST, describe_classes, load_data, same_classes
+from bloodgen_hf.data import CLASS_NAMES, DEFAULT_DATASET, LabelledImages, describe_classes, load_data, same_classes
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.bloodnet import predict
+from bloodgen_hf.evaluation.bloodnet_train import MODEL_FOLDER, BloodNetOptions, BloodNetTask, load_classifier
 from bloodgen_hf.evaluation.metrics import classification_report
 from bloodgen_hf.evaluation.protocol import summarize
-from bloodgen_hf.evaluation.report import mean_std, write_json, write_markdown_report
+from bloodgen_hf.evaluation.report import write_json, write_markdown_report
 from bloodgen_hf.evaluation.runner import image_size
 from bloodgen_hf.guard import check_unchanged
 from bloodgen_hf.io import atomic_path
@@ -69,6 +70,7 @@ from bloodgen_hf.provenance import (
     real_subset,
 )
 from bloodgen_hf.sampling import generate, pipeline_class_names, sampling_record
+from bloodgen_hf.training.core import TrainConfig, make_accelerator, train
 
 SETTINGS = ("real", "real+synthetic", "synthetic")
 PROTOCOLS = ("converged", "fixed-steps")
@@ -153,16 +155,21 @@ class StudyConfig:
         name += f"+filter{self.filter_threshold:g}" if self.filter_threshold else ""
         return name + (f"+w{self.synthetic_weight:g}" if self.synthetic_weight != 1 else "")
 
-    def classifier_options(self) -> dict:
+    def classifier_options(self) -> BloodNetOptions:
         """BloodNetTask's options: the architecture and the optimiser every study classifier shares."""
         arch = dict(CLASSIFIERS[self.classifier])
         if self.classifier == "bloodnet-small":
             arch.update(channels=list(self.channels), blocks_per_stage=self.blocks_per_stage)
-        options = {**arch, "dropout": 0.1, "lr": self.lr, "weight_decay": 5e-4, "label_smoothing": 0.05}
-        options["warmup_fraction"] = 0.05
-        if self.protocol == "converged":
-            options.update(keep_best=True, select_on=self.select_on)
-        return options
+        return BloodNetOptions(
+            **arch,
+            dropout=0.1,
+            lr=self.lr,
+            weight_decay=5e-4,
+            label_smoothing=0.05,
+            warmup_fraction=0.05,
+            keep_best=self.protocol == "converged",
+            select_on=self.select_on,
+        )
 
     def epochs_for(self, num_real: int) -> int:
         """converged: `epochs`, or more where R_f alone would get fewer than `min_steps` optimizer steps (1% of
@@ -348,16 +355,13 @@ def train_classifier(
     Returns (classifier in eval mode, its BloodNetTask: the val curve and the chosen epoch)."""
     from accelerate.utils import set_seed
 
-    from bloodgen_hf.evaluation.bloodnet_train import BloodNetTask
-    from bloodgen_hf.training.core import TrainConfig, make_accelerator, train
-
     converged = config.protocol == "converged"
     num_real = len(labels) if num_real is None else num_real
     batch = min(config.batch_for(num_real if converged else len(labels)), len(labels))
     steps = None if converged else config.steps
     epochs = config.epochs_for(num_real)
     every = config.epochs_per_evaluation(epochs)  # converged: score val after every `every` epochs
-    options = {**config.classifier_options(), "epochs_per_evaluation": every}
+    options = replace(config.classifier_options(), epochs_per_evaluation=every)
     train_config = TrainConfig(
         output_dir=str(folder),
         resolution=images.shape[1],
@@ -378,7 +382,7 @@ def train_classifier(
     accelerator = make_accelerator(train_config)
     set_seed(seed)
     task = BloodNetTask.create(train_config, len(labels), holdout, class_names)
-    data = BloodMNIST(images, labels, flip=True, class_names=class_names)
+    data = LabelledImages(images, labels, flip=True, class_names=class_names)
     if weights is not None:
         data = WeightedImages(images, labels, weights, class_names)
     train(task, train_config, accelerator, data)
@@ -387,7 +391,7 @@ def train_classifier(
     return model, task
 
 
-class WeightedImages(BloodMNIST):
+class WeightedImages(LabelledImages):
     """Images with a loss weight each, which `batch` hands to BloodNetTask.training_step after the labels."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, weights: np.ndarray, class_names=CLASS_NAMES):
@@ -554,9 +558,6 @@ def finished_runs(folder: Path) -> list[dict]:
 def filter_pool(pool: dict, real_run: Path, config: StudyConfig) -> np.ndarray:
     """Indices of the pool's images that the real-only classifier of the same (seed, fraction), trained on
     R_f of the train split only, gives at least `filter_threshold` probability of their own class."""
-
-    from bloodgen_hf.evaluation.bloodnet_train import MODEL_FOLDER, load_classifier
-
     folder = real_run / "pipeline" / MODEL_FOLDER
     if not (real_run / "result.json").is_file():
         raise UsageError(f"--filter-threshold needs the real-only classifier {real_run}, which has not finished")
@@ -629,7 +630,7 @@ def train_generator(
     from accelerate.state import AcceleratorState
 
     from bloodgen_hf.training import TRAIN_ENTRY_POINTS
-    from bloodgen_hf.training.core import checkpoint_steps
+    from bloodgen_hf.training.checkpoint import checkpoint_steps
 
     pipeline = folder / "pipeline"
     if resume and (pipeline / "model_index.json").is_file():
@@ -766,7 +767,7 @@ def study_table(summary: list[dict], key: str, with_cpu: bool = False) -> list[s
             if e is None:
                 values.append("–")
                 continue
-            text = mean_std(e[key], 3)
+            text = f"{e[key]['mean']:.3f} ± {e[key]['std']:.3f}"
             base = cell.get(("real", f))
             if e["setting"] == "real+synthetic" and base is not None:
                 text += f" ({100 * (e[key]['mean'] - base[key]['mean']):+.1f})"

@@ -33,6 +33,8 @@ from bloodgen_hf.evaluation.bloodnet import BloodNet, ResNet18Classifier, predic
 from bloodgen_hf.evaluation.metrics import classification_report
 from bloodgen_hf.io import atomic_path, make_grid
 from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training, total_optimizer_steps
+from bloodgen_hf.training.options import option, options_of
+from bloodgen_hf.training.sources import load_training_data
 
 MODEL_FOLDER = "classifier"  # inside the saved folder: config.json + diffusion_pytorch_model.safetensors
 ARCHITECTURES = ("bloodnet", "resnet18")
@@ -49,16 +51,22 @@ def parse_channels(text: str) -> list[int]:
     return channels
 
 
-def add_bloodnet_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--channels", type=parse_channels, default=[24, 48, 96], help="stage widths")
-    parser.add_argument("--blocks-per-stage", type=int, default=2)
-    parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--label-smoothing", type=float, default=0.05)
-    parser.add_argument("--warmup-fraction", type=float, default=0.05)
-    parser.add_argument("--holdout-split", default="val", help="split scored after every epoch")
-    return parser
+@dataclass
+class BloodNetOptions:
+    """The classifier's flags, and the choices augment-study makes for its classifiers (no flags)."""
+
+    channels: list[int] = option(factory=lambda: [24, 48, 96], help="stage widths", type=parse_channels)
+    blocks_per_stage: int = option(2)
+    dropout: float = option(0.1)
+    lr: float = option(3e-3, "peak AdamW learning rate")
+    weight_decay: float = option(5e-4)
+    label_smoothing: float = option(0.05)
+    warmup_fraction: float = option(0.05)
+    holdout_split: str = option("val", "split scored after every epoch")
+    arch: str = option("bloodnet", flag=False)  # or "resnet18" (ARCHITECTURES)
+    keep_best: bool = option(False, flag=False)  # save the weights of the best held-out evaluation, not the last
+    select_on: str = option("macro_f1", flag=False)  # with keep_best: the held-out score that is best (SELECT_ON)
+    epochs_per_evaluation: int = option(1, flag=False)  # the epochs between two held-out evaluations (the grids)
 
 
 def warmup_cosine(total: int, warmup_fraction: float):
@@ -72,9 +80,9 @@ def warmup_cosine(total: int, warmup_fraction: float):
     return factor
 
 
-def make_classifier(options: dict, resolution: int, class_names: tuple[str, ...]) -> torch.nn.Module:
-    """The network `options["arch"]` names (BloodNet by default, with its widths and depth)."""
-    arch = options.get("arch", "bloodnet")
+def make_classifier(options: BloodNetOptions, resolution: int, class_names: tuple[str, ...]) -> torch.nn.Module:
+    """The network `options.arch` names (BloodNet by default, with its widths and depth)."""
+    arch = options.arch
     if arch == "resnet18":
         return ResNet18Classifier(resolution=resolution, num_classes=len(class_names), class_names=list(class_names))
     if arch != "bloodnet":
@@ -82,9 +90,9 @@ def make_classifier(options: dict, resolution: int, class_names: tuple[str, ...]
     return BloodNet(
         resolution=resolution,
         num_classes=len(class_names),
-        channels=list(options["channels"]),
-        blocks_per_stage=options["blocks_per_stage"],
-        dropout=options["dropout"],
+        channels=list(options.channels),
+        blocks_per_stage=options.blocks_per_stage,
+        dropout=options.dropout,
         class_names=list(class_names),
     )
 
@@ -92,20 +100,23 @@ def make_classifier(options: dict, resolution: int, class_names: tuple[str, ...]
 @dataclass
 class BloodNetTask(TrainTask):
     holdout: tuple[np.ndarray, np.ndarray] | None = None  # uint8 NHWC images, labels
-    options: dict = field(default_factory=dict)
+    options: BloodNetOptions = field(default_factory=BloodNetOptions)
     holdout_accuracy: float = float("nan")
     curve: list[dict] = field(default_factory=list)  # one entry per held-out evaluation: epoch, accuracy, macro_f1
     best_state: dict[str, torch.Tensor] | None = None  # with keep_best: the weights of the best evaluation
+
+    def __post_init__(self) -> None:
+        self.options = options_of(BloodNetOptions, self.options)  # a dict of some options is read as them
 
     @classmethod
     def create(
         cls, config: TrainConfig, num_train: int, holdout=None, class_names: tuple[str, ...] = CLASS_NAMES
     ) -> BloodNetTask:
-        o = config.extra
+        o = options_of(BloodNetOptions, config.extra)
         model = make_classifier(o, config.resolution, class_names)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         total = total_optimizer_steps(config, num_train, PartialState().num_processes)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, o["warmup_fraction"]))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, o.warmup_fraction))
         return cls(
             init_components={"classifier": ""},
             models={"classifier": model},
@@ -120,7 +131,8 @@ class BloodNetTask(TrainTask):
         """For run_training: BloodNet's test accuracy must stay honest, so it only ever sees the train split."""
         if config.split != "train":
             raise UsageError(f"BloodNet is scored on the test split, so train it on --split train (got {config.split})")
-        holdout = load_data(config.dataset, config.extra["holdout_split"], config.resolution, config.data_dir)
+        split = options_of(BloodNetOptions, config.extra).holdout_split
+        holdout = load_data(config.dataset, split, config.resolution, config.data_dir)
         return cls.create(config, num_images, (holdout.images, holdout.labels), class_names)
 
     def training_step(
@@ -134,7 +146,7 @@ class BloodNetTask(TrainTask):
         transpose = torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5
         images = torch.where(transpose, images.transpose(-1, -2), images).contiguous()
         logits = model(images)
-        smoothing = self.options["label_smoothing"]
+        smoothing = self.options.label_smoothing
         if weights is None:
             loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         else:
@@ -164,9 +176,9 @@ class BloodNetTask(TrainTask):
         logits = predict(model, images, with_features=False)[1]
         report = classification_report(labels, logits.argmax(1), logits.shape[1])
         self.holdout_accuracy = report["accuracy"]
-        epoch = (len(self.curve) + 1) * self.options.get("epochs_per_evaluation", 1)  # evaluated after this epoch
+        epoch = (len(self.curve) + 1) * self.options.epochs_per_evaluation  # evaluated after this epoch
         self.curve.append({"epoch": epoch, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]})
-        if self.options.get("keep_best") and self.is_best(self.curve[-1]):
+        if self.options.keep_best and self.is_best(self.curve[-1]):
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         accelerator.print(f"holdout accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}")
         per_class = min(10, len(images))
@@ -175,16 +187,16 @@ class BloodNetTask(TrainTask):
 
     def is_best(self, entry: dict) -> bool:
         """Strictly better than every earlier evaluation (ties keep the earlier, shorter-trained weights)."""
-        key = self.options.get("select_on", "macro_f1")
+        key = self.options.select_on
         return all(entry[key] > earlier[key] for earlier in self.curve[:-1])
 
     def chosen(self) -> dict | None:
         """The curve entry whose weights are saved: the best one with keep_best, else the last."""
         if not self.curve:
             return None
-        if not self.options.get("keep_best"):
+        if not self.options.keep_best:
             return self.curve[-1]
-        key = self.options.get("select_on", "macro_f1")
+        key = self.options.select_on
         return max(self.curve, key=lambda e: (e[key], -e["epoch"]))
 
     def extra_state(self) -> dict:
@@ -202,7 +214,7 @@ class BloodNetTask(TrainTask):
     def final_model(self, accelerator: Accelerator) -> torch.nn.Module:
         """The live classifier, carrying the best held-out weights when keep_best chose some (eval mode)."""
         model = accelerator.unwrap_model(self.models["classifier"])
-        if self.options.get("keep_best") and self.best_state is not None:
+        if self.options.keep_best and self.best_state is not None:
             model.load_state_dict(self.best_state)
         return model.eval()
 
@@ -245,7 +257,8 @@ def main(argv: list[str] | None = None) -> Path:
     folder = run_training(
         "Train BloodNet, the classifier behind the domain metrics, on BloodMNIST or any labelled images (--dataset).",
         BloodNetTask.build,
-        add_bloodnet_arguments,
+        BloodNetOptions,
+        load_training_data,
         argv,
         output_dir="runs/bloodnet",
         split="train",

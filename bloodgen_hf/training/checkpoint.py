@@ -1,4 +1,8 @@
-"""Checkpoints without pickle: every tensor goes to safetensors, everything else to JSON.
+"""A run's checkpoints, without pickle: every tensor goes to safetensors, everything else to JSON.
+
+`save_checkpoint` writes checkpoints/checkpoint-<step>/ atomically (weights, optimizer/scheduler/EMA/RNG
+state, progress and the run's settings) and prunes the old ones; `resolve_resume` finds the one `--resume`
+names and `load_checkpoint` restores it.
 
 Optimizer, scheduler, EMA and RNG states are nested dicts/lists/tuples of tensors and plain
 values; `flatten_state` splits such a tree into {key: tensor} and a JSON skeleton that names the
@@ -9,14 +13,18 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from bloodgen_hf.io import write_durably
+from bloodgen_hf.io import fsync_dir, reason, remove, write_durably
+from bloodgen_hf.training.launch import LaunchError
 
 
 def flatten_state(state: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:
@@ -101,3 +109,101 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- a run's checkpoints ---------------------------------------------------------------------------
+
+
+class Checkpointable(Protocol):
+    """What a checkpoint holds of a TrainTask (bloodgen_hf.training.core)."""
+
+    models: dict[str, torch.nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any]
+
+    def extra_state(self) -> dict[str, Any]: ...
+
+    def load_extra_state(self, state: dict[str, Any]) -> None: ...
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-???????"))
+
+
+def save_checkpoint(
+    task: Checkpointable, accelerator: Accelerator, out: Path, progress: dict, keep: int, settings: dict
+) -> Path:
+    """checkpoints/checkpoint-<step>/: weights (safetensors), optimizer/EMA/RNG state (safetensors +
+    JSON), the run's settings (config.json, checked on resume), written to a temporary folder, fsynced
+    and renamed, so a crash or a full disk never leaves a half checkpoint or harms the earlier ones."""
+    final = out / "checkpoints" / f"checkpoint-{progress['step']:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        write_checkpoint(task, accelerator, tmp, progress, settings)
+    except (OSError, SafetensorError) as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write checkpoint {final} ({reason(err)}); the earlier ones are intact") from err
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        fsync_dir(final.parent)
+        for old in sorted(final.parent.glob("checkpoint-???????"))[:-keep]:
+            remove(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def write_checkpoint(task: Checkpointable, accelerator: Accelerator, tmp: Path, progress: dict, settings: dict) -> None:
+    save_state(rng_state(), tmp / f"rng_{accelerator.process_index}")
+    if accelerator.is_main_process:
+        for name, model in task.models.items():
+            save_tensors(accelerator.unwrap_model(model).state_dict(), tmp / f"{name}.safetensors")
+        save_state(
+            {
+                "optimizers": {k: o.state_dict() for k, o in task.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in task.schedulers.items()},
+                "extra": task.extra_state(),
+            },
+            tmp / "training_state",
+        )
+        write_durably(tmp / "config.json", json.dumps(settings, indent=2))
+        write_durably(tmp / "progress.json", json.dumps(progress))
+
+
+def resolve_resume(out: Path, resume: str) -> Path:
+    if resume != "latest":
+        return Path(resume)
+    found = sorted((out / "checkpoints").glob("checkpoint-???????"))
+    if not found:
+        raise FileNotFoundError(f"--resume latest: no checkpoint in {out / 'checkpoints'}")
+    return found[-1]
+
+
+def load_checkpoint(task: Checkpointable, accelerator: Accelerator, path: Path) -> tuple[int, int, int, float]:
+    """Restore the task's state and this rank's RNG; (step, epoch, batch in the epoch, CPU seconds used)."""
+    if not (path / "progress.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no progress.json)")
+    for name, model in task.models.items():
+        file = path / f"{name}.safetensors"
+        try:
+            accelerator.unwrap_model(model).load_state_dict(load_file(str(file)))
+        except Exception as err:
+            raise CheckpointError(f"cannot load {file}: {err}") from err
+    state = load_state(path / "training_state")
+    for name, optimizer in task.optimizers.items():
+        optimizer.load_state_dict(state["optimizers"][name])
+    for name, scheduler in task.schedulers.items():
+        scheduler.load_state_dict(state["schedulers"][name])
+    task.load_extra_state(state["extra"])
+    rng_file = path / f"rng_{accelerator.process_index}"
+    if not rng_file.with_suffix(".json").exists():
+        raise LaunchError(f"{path} was written by fewer processes than the {accelerator.num_processes} running now")
+    set_rng_state(load_state(rng_file))
+    progress = json.loads((path / "progress.json").read_text())
+    return progress["step"], progress["epoch"], progress["batch_in_epoch"], progress.get("cpu_seconds", 0.0)

@@ -1,13 +1,15 @@
 """The one training loop every model family shares.
 
-A model family supplies a `TrainTask` (its modules, optimizers, one `training_step`, a sample grid
-and how to save its pipeline); this file does the rest: Accelerate set-up and launch checks,
-deterministic data order, gradient accumulation, logging, sample grids, atomic checkpoints and
-exact resume. Read `train()` top to bottom.
+A model family supplies a `TrainTask` (its modules, optimizers, one `training_step`, a sample grid and how
+to save its pipeline) and its options (a dataclass whose fields are its flags: training/options.py); this
+file does the rest: Accelerate set-up, deterministic data order, gradient accumulation, logging, sample
+grids, checkpoints and exact resume. Read `train()` top to bottom.
 
-The output folder is guarded: one run writes it at a time (a lock beside it), a folder that holds a
-run is only continued (`--resume`, checked against the settings the checkpoint recorded) or replaced
-(`--overwrite`, which deletes the old run first so none of it can be resumed by mistake).
+Its parts have their own modules: launch.py checks how the processes were started; run_folder.py guards
+the output folder (one run writes it at a time, a folder that holds a run is only continued with
+`--resume` or replaced with `--overwrite`); checkpoint.py writes and reads atomic checkpoints; resume.py
+checks a resumed run's settings against those its checkpoint recorded; sources.py loads the images a run
+trains on and records their provenance.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -29,59 +29,19 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from bloodgen_hf.data import BloodMNIST, DataError
+from bloodgen_hf.data import DataError, LabelledImages
 from bloodgen_hf.errors import UsageError, explain
-from bloodgen_hf.guard import OutputLockedError, check_unchanged, output_lock, plain
-from bloodgen_hf.io import atomic_path, fsync_dir, save_image, write_durably
+from bloodgen_hf.guard import OutputLockedError, output_lock, plain
+from bloodgen_hf.io import atomic_path, reason, save_image
 from bloodgen_hf.process import sigterm_exits, tune_malloc
-from bloodgen_hf.provenance import (
-    LeakError,
-    check_subset_options,
-    origin_record,
-    portable_provenance,
-    real_subset,
-    subset_record,
-    training_provenance,
-)
-from bloodgen_hf.training.checkpoint import (
-    CheckpointError,
-    load_state,
-    rng_state,
-    save_state,
-    save_tensors,
-    set_rng_state,
-)
-
-# Options that `--resume` may change: how long to run, where things are, what to log and keep. Every
-# other option (and the number of processes) shapes the run, so a change is refused by name.
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "output_dir",
-        "data_dir",
-        "epochs",
-        "max_steps",
-        "cpu_budget_minutes",
-        "cpu_threads",
-        "resume",
-        "overwrite",
-        "init_from",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "sample_every",
-        "log_every",
-        "log_with",
-        "grid_per_class",
-    }
-)
-# What a run leaves in its folder; `--overwrite` deletes these (checkpoints first).
-RUN_OUTPUTS = ("checkpoints", "pipeline", "metrics.jsonl", "samples", "logs", "train_config.json")
-
-
-class LaunchError(RuntimeError):
-    """The processes were not started the way the user asked."""
+from bloodgen_hf.provenance import LeakError, portable_provenance
+from bloodgen_hf.training.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
+from bloodgen_hf.training.launch import LaunchError, check_launch, check_launch_environment, cpu_threads, launch_command
+from bloodgen_hf.training.options import add_dataclass_arguments, option, options_from_args, options_record
+from bloodgen_hf.training.resume import check_resume_settings
+from bloodgen_hf.training.run_folder import prepare_output_dir, trim_metrics
 
 
 class ErrorExit(SystemExit):
@@ -128,7 +88,9 @@ class TrainConfig:
     # Torch threads per process on CPU; None = the usable cores / processes. `accelerate launch` sets
     # OMP_NUM_THREADS=1, which left one of two cores idle in a single-process run.
     cpu_threads: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # The model family's own options: its options dataclass (DDPMOptions, GANOptions, ...; a plain dict of them
+    # is read as one), recorded flat under "extra" in train_config.json.
+    extra: Any = option(factory=dict, flag=False)
 
 
 @dataclass
@@ -202,24 +164,30 @@ class EMATask(TrainTask):
 
 def add_train_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> argparse.ArgumentParser:
     """Every TrainConfig field as a --flag, so each train script only adds its model's options."""
-    config = TrainConfig(**defaults)
-    for f in fields(TrainConfig):
-        if f.name == "extra":
-            continue
-        value = getattr(config, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        else:
-            kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=value)
-    return parser
+    return add_dataclass_arguments(parser, TrainConfig, **defaults)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)} - {"extra"}
-    values = vars(args)
-    return TrainConfig(**{k: values[k] for k in names}, extra={k: v for k, v in values.items() if k not in names})
+def config_from_args(args: argparse.Namespace, options: type | None = None) -> TrainConfig:
+    """The TrainConfig of parsed flags, its `extra` the family's `options` dataclass (without one: a dict of
+    the flags that are not TrainConfig's)."""
+    config = options_from_args(args, TrainConfig)
+    if options is not None:
+        config.extra = options_from_args(args, options)
+    else:
+        names = {f.name for f in fields(TrainConfig)}
+        config.extra = {k: v for k, v in vars(args).items() if k not in names}
+    return config
+
+
+def config_record(config: TrainConfig) -> dict[str, Any]:
+    """The config as train_config.json records it: the shared options, and the family's as a dict under "extra"."""
+    return {**config.__dict__, "extra": options_record(config.extra)}
+
+
+def run_settings(config: TrainConfig, num_processes: int) -> dict[str, Any]:
+    """Everything that defines the run, flat (shared and model options), as recorded in each checkpoint."""
+    shared = {k: v for k, v in config.__dict__.items() if k != "extra"}
+    return plain({**shared, **options_record(config.extra), "num_processes": num_processes})
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -239,41 +207,6 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.cpu_threads, accelerator.num_processes))
     return accelerator
-
-
-def cpu_threads(requested: int | None, num_processes: int) -> int:
-    """`--cpu-threads`, else this machine's usable cores shared out among the processes."""
-    if requested is not None:
-        if requested < 1:
-            raise UsageError(f"--cpu-threads must be at least 1, got {requested}")
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // num_processes)
-
-
-def check_launch_environment() -> None:
-    """`accelerate launch --cpu --num_processes N` starts ONE process with MASTER_ADDR set but no
-    WORLD_SIZE; catch that instead of silently training on one process."""
-    env = os.environ
-    if "MASTER_ADDR" in env and "WORLD_SIZE" not in env and env.get("ACCELERATE_USE_CPU") is not None:
-        raise LaunchError(
-            "accelerate started 1 process although more were asked for: on CPU launch with "
-            "`accelerate launch --multi_gpu --num_processes N` (not `--cpu --num_processes N`)"
-        )
-
-
-def check_launch(accelerator: Accelerator) -> None:
-    """Every rank must see the same world: WORLD_SIZE processes, ranks 0..N-1."""
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    if expected != accelerator.num_processes:
-        raise LaunchError(
-            f"launched {expected} processes but each sees {accelerator.num_processes}: the ranks "
-            "cannot see each other (on CPU use `accelerate launch --multi_gpu --num_processes N`)"
-        )
-    if accelerator.num_processes > 1:
-        ranks = accelerator.gather(torch.tensor([accelerator.process_index], device=accelerator.device))
-        if sorted(ranks.tolist()) != list(range(accelerator.num_processes)):
-            raise LaunchError(f"process ranks {ranks.tolist()} are not 0..{accelerator.num_processes - 1}")
 
 
 def epoch_batches(
@@ -318,7 +251,7 @@ def check_whole_batch(config: TrainConfig, num_images: int, num_processes: int) 
         )
 
 
-def train(task: TrainTask, config: TrainConfig, accelerator: Accelerator, dataset: BloodMNIST) -> Path:
+def train(task: TrainTask, config: TrainConfig, accelerator: Accelerator, dataset: LabelledImages) -> Path:
     """Train until `epochs` or `max_steps`; returns the folder of the saved pipeline.
 
     The main process holds the output folder's lock throughout, so a second run into it is refused.
@@ -330,11 +263,11 @@ def train(task: TrainTask, config: TrainConfig, accelerator: Accelerator, datase
         return train_locked(task, config, accelerator, dataset)
 
 
-def train_locked(task: TrainTask, config: TrainConfig, accelerator: Accelerator, dataset: BloodMNIST) -> Path:
+def train_locked(task: TrainTask, config: TrainConfig, accelerator: Accelerator, dataset: LabelledImages) -> Path:
     out = Path(config.output_dir)
     check_whole_batch(config, len(dataset), accelerator.num_processes)
     settings = run_settings(config, accelerator.num_processes)
-    prepare_output_dir(out, config, accelerator.is_main_process)
+    prepare_output_dir(out, config.resume, config.overwrite, accelerator.is_main_process)
     checkpoint = resolve_resume(out, config.resume) if config.resume else None
     if checkpoint is not None:
         check_resume_settings(checkpoint, settings)
@@ -361,10 +294,10 @@ def train_locked(task: TrainTask, config: TrainConfig, accelerator: Accelerator,
         out.mkdir(parents=True, exist_ok=True)
         launch = {"command": launch_command(accelerator.num_processes), "num_processes": accelerator.num_processes}
         with atomic_path(out / "train_config.json") as tmp:
-            recorded = {**config.__dict__, **launch, "provenance": task.provenance}
+            recorded = {**config_record(config), **launch, "provenance": task.provenance}
             tmp.write_text(json.dumps(recorded, indent=2, default=str))
     if config.log_with != "none":
-        accelerator.init_trackers("logs", config={k: str(v) for k, v in config.__dict__.items()})
+        accelerator.init_trackers("logs", config={k: str(v) for k, v in config_record(config).items()})
 
     with tqdm(
         total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train"
@@ -438,126 +371,6 @@ def save_final_pipeline(task: TrainTask, accelerator: Accelerator, folder: Path,
         ) from err
 
 
-def reason(err: BaseException) -> str:
-    """The short cause of a write failure ("No space left on device"), without errno decoration."""
-    return getattr(err, "strerror", None) or str(err)
-
-
-# --- the output folder ---------------------------------------------------------------------------
-
-
-def run_settings(config: TrainConfig, num_processes: int) -> dict[str, Any]:
-    """Everything that defines the run, flat (shared and model options), as recorded in each checkpoint."""
-    shared = {k: v for k, v in config.__dict__.items() if k != "extra"}
-    return plain({**shared, **config.extra, "num_processes": num_processes})
-
-
-def checkpoint_steps(out: Path) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-???????"))
-
-
-def existing_run(out: Path) -> str | None:
-    """What an earlier run left in `out`, in words (None if nothing): its last checkpoint, its pipeline."""
-    steps = checkpoint_steps(out)
-    finished = (out / "pipeline").exists()
-    if not steps and not finished and not any((out / name).exists() for name in ("train_config.json", "metrics.jsonl")):
-        return None
-    last = f"last checkpoint at step {steps[-1]}" if steps else "no checkpoint"
-    return f"{last}, {'a' if finished else 'no'} final pipeline/"
-
-
-def prepare_output_dir(out: Path, config: TrainConfig, main: bool) -> None:
-    """Refuse to start a new run over an old one unless asked; with --overwrite, delete the old run.
-
-    The main process (which holds the lock) also removes temporaries that killed runs left behind.
-    """
-    if config.resume and config.overwrite:
-        raise UsageError("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
-    found = existing_run(out)
-    if found and not config.resume and not config.overwrite:
-        raise UsageError(
-            f"{out} already holds a training run ({found}); pass --resume latest to continue it, "
-            "or --overwrite to delete it and start again"
-        )
-    if not main:
-        return
-    remove_leftovers(out)
-    if found and config.overwrite:
-        for name in RUN_OUTPUTS:  # checkpoints first: nothing of the old run stays resumable
-            remove(out / name)
-
-
-def remove(path: Path) -> None:
-    """Delete a file or folder; a folder is first renamed aside, so a kill leaves no half of it in place."""
-    if path.is_dir() and not path.is_symlink():
-        aside = path.with_name(f".{path.name}.deleted.tmp")
-        shutil.rmtree(aside, ignore_errors=True)
-        path.rename(aside)
-        shutil.rmtree(aside)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def remove_leftovers(out: Path) -> None:
-    """Temporaries of runs that were killed while writing (only ours: the lock says no one else writes)."""
-    patterns = [".pipeline.*", ".*.deleted.tmp", ".metrics.jsonl.*.tmp", ".train_config.json.*.tmp"]
-    found = [p for pattern in patterns for p in out.glob(pattern)]
-    found += [*(out / "checkpoints").glob("*.tmp"), *(out / "samples").glob(".*.tmp")]
-    for path in found:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Keep the log lines up to the resumed step (the later ones are logged again), dropping a line that
-    a kill cut short, so a resumed run's metrics.jsonl equals an uninterrupted one's."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(kept))
-
-
-def check_resume_settings(checkpoint: Path, settings: dict[str, Any]) -> None:
-    """The checkpoint's recorded settings must match this command's, but for RESUME_MAY_CHANGE.
-
-    Checkpoints from before settings were recorded fall back to their run's train_config.json. Only
-    keys the record has are compared: an option added later cannot have been set then.
-    """
-    before = recorded_settings(checkpoint)
-    if before is None:
-        print(f"warning: {checkpoint} records no settings; resuming without checking them", file=sys.stderr)
-        return
-    now = {k: v for k, v in settings.items() if k in before}
-    check_unchanged(
-        before,
-        now,
-        f"--resume: {checkpoint}",
-        "pass the options it was started with (only the run's length, logging and checkpointing may change), "
-        "or train into a new --output-dir",
-        RESUME_MAY_CHANGE,
-    )
-
-
-def recorded_settings(checkpoint: Path) -> dict[str, Any] | None:
-    own = checkpoint / "config.json"
-    if own.is_file():
-        return json.loads(own.read_text())
-    legacy = checkpoint.parent.parent / "train_config.json"
-    if not legacy.is_file():
-        return None
-    config = json.loads(legacy.read_text())
-    config.pop("command", None)
-    config.pop("provenance", None)
-    extra = config.pop("extra", None) or {}
-    return plain({**config, **extra})
-
-
 def init_from_pretrained(task: TrainTask, source: str) -> None:
     """Copy the weights of a bundled model, saved folder or Hub repo into the task's models (step 0),
     refusing a source whose architecture differs from the one this command builds."""
@@ -591,15 +404,6 @@ def normalise(value: Any) -> Any:
     return [normalise(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def launch_command(num_processes: int) -> str:
-    """The command line that started this run, as a user would type it (recorded for model cards)."""
-    program, *args = sys.argv
-    if program.endswith(".py"):
-        processes = f"--multi_gpu --num_processes {num_processes} " if num_processes > 1 else ""
-        return f"accelerate launch {processes}{shlex.join([program, *args])}"
-    return shlex.join([Path(program).name, *args])
-
-
 def log_metrics(accelerator: Accelerator, out: Path, step: int, metrics: dict, trackers: bool) -> None:
     if trackers:
         accelerator.log(metrics, step=step)
@@ -613,9 +417,6 @@ def save_sample_grid(task: TrainTask, accelerator: Accelerator, path: Path) -> N
         save_image(task.sample_grid(accelerator), path)
 
 
-# --- checkpoints -----------------------------------------------------------------------------
-
-
 def check_cpu_budget(config: TrainConfig, accelerator: Accelerator) -> None:
     if config.cpu_budget_minutes is None:
         return
@@ -623,84 +424,6 @@ def check_cpu_budget(config: TrainConfig, accelerator: Accelerator) -> None:
         raise UsageError(f"--cpu-budget-minutes must be positive, got {config.cpu_budget_minutes}")
     if accelerator.num_processes > 1:  # each rank would stop at its own step and the others would wait forever
         raise UsageError("--cpu-budget-minutes works with one process; use --max-steps with several")
-
-
-def save_checkpoint(
-    task: TrainTask, accelerator: Accelerator, out: Path, progress: dict, keep: int, settings: dict
-) -> Path:
-    """checkpoints/checkpoint-<step>/: weights (safetensors), optimizer/EMA/RNG state (safetensors +
-    JSON), the run's settings (config.json, checked on resume), written to a temporary folder, fsynced
-    and renamed, so a crash or a full disk never leaves a half checkpoint or harms the earlier ones."""
-    final = out / "checkpoints" / f"checkpoint-{progress['step']:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    try:
-        write_checkpoint(task, accelerator, tmp, progress, settings)
-    except (OSError, SafetensorError) as err:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"could not write checkpoint {final} ({reason(err)}); the earlier ones are intact") from err
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        fsync_dir(final.parent)
-        for old in sorted(final.parent.glob("checkpoint-???????"))[:-keep]:
-            remove(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def write_checkpoint(task: TrainTask, accelerator: Accelerator, tmp: Path, progress: dict, settings: dict) -> None:
-    save_state(rng_state(), tmp / f"rng_{accelerator.process_index}")
-    if accelerator.is_main_process:
-        for name, model in task.models.items():
-            save_tensors(accelerator.unwrap_model(model).state_dict(), tmp / f"{name}.safetensors")
-        save_state(
-            {
-                "optimizers": {k: o.state_dict() for k, o in task.optimizers.items()},
-                "schedulers": {k: s.state_dict() for k, s in task.schedulers.items()},
-                "extra": task.extra_state(),
-            },
-            tmp / "training_state",
-        )
-        write_durably(tmp / "config.json", json.dumps(settings, indent=2))
-        write_durably(tmp / "progress.json", json.dumps(progress))
-
-
-def resolve_resume(out: Path, resume: str) -> Path:
-    if resume != "latest":
-        return Path(resume)
-    found = sorted((out / "checkpoints").glob("checkpoint-???????"))
-    if not found:
-        raise FileNotFoundError(f"--resume latest: no checkpoint in {out / 'checkpoints'}")
-    return found[-1]
-
-
-def load_checkpoint(task: TrainTask, accelerator: Accelerator, path: Path) -> tuple[int, int, int, float]:
-    if not (path / "progress.json").is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint folder (no progress.json)")
-    for name, model in task.models.items():
-        file = path / f"{name}.safetensors"
-        try:
-            accelerator.unwrap_model(model).load_state_dict(load_file(str(file)))
-        except Exception as err:
-            raise CheckpointError(f"cannot load {file}: {err}") from err
-    state = load_state(path / "training_state")
-    for name, optimizer in task.optimizers.items():
-        optimizer.load_state_dict(state["optimizers"][name])
-    for name, scheduler in task.schedulers.items():
-        scheduler.load_state_dict(state["schedulers"][name])
-    task.load_extra_state(state["extra"])
-    rng_file = path / f"rng_{accelerator.process_index}"
-    if not rng_file.with_suffix(".json").exists():
-        raise LaunchError(f"{path} was written by fewer processes than the {accelerator.num_processes} running now")
-    set_rng_state(load_state(rng_file))
-    progress = json.loads((path / "progress.json").read_text())
-    return progress["step"], progress["epoch"], progress["batch_in_epoch"], progress.get("cpu_seconds", 0.0)
 
 
 # Refusals besides UsageError (bloodgen_hf/errors.py): exit 2. Another OSError is a failure while working (exit 1).
@@ -716,51 +439,22 @@ BAD_INPUT = (
 )
 
 
-def training_data(config: TrainConfig, dataset: BloodMNIST) -> tuple[BloodMNIST, dict[str, Any]]:
-    """The images the run trains on (with --subset-fraction, only the subset R_f of the split) and their
-    provenance, which the saved pipeline and train_config.json record."""
-    check_subset_options(config.subset_fraction, config.subset_seed)
-    subset = None
-    if config.subset_fraction is not None:
-        indices = real_subset(dataset.labels.numpy(), config.subset_fraction, config.subset_seed)
-        subset = subset_record(indices, config.subset_fraction, config.subset_seed, len(dataset))
-        index = torch.from_numpy(indices)
-        dataset = BloodMNIST(
-            dataset.images[index].numpy(), dataset.labels[index].numpy(), dataset.flip, dataset.class_names
-        )
-    origin = origin_record(weights_origin(config))
-    return dataset, training_provenance(config.dataset, config.resolution, config.split, len(dataset), subset, origin)
-
-
-def weights_origin(config: TrainConfig) -> str | None:
-    """The model the weights started from (its data is in them too): --init-from, or on --resume the one the
-    run was started with, as its checkpoint recorded (a resume takes its weights from there)."""
-    if not config.resume:
-        return config.init_from
-    recorded = recorded_settings(resolve_resume(Path(config.output_dir), config.resume)) or {}
-    return recorded.get("init_from", config.init_from)
-
-
-def load_training_data(config: TrainConfig) -> tuple[BloodMNIST, dict[str, Any]]:
-    """The real images of --dataset/--split (or its subset) and their provenance: what most tasks train on."""
-    dataset = BloodMNIST.load(config.split, config.resolution, config.data_dir, config.flip, config.dataset)
-    return training_data(config, dataset)
-
-
 def run_training(
     description: str,
     build_task,
-    add_model_arguments,
+    options: type,
+    load_data,
     argv: list[str] | None = None,
-    load_data=load_training_data,
     **defaults,
 ) -> Path:
     """What every train script's main() does: parse flags, set up Accelerate, load data, train.
 
-    `build_task(config, num_images, class_names)` makes the TrainTask; it gets the image count because
-    learning-rate schedules that span the run need the number of steps before it starts, and the class
-    names of the data, which size the models and are saved with them. `load_data(config)` gives the
-    data and its provenance (default: the real images, `load_training_data`).
+    `options` is the family's options dataclass, whose fields become its flags (beside TrainConfig's, with
+    `defaults` replacing TrainConfig's own defaults) and which arrives as `config.extra`.
+    `load_data(config)` gives the data and its provenance (most families: the real images,
+    `sources.load_training_data`). `build_task(config, num_images, class_names)` makes the TrainTask; it
+    gets the image count because learning-rate schedules that span the run need the number of steps before
+    it starts, and the class names of the data, which size the models and are saved with them.
 
     Bad input (missing data, bad launch, bad checkpoint, a folder that holds a run or is in use) ends
     with one clear line and exit code 2; a failure while working (a full disk) with one line and 1; any
@@ -768,11 +462,11 @@ def run_training(
     """
     tune_malloc()
     parser = argparse.ArgumentParser(description=description)
-    add_model_arguments(add_train_arguments(parser, **defaults))
+    add_dataclass_arguments(add_train_arguments(parser, **defaults), options)
     parser.add_argument("--debug", action="store_true", help="On an error, print its traceback (BLOODGEN_DEBUG=1).")
     args = parser.parse_args(argv)
     debug = vars(args).pop("debug")  # not a setting of the run: never recorded nor compared on --resume
-    config = config_from_args(args)
+    config = config_from_args(args, options)
     try:
         accelerator = make_accelerator(config)
         set_seed(config.seed)  # identical initial weights on every rank

@@ -19,7 +19,6 @@ train at their native size; self-attention runs at the lowest level (and the mid
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,8 @@ from bloodgen_hf.errors import UsageError
 from bloodgen_hf.io import make_grid
 from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import SCHEDULERS, BloodDDPMPipeline, make_scheduler
 from bloodgen_hf.training.core import EMATask, TrainConfig, run_training, total_optimizer_steps
+from bloodgen_hf.training.options import option, options_of
+from bloodgen_hf.training.sources import load_training_data
 
 
 @dataclass(frozen=True)
@@ -147,42 +148,48 @@ def build_noise_scheduler(
     )
 
 
-def add_ddpm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument(
-        "--preset", choices=PRESETS, default="small", help="UNet size at 28x28: tiny 0.30M (tests), small 1.19M "
-        "parameters (CPU), base 16.77M (GPU); see bloodgen_hf/training/ddpm.py"
-    )  # fmt: skip
-    parser.add_argument("--channels", default=None, help="UNet channels per level, e.g. 64,128,128 (default: preset)")
-    parser.add_argument("--layers-per-block", type=int, default=None, help="resnets per UNet level (default: preset)")
-    parser.add_argument(
-        "--attention-levels",
-        type=int,
-        default=None,
-        help="lowest-resolution levels with self-attention (default: preset)",
+@dataclass
+class UNetOptimization:
+    """The optimizer, schedule and EMA options that `unet_optimization` reads (the DDPM's and the student's)."""
+
+    lr: float = option(3e-4, "AdamW peak learning rate")
+    weight_decay: float = option(0.01)
+    adam_beta1: float = option(0.9)
+    adam_beta2: float = option(0.999)
+    lr_schedule: str = option("cosine", choices=("cosine", "constant"))
+    lr_warmup_steps: int = option(200)
+    max_grad_norm: float = option(1.0, "gradient clipping; 0 disables it")
+    ema_max_decay: float = option(0.9999)
+    ema_power: float = option(0.75, "EMA warmup: decay = 1 - (1 + step)^-power")
+
+
+@dataclass
+class DDPMOptions(UNetOptimization):
+    """The DDPM's own flags (after UNetOptimization's)."""
+
+    preset: str = option(
+        "small",
+        "UNet size at 28x28: tiny 0.30M (tests), small 1.19M parameters (CPU), base 16.77M (GPU); see "
+        "bloodgen_hf/training/ddpm.py",
+        choices=tuple(PRESETS),
     )
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout inside the UNet's resnets")
-    parser.add_argument(
-        "--snr-gamma",
-        type=float,
-        default=0.0,
-        help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); 0 = plain MSE",
-    )
-    parser.add_argument("--cfg-dropout", type=float, default=0.1, help="share of labels replaced by the null class")
-    parser.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default="squaredcos_cap_v2")
-    parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="v_prediction")
-    parser.add_argument("--num-train-timesteps", type=int, default=1000)
-    add_optimization_arguments(parser)
-    parser.add_argument("--sampler", choices=SCHEDULERS, default="dpm++", help="saved pipeline's scheduler")
-    parser.add_argument(
-        "--sampler-steps",
-        type=int,
-        default=10,
-        help="saved pipeline's default steps: 10k images in 12 min on 2 CPU cores, about 11%% of a new sample's "
+    channels: str | None = option(None, "UNet channels per level, e.g. 64,128,128 (default: preset)")
+    layers_per_block: int | None = option(None, "resnets per UNet level (default: preset)")
+    attention_levels: int | None = option(None, "lowest-resolution levels with self-attention (default: preset)")
+    dropout: float = option(0.0, "dropout inside the UNet's resnets")
+    snr_gamma: float = option(0.0, "min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); 0 = plain MSE")
+    cfg_dropout: float = option(0.1, "share of labels replaced by the null class")
+    beta_schedule: str = option("squaredcos_cap_v2", choices=BETA_SCHEDULES)
+    prediction_type: str = option("v_prediction", choices=PREDICTION_TYPES)
+    num_train_timesteps: int = option(1000)
+    sampler: str = option("dpm++", "saved pipeline's scheduler", choices=SCHEDULERS)
+    sampler_steps: int = option(
+        10,
+        "saved pipeline's default steps: 10k images in 12 min on 2 CPU cores, about 11%% of a new sample's "
         "distance from DDIM-1000 (bench_ddpm.py measures both)",
     )
-    parser.add_argument("--guidance-scale", type=float, default=1.0, help="saved pipeline's default guidance")
-    parser.add_argument("--grid-per-class", type=int, default=8, help="images per class row in sample grids")
-    return parser
+    guidance_scale: float = option(1.0, "saved pipeline's default guidance")
+    grid_per_class: int = option(8, "images per class row in sample grids")
 
 
 def planned_steps(config: TrainConfig, num_images: int) -> int:
@@ -191,54 +198,42 @@ def planned_steps(config: TrainConfig, num_images: int) -> int:
     return total_optimizer_steps(config, num_images, PartialState().num_processes)
 
 
-def unet_optimization(unet: UNet2DModel, o: dict, config: TrainConfig, num_images: int):
+def unet_optimization(unet: UNet2DModel, o: UNetOptimization, config: TrainConfig, num_images: int):
     """(AdamW, warmup + cosine or constant LR schedule, EMA with warmup) for a UNet, from the options."""
     optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=o["lr"], betas=(o["adam_beta1"], o["adam_beta2"]), weight_decay=o["weight_decay"]
+        unet.parameters(), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay
     )
-    if o["lr_schedule"] == "cosine":
-        lr_scheduler = get_cosine_schedule_with_warmup(
-            optimizer, o["lr_warmup_steps"], planned_steps(config, num_images)
-        )
+    if o.lr_schedule == "cosine":
+        lr_scheduler = get_cosine_schedule_with_warmup(optimizer, o.lr_warmup_steps, planned_steps(config, num_images))
     else:
-        lr_scheduler = get_constant_schedule_with_warmup(optimizer, o["lr_warmup_steps"])
-    ema = EMAModel(unet.parameters(), decay=o["ema_max_decay"], use_ema_warmup=True, power=o["ema_power"])
+        lr_scheduler = get_constant_schedule_with_warmup(optimizer, o.lr_warmup_steps)
+    ema = EMAModel(unet.parameters(), decay=o.ema_max_decay, use_ema_warmup=True, power=o.ema_power)
     ema.to(PartialState().device)  # the live weights move there in accelerator.prepare
     return optimizer, lr_scheduler, ema
-
-
-def add_optimization_arguments(parser: argparse.ArgumentParser, lr: float = 3e-4, ema_max_decay: float = 0.9999):
-    """The optimizer, schedule and EMA options that `unet_optimization` reads."""
-    parser.add_argument("--lr", type=float, default=lr, help="AdamW peak learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--adam-beta1", type=float, default=0.9)
-    parser.add_argument("--adam-beta2", type=float, default=0.999)
-    parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
-    parser.add_argument("--lr-warmup-steps", type=int, default=200)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
-    parser.add_argument("--ema-max-decay", type=float, default=ema_max_decay)
-    parser.add_argument("--ema-power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step)^-power")
-    return parser
 
 
 @dataclass
 class DDPMTask(EMATask):
     noise_scheduler: DDPMScheduler | None = None
-    options: dict = field(default_factory=dict)
+    options: DDPMOptions = field(default_factory=DDPMOptions)
     class_names: tuple[str, ...] = CLASS_NAMES  # of the training data; index len(class_names) is the null class
+    # The saved pipeline's sampler and default guidance, and the shift of its flow sigmas (a student's own)
+    sampler: str = "dpm++"
+    guidance_scale: float = 1.0
+    sampler_shift: float = 1.0
 
     @classmethod
     def build(cls, config: TrainConfig, num_images: int, class_names: tuple[str, ...] = CLASS_NAMES) -> DDPMTask:
-        o = config.extra
+        o = options_of(DDPMOptions, config.extra)
         check_options(o)
         unet = build_unet(
-            o["preset"],
+            o.preset,
             config.resolution,
             num_classes=len(class_names),
-            dropout=o["dropout"],
-            channels=parse_channels(o["channels"]),
-            layers_per_block=o["layers_per_block"],
-            attention_levels=o["attention_levels"],
+            dropout=o.dropout,
+            channels=parse_channels(o.channels),
+            layers_per_block=o.layers_per_block,
+            attention_levels=o.attention_levels,
         )
         optimizer, lr_scheduler, ema = unet_optimization(unet, o, config, num_images)
         return cls(
@@ -246,17 +241,19 @@ class DDPMTask(EMATask):
             models={"unet": unet},
             optimizers={"unet": optimizer},
             schedulers={"lr": lr_scheduler},
-            noise_scheduler=build_noise_scheduler(o["beta_schedule"], o["prediction_type"], o["num_train_timesteps"]),
+            noise_scheduler=build_noise_scheduler(o.beta_schedule, o.prediction_type, o.num_train_timesteps),
             ema=ema,
             ema_of="unet",
             options=o,
             class_names=tuple(class_names),
+            sampler=o.sampler,
+            guidance_scale=o.guidance_scale,
         )
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
         n, device = images.shape[0], images.device
         noise = torch.randn_like(images)
-        dropped = torch.rand(n, device=device) < self.options["cfg_dropout"]
+        dropped = torch.rand(n, device=device) < self.options.cfg_dropout
         labels = torch.where(dropped, torch.full_like(labels, len(self.class_names)), labels)
         noisy, timesteps, target, weights = self.noised_batch(images, noise)
         prediction = self.models["unet"](noisy, timesteps, class_labels=labels).sample
@@ -268,8 +265,8 @@ class DDPMTask(EMATask):
         unet, optimizer = self.models["unet"], self.optimizers["unet"]
         accelerator.backward(loss)
         metrics = {"loss": loss.item(), "lr": self.schedulers["lr"].get_last_lr()[0]}
-        if accelerator.sync_gradients and self.options["max_grad_norm"] > 0:
-            norm = accelerator.clip_grad_norm_(unet.parameters(), self.options["max_grad_norm"])
+        if accelerator.sync_gradients and self.options.max_grad_norm > 0:
+            norm = accelerator.clip_grad_norm_(unet.parameters(), self.options.max_grad_norm)
             metrics["grad_norm"] = float(norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -278,7 +275,7 @@ class DDPMTask(EMATask):
     def noised_batch(self, images: torch.Tensor, noise: torch.Tensor):
         """(noisy images, UNet timesteps, regression target, per-image loss weights) for one batch."""
         n, device = images.shape[0], images.device
-        scheduler, prediction_type = self.noise_scheduler, self.options["prediction_type"]
+        scheduler, prediction_type = self.noise_scheduler, self.options.prediction_type
         if prediction_type == "flow":
             t = torch.rand(n, device=device)
             noisy = (1 - t.view(-1, 1, 1, 1)) * images + t.view(-1, 1, 1, 1) * noise
@@ -290,7 +287,7 @@ class DDPMTask(EMATask):
             noisy,
             timesteps,
             target,
-            min_snr_weights(scheduler, timesteps, prediction_type, self.options["snr_gamma"]),
+            min_snr_weights(scheduler, timesteps, prediction_type, self.options.snr_gamma),
         )
 
     def after_optimizer_step(self) -> None:
@@ -304,10 +301,10 @@ class DDPMTask(EMATask):
         """The EMA UNet with the chosen sampler and defaults: what is saved, and what draws the grids."""
         pipe = BloodDDPMPipeline(
             unet=self.ema_unet(accelerator),
-            scheduler=make_scheduler(self.options["sampler"], self.sampler_config()),
+            scheduler=make_scheduler(self.sampler, self.sampler_config()),
             class_names=list(self.class_names),
-            default_guidance_scale=self.options["guidance_scale"],
-            default_num_inference_steps=self.options["sampler_steps"],
+            default_guidance_scale=self.guidance_scale,
+            default_num_inference_steps=self.options.sampler_steps,
             provenance=self.provenance,
         )
         pipe.set_progress_bar_config(disable=True)
@@ -315,13 +312,13 @@ class DDPMTask(EMATask):
 
     def sampler_config(self) -> dict:
         """The noise schedule the saved sampler reads; a student may shift its flow sigmas (--sampler-shift)."""
-        shift = self.options.get("sampler_shift", 1.0)
+        shift = self.sampler_shift
         return {**self.noise_scheduler.config, "flow_shift": shift} if shift != 1.0 else self.noise_scheduler.config
 
     def sample_grid(self, accelerator: Accelerator) -> torch.Tensor:
         """One row per class, from fixed per-image seeds (so grids of successive epochs compare, and the
         global RNG, which exact resume depends on, is left alone)."""
-        per_class = self.options["grid_per_class"]
+        per_class = self.options.grid_per_class
         labels = torch.arange(len(self.class_names)).repeat_interleave(per_class)
         generators = [torch.Generator(accelerator.device).manual_seed(i) for i in range(len(labels))]
         images = self.pipeline(accelerator)(
@@ -345,22 +342,22 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, predictio
     return clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
 
 
-def check_options(o: dict) -> None:
+def check_options(o: DDPMOptions) -> None:
     """Refuse nonsensical settings before any work is done."""
-    if o["snr_gamma"] < 0 or not math.isfinite(o["snr_gamma"]):
-        raise UsageError(f"--snr-gamma must be >= 0 (0 turns it off), got {o['snr_gamma']}")
-    if o["snr_gamma"] and o["prediction_type"] == "flow":
+    if o.snr_gamma < 0 or not math.isfinite(o.snr_gamma):
+        raise UsageError(f"--snr-gamma must be >= 0 (0 turns it off), got {o.snr_gamma}")
+    if o.snr_gamma and o.prediction_type == "flow":
         raise UsageError("--snr-gamma weights the DDPM targets (epsilon, v_prediction), not --prediction-type flow")
-    if not 0 <= o["cfg_dropout"] < 1:
-        raise UsageError(f"--cfg-dropout must be in [0, 1), got {o['cfg_dropout']}")
-    if o["sampler_steps"] < 1:
-        raise UsageError(f"--sampler-steps must be at least 1, got {o['sampler_steps']}")
-    if not (math.isfinite(o["guidance_scale"]) and o["guidance_scale"] >= 0):
-        raise UsageError(f"--guidance-scale must be >= 0, got {o['guidance_scale']}")
-    if o["guidance_scale"] != 1 and o["cfg_dropout"] == 0:
+    if not 0 <= o.cfg_dropout < 1:
+        raise UsageError(f"--cfg-dropout must be in [0, 1), got {o.cfg_dropout}")
+    if o.sampler_steps < 1:
+        raise UsageError(f"--sampler-steps must be at least 1, got {o.sampler_steps}")
+    if not (math.isfinite(o.guidance_scale) and o.guidance_scale >= 0):
+        raise UsageError(f"--guidance-scale must be >= 0, got {o.guidance_scale}")
+    if o.guidance_scale != 1 and o.cfg_dropout == 0:
         raise UsageError("--guidance-scale other than 1 needs a trained null class: set --cfg-dropout above 0")
-    if o["grid_per_class"] < 1:
-        raise UsageError(f"--grid-per-class must be at least 1, got {o['grid_per_class']}")
+    if o.grid_per_class < 1:
+        raise UsageError(f"--grid-per-class must be at least 1, got {o.grid_per_class}")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -368,7 +365,8 @@ def main(argv: list[str] | None = None) -> Path:
     return run_training(
         "Train the class-conditional DDPM (UNet2DModel + classifier-free guidance) on BloodMNIST.",
         DDPMTask.build,
-        add_ddpm_arguments,
+        DDPMOptions,
+        load_training_data,
         argv,
         output_dir="runs/ddpm",
         epochs=10,

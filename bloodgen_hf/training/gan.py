@@ -23,69 +23,76 @@ from bloodgen_hf.training.gan_losses import (
     generator_loss,
     gradient_penalty,
 )
+from bloodgen_hf.training.options import add_dataclass_arguments, option, options_of
+from bloodgen_hf.training.sources import load_training_data
+
+
+@dataclass
+class GANOptions:
+    """The conditional DCGAN's flags: losses, widths, TTUR learning rates, discriminator tricks, EMA."""
+
+    loss: str = option("hinge", choices=GAN_LOSSES)
+    latent_dim: int = option(128)
+    base_channels: int = option(64)
+    lr_g: float = option(2e-4, "TTUR: generator learning rate")
+    lr_d: float = option(4e-4, "TTUR: discriminator learning rate")
+    beta1: float = option(0.0)
+    beta2: float = option(0.9)
+    spectral_norm: bool = option(True)
+    minibatch_std_group: int = option(
+        4,
+        "discriminator sees the feature spread of groups of this many images (0: off); must divide the batch",
+        absent=0,  # runs from before it existed had none
+    )
+    diffaugment: str = option(
+        "",
+        "DiffAugment policy, e.g. 'color,translation,cutout' (default none: on all 17k BloodMNIST images it "
+        "drove the generator into mode collapse; see model_cards/gan.md)",
+    )
+    ema_decay: float = option(0.999)
+    gp_weight: float = option(10.0, "WGAN-GP penalty weight")
 
 
 def add_gan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--loss", choices=GAN_LOSSES, default="hinge")
-    parser.add_argument("--latent-dim", type=int, default=128)
-    parser.add_argument("--base-channels", type=int, default=64)
-    parser.add_argument("--lr-g", type=float, default=2e-4, help="TTUR: generator learning rate")
-    parser.add_argument("--lr-d", type=float, default=4e-4, help="TTUR: discriminator learning rate")
-    parser.add_argument("--beta1", type=float, default=0.0)
-    parser.add_argument("--beta2", type=float, default=0.9)
-    parser.add_argument("--spectral-norm", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument(
-        "--minibatch-std-group",
-        type=int,
-        default=4,
-        help="discriminator sees the feature spread of groups of this many images (0: off); must divide the batch",
-    )
-    parser.add_argument(
-        "--diffaugment",
-        default="",
-        help="DiffAugment policy, e.g. 'color,translation,cutout' (default none: on all 17k BloodMNIST images it "
-        "drove the generator into mode collapse; see model_cards/gan.md)",
-    )
-    parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--gp-weight", type=float, default=10.0, help="WGAN-GP penalty weight")
-    return parser
+    """GANOptions as --flags, for a parser built by hand (run_training adds them itself)."""
+    return add_dataclass_arguments(parser, GANOptions)
 
 
 @dataclass
 class GANTask(EMATask):
-    options: dict = field(default_factory=dict)
+    options: GANOptions = field(default_factory=GANOptions)
 
     @classmethod
     def build(cls, config: TrainConfig, num_images: int, class_names: tuple[str, ...] = CLASS_NAMES) -> GANTask:
         """The models get one class per name in the training data (saved with the generator)."""
-        o = config.extra
-        group = o.get("minibatch_std_group", 0)  # absent from runs made before it existed
+        o = options_of(GANOptions, config.extra)
+        group = o.minibatch_std_group
         if group > 0 and config.batch_size % group:
             message = f"--minibatch-std-group {group} must divide --batch-size {config.batch_size} (0 turns it off)"
             raise UsageError(message)
         generator = ConditionalGenerator(
             resolution=config.resolution,
-            latent_dim=o["latent_dim"],
+            latent_dim=o.latent_dim,
             num_classes=len(class_names),
-            base_channels=o["base_channels"],
+            base_channels=o.base_channels,
             class_names=list(class_names),
         )
         discriminator = ConditionalDiscriminator(
             resolution=config.resolution,
             num_classes=len(class_names),
-            base_channels=o["base_channels"],
-            use_spectral_norm=o["spectral_norm"],
+            base_channels=o.base_channels,
+            use_spectral_norm=o.spectral_norm,
             minibatch_std_group=group,
         )
-        betas = (o["beta1"], o["beta2"])
-        ema = EMAModel(generator.parameters(), decay=o["ema_decay"])
+        betas = (o.beta1, o.beta2)
+        ema = EMAModel(generator.parameters(), decay=o.ema_decay)
         ema.to(PartialState().device)  # the live weights move there in accelerator.prepare
         return cls(
             init_components={"generator": "gan"},
             models={"generator": generator, "discriminator": discriminator},
             optimizers={
-                "generator": torch.optim.Adam(generator.parameters(), lr=o["lr_g"], betas=betas),
-                "discriminator": torch.optim.Adam(discriminator.parameters(), lr=o["lr_d"], betas=betas),
+                "generator": torch.optim.Adam(generator.parameters(), lr=o.lr_g, betas=betas),
+                "discriminator": torch.optim.Adam(discriminator.parameters(), lr=o.lr_d, betas=betas),
             },
             ema=ema,
             ema_of="generator",
@@ -96,8 +103,8 @@ class GANTask(EMATask):
         """One D update on real + fake (a single forward, which DDP needs), then one G update."""
         g, d = self.models["generator"], self.models["discriminator"]
         opt_g, opt_d = self.optimizers["generator"], self.optimizers["discriminator"]
-        loss, policy, n = self.options["loss"], self.options["diffaugment"], images.shape[0]
-        z = torch.randn(n, self.options["latent_dim"], device=images.device)
+        loss, policy, n = self.options.loss, self.options.diffaugment, images.shape[0]
+        z = torch.randn(n, self.options.latent_dim, device=images.device)
         fake = g(z, labels)
 
         d_inputs, d_labels = [images, fake.detach()], [labels, labels]
@@ -109,7 +116,7 @@ class GANTask(EMATask):
         real_scores, fake_scores = scores[:n], scores[n : 2 * n]
         d_loss = discriminator_loss(loss, real_scores, fake_scores)
         if loss == "wgan-gp":
-            d_loss = d_loss + self.options["gp_weight"] * gradient_penalty(scores[2 * n :], mixed)
+            d_loss = d_loss + self.options.gp_weight * gradient_penalty(scores[2 * n :], mixed)
         accelerator.backward(d_loss)
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
@@ -149,7 +156,8 @@ def main(argv: list[str] | None = None) -> Path:
     return run_training(
         "Train the conditional DCGAN on BloodMNIST or any labelled image set (--dataset).",
         GANTask.build,
-        add_gan_arguments,
+        GANOptions,
+        load_training_data,
         argv,
         output_dir="runs/gan",
         epochs=15,

@@ -36,7 +36,7 @@ import argparse
 import functools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -47,25 +47,59 @@ from accelerate import Accelerator, PartialState
 from diffusers import UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from bloodgen_hf.data import CLASS_NAMES, BloodMNIST, same_classes
+from bloodgen_hf.data import CLASS_NAMES, LabelledImages, same_classes
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.models.gan import ConditionalDiscriminator
 from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import BloodDDPMPipeline, is_flow
 from bloodgen_hf.provenance import ALL_SPLITS, origin_record, pipeline_provenance, splits_seen
-from bloodgen_hf.training.core import TrainConfig, load_training_data, run_training, weights_origin
-from bloodgen_hf.training.ddpm import (
-    DDPMTask,
-    add_optimization_arguments,
-    build_noise_scheduler,
-    unet_optimization,
-)
+from bloodgen_hf.training.core import TrainConfig, run_training
+from bloodgen_hf.training.ddpm import DDPMTask, UNetOptimization, build_noise_scheduler, unet_optimization
 from bloodgen_hf.training.gan_losses import discriminator_loss, frozen_scores, generator_loss
+from bloodgen_hf.training.options import add_dataclass_arguments, option, options_of
+from bloodgen_hf.training.sources import load_training_data, weights_origin
 
 METHODS = ("reflow", "consistency")
 REFLOW_TIMES = ("uniform", "u-shaped")  # the first of each is the default
 REFLOW_LOSSES = ("mse", "pseudo-huber")
 U_SHAPE = 4.0  # a in p(t) ∝ exp(a t) + exp(a (1 - t)); Lee et al. 2024 use a = 4
 MINIBATCH_STD_GROUP = 4  # the discriminator's, as the GAN's default
+
+
+@dataclass
+class StudentOptions(UNetOptimization):
+    """The student's flags (after UNetOptimization's, whose learning rate and EMA decay are lower here)."""
+
+    lr: float = option(1e-4, "AdamW peak learning rate")
+    ema_max_decay: float = option(0.999)
+    teacher: str = option("", "the flow-matching DDPM to distil: a bundled name, folder or Hub id", required=True)
+    method: str = option("reflow", "see bloodgen_hf/training/student.py", choices=METHODS)
+    # A run from before several files recorded one string; load_pairs takes either.
+    pairs: list[str] | str | None = option(
+        None,
+        "reflow: `bloodgen-hf sample --model TEACHER --format npz` output; several files join (seeds apart)",
+        nargs="+",
+        metavar="NPZ",
+    )
+    teacher_guidance: float | None = option(
+        None,
+        "consistency: guidance of the teacher's steps (default: the teacher's own); reflow takes it from the pairs",
+    )
+    cd_intervals: int = option(20, "consistency: teacher Euler steps over [0, 1]")
+    reflow_time: str = option(REFLOW_TIMES[0], "reflow: how t is drawn (see the module)", choices=REFLOW_TIMES)
+    reflow_loss: str = option(REFLOW_LOSSES[0], "reflow: the velocity loss", choices=REFLOW_LOSSES)
+    adversarial_weight: float = option(
+        0.0, "reflow: weight of the discriminator term on the one-step estimates (0: off; see the module)"
+    )
+    lr_d: float = option(4e-4, "--adversarial-weight: discriminator Adam LR")
+    d_base_channels: int = option(32, "--adversarial-weight: discriminator width (the GAN's is 64)")
+    sampler_steps: int = option(2, "saved pipeline's default steps")
+    sampler_shift: float = option(1.0, "saved pipeline's flow_shift (above 1: steps nearer noise)")
+    grid_per_class: int = option(8, "images per class row in sample grids")
+
+
+def add_student_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """StudentOptions as --flags, for a parser built by hand (run_training adds them itself)."""
+    return add_dataclass_arguments(parser, StudentOptions)
 
 
 def reflow_times(n: int, kind: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -84,7 +118,7 @@ def pseudo_huber(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return (torch.sqrt(d.pow(2).sum(1) + c**2) - c).mean()
 
 
-class TeacherPairs(BloodMNIST):
+class TeacherPairs(LabelledImages):
     """Teacher images with the noise each was drawn from: `batch` gives (images, labels, noise).
 
     Never flipped: a flipped image is not what the teacher made from that noise."""
@@ -102,7 +136,7 @@ class ClassMatchedImages:
     """Real images drawn to a batch's labels, one per label (with replacement, from the global RNG, which a
     checkpoint restores), so the discriminator compares each class's estimates with that class's images."""
 
-    def __init__(self, dataset: BloodMNIST, num_classes: int) -> None:
+    def __init__(self, dataset: LabelledImages, num_classes: int) -> None:
         self.dataset = dataset
         self.order = torch.argsort(dataset.labels, stable=True)
         self.counts = torch.bincount(dataset.labels, minlength=num_classes)
@@ -117,15 +151,15 @@ class ClassMatchedImages:
         return self.dataset.batch(self.order[self.starts[labels] + offsets])[0]
 
 
-def adversarial_images(config: TrainConfig) -> BloodMNIST:
+def adversarial_images(config: TrainConfig) -> LabelledImages:
     """The real images of --split the discriminator learns from (flipped: cells have no orientation), loaded
     once: the provenance counts them before the task is built, and the task then draws from them."""
     return _load_flipped(config.split, config.resolution, config.data_dir, config.dataset)
 
 
 @functools.lru_cache(maxsize=1)
-def _load_flipped(split: str, resolution: int, data_dir: str | None, dataset: str) -> BloodMNIST:
-    return BloodMNIST.load(split, resolution, data_dir, True, dataset)
+def _load_flipped(split: str, resolution: int, data_dir: str | None, dataset: str) -> LabelledImages:
+    return LabelledImages.load(split, resolution, data_dir, True, dataset)
 
 
 def pipeline_noise(seeds: np.ndarray, shape: tuple[int, ...], init_noise_sigma: float = 1.0) -> torch.Tensor:
@@ -246,24 +280,24 @@ def load_pairs_file(path: str, teacher_name: str, teacher: BloodDDPMPipeline) ->
     return PairsFile(images, labels, arrays["seeds"], noise, names, drawn)
 
 
-def load_student_data(config: TrainConfig) -> tuple[BloodMNIST, dict[str, Any]]:
+def load_student_data(config: TrainConfig) -> tuple[LabelledImages, dict[str, Any]]:
     """reflow: the teacher's pairs, with the teacher's provenance; consistency: the real images of --split.
     Either way `distilled_from` names the teacher and its own provenance, and `init_from` the student's
     --init-from (on --resume, the one its run started with)."""
-    o = config.extra
+    o = options_of(StudentOptions, config.extra)
     check_student_options(o, config)
-    teacher = load_teacher(o["teacher"])
-    if o["method"] == "consistency":
+    teacher = load_teacher(o.teacher)
+    if o.method == "consistency":
         dataset, provenance = load_training_data(config)
-        provenance["distilled_from"] = origin_record(o["teacher"])
+        provenance["distilled_from"] = origin_record(o.teacher)
         return dataset, provenance
-    dataset, drawn = load_pairs(o["pairs"], o["teacher"], teacher)
+    dataset, drawn = load_pairs(o.pairs, o.teacher, teacher)
     provenance = dict(pipeline_provenance(teacher) or {})
     if not provenance:
-        raise UsageError(f"--teacher {o['teacher']} records no training data (provenance); retrain it with a script")
-    provenance["distilled_from"] = {**origin_record(o["teacher"]), "pairs": drawn}
+        raise UsageError(f"--teacher {o.teacher} records no training data (provenance); retrain it with a script")
+    provenance["distilled_from"] = {**origin_record(o.teacher), "pairs": drawn}
     provenance["init_from"] = origin_record(weights_origin(config))  # the student's own start, not the teacher's
-    if o["adversarial_weight"] > 0:
+    if o.adversarial_weight > 0:
         provenance["adversarial"] = adversarial_record(config, provenance)
     return dataset, provenance
 
@@ -281,9 +315,9 @@ def adversarial_record(config: TrainConfig, teacher_provenance: dict[str, Any]) 
     return {"dataset": config.dataset, "split": config.split, "resolution": config.resolution, "num_images": len(real)}
 
 
-def check_student_options(o: dict, config: TrainConfig) -> None:
-    if o["method"] == "reflow":
-        if not o["pairs"]:
+def check_student_options(o: StudentOptions, config: TrainConfig) -> None:
+    if o.method == "reflow":
+        if not o.pairs:
             raise UsageError(
                 "--method reflow needs --pairs, teacher images with their seeds: "
                 "`bloodgen-hf sample --model TEACHER --format npz --n 20000 --out pairs.npz`"
@@ -292,38 +326,40 @@ def check_student_options(o: dict, config: TrainConfig) -> None:
             raise UsageError("--flip would break the (noise, image) pairs of --method reflow; leave it off")
         if config.subset_fraction is not None:
             raise UsageError("--subset-fraction picks real images; --method reflow trains on the teacher's pairs")
-        if o["adversarial_weight"] < 0 or not math.isfinite(o["adversarial_weight"]):
-            raise UsageError(f"--adversarial-weight must be >= 0 (0 turns it off), got {o['adversarial_weight']}")
-        if o["d_base_channels"] < 1:
-            raise UsageError(f"--d-base-channels must be at least 1, got {o['d_base_channels']}")
-        if o["adversarial_weight"] > 0 and config.batch_size % MINIBATCH_STD_GROUP:
+        if o.adversarial_weight < 0 or not math.isfinite(o.adversarial_weight):
+            raise UsageError(f"--adversarial-weight must be >= 0 (0 turns it off), got {o.adversarial_weight}")
+        if o.d_base_channels < 1:
+            raise UsageError(f"--d-base-channels must be at least 1, got {o.d_base_channels}")
+        if o.adversarial_weight > 0 and config.batch_size % MINIBATCH_STD_GROUP:
             raise UsageError(
                 f"--adversarial-weight needs a --batch-size divisible by {MINIBATCH_STD_GROUP} (the discriminator's "
                 f"minibatch-std groups), got {config.batch_size}"
             )
-    elif o["pairs"]:
+    elif o.pairs:
         raise UsageError("--pairs is for --method reflow; consistency distillation trains on the real images")
-    elif o["adversarial_weight"]:
+    elif o.adversarial_weight:
         raise UsageError("--adversarial-weight is for --method reflow")
-    elif (o["reflow_time"], o["reflow_loss"]) != (REFLOW_TIMES[0], REFLOW_LOSSES[0]):  # set away from the defaults
+    elif (o.reflow_time, o.reflow_loss) != (REFLOW_TIMES[0], REFLOW_LOSSES[0]):  # set away from the defaults
         raise UsageError("--reflow-time and --reflow-loss are for --method reflow")
-    if o["cd_intervals"] < 1:
-        raise UsageError(f"--cd-intervals must be at least 1, got {o['cd_intervals']}")
-    if o["sampler_steps"] < 1:
-        raise UsageError(f"--sampler-steps must be at least 1, got {o['sampler_steps']}")
-    if not (math.isfinite(o["sampler_shift"]) and o["sampler_shift"] > 0):
-        raise UsageError(f"--sampler-shift must be above 0 (1 leaves the sigmas as they are), got {o['sampler_shift']}")
+    if o.cd_intervals < 1:
+        raise UsageError(f"--cd-intervals must be at least 1, got {o.cd_intervals}")
+    if o.sampler_steps < 1:
+        raise UsageError(f"--sampler-steps must be at least 1, got {o.sampler_steps}")
+    if not (math.isfinite(o.sampler_shift) and o.sampler_shift > 0):
+        raise UsageError(f"--sampler-shift must be above 0 (1 leaves the sigmas as they are), got {o.sampler_shift}")
 
 
 @dataclass
 class StudentTask(DDPMTask):
+    options: StudentOptions = field(default_factory=StudentOptions)
     teacher: BloodDDPMPipeline | None = None
+    teacher_guidance: float = 1.0  # consistency: of the teacher's steps (--teacher-guidance, else the teacher's own)
     real: ClassMatchedImages | None = None  # --adversarial-weight: what the discriminator learns from
 
     @classmethod
     def build(cls, config: TrainConfig, num_images: int, class_names: tuple[str, ...] = CLASS_NAMES) -> StudentTask:
-        o = config.extra
-        teacher = load_teacher(o["teacher"])
+        o = options_of(StudentOptions, config.extra)
+        teacher = load_teacher(o.teacher)
         teacher.unet.requires_grad_(False).eval()
         if not same_classes(tuple(class_names), teacher.class_names or CLASS_NAMES):
             raise UsageError(f"the data's classes {list(class_names)} are not the teacher's {teacher.class_names}")
@@ -331,20 +367,19 @@ class StudentTask(DDPMTask):
         unet.load_state_dict(teacher.unet.state_dict())
         optimizer, lr_scheduler, ema = unet_optimization(unet, o, config, num_images)
         steps = teacher.scheduler.config["num_train_timesteps"]
-        guidance = teacher.config.default_guidance_scale if o["teacher_guidance"] is None else o["teacher_guidance"]
-        options = {**o, "teacher_guidance": guidance, "sampler": "dpm++", "guidance_scale": 1.0}
+        guidance = teacher.config.default_guidance_scale if o.teacher_guidance is None else o.teacher_guidance
         models, optimizers, real = {"unet": unet}, {"unet": optimizer}, None
-        if o["method"] == "reflow" and o["adversarial_weight"] > 0:
+        if o.method == "reflow" and o.adversarial_weight > 0:
             models["discriminator"] = ConditionalDiscriminator(
                 resolution=config.resolution,
                 num_classes=len(class_names),
-                base_channels=o["d_base_channels"],
+                base_channels=o.d_base_channels,
                 in_channels=teacher.unet.config.in_channels,
                 minibatch_std_group=MINIBATCH_STD_GROUP,
             )
             optimizers["discriminator"] = torch.optim.Adam(
                 models["discriminator"].parameters(),
-                lr=o["lr_d"],
+                lr=o.lr_d,
                 betas=(0.0, 0.9),  # the GAN's TTUR settings
             )
             real = ClassMatchedImages(adversarial_images(config), len(class_names))
@@ -356,22 +391,24 @@ class StudentTask(DDPMTask):
             noise_scheduler=build_noise_scheduler("squaredcos_cap_v2", "flow", steps),
             ema=ema,
             ema_of="unet",
-            options=options,
+            options=o,
             class_names=tuple(teacher.class_names or class_names),
+            sampler_shift=o.sampler_shift,  # saved with dpm++ at guidance 1: the teacher's guidance is distilled in
             teacher=teacher,
+            teacher_guidance=guidance,
             real=real,
         )
 
     def training_step(
         self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator, noise: torch.Tensor | None = None
     ) -> dict[str, float]:
-        if self.options["method"] == "consistency":
+        if self.options.method == "consistency":
             return self.optimize(self.consistency_loss(images, labels), accelerator)
         loss, estimate = self.reflow_loss(images, labels, noise)
         if self.real is None:
             return self.optimize(loss, accelerator)
         adversarial, metrics = self.adversarial_loss(estimate, labels, accelerator)
-        total = loss + self.options["adversarial_weight"] * adversarial
+        total = loss + self.options.adversarial_weight * adversarial
         return {**self.optimize(total, accelerator), "loss_reflow": loss.item(), **metrics}
 
     def velocity(self, unet, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -381,12 +418,12 @@ class StudentTask(DDPMTask):
         self, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The velocity loss on the straight path, and the one-step image estimate x_t - t v it implies."""
-        t = reflow_times(len(images), self.options["reflow_time"], images.device).view(-1, 1, 1, 1)
+        t = reflow_times(len(images), self.options.reflow_time, images.device).view(-1, 1, 1, 1)
         noisy = (1 - t) * images + t * noise
         prediction = self.velocity(self.models["unet"], noisy, t.flatten(), labels).float()
         target = (noise - images).float()
         estimate = noisy - t * prediction
-        if self.options["reflow_loss"] == "pseudo-huber":
+        if self.options.reflow_loss == "pseudo-huber":
             return pseudo_huber(prediction, target), estimate
         return F.mse_loss(prediction, target), estimate
 
@@ -412,14 +449,14 @@ class StudentTask(DDPMTask):
         return adversarial, {**metrics, "loss_adversarial": adversarial.item()}
 
     def consistency_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        n, intervals = len(images), self.options["cd_intervals"]
+        n, intervals = len(images), self.options.cd_intervals
         step = torch.randint(0, intervals, (n,), device=images.device)
         t_low, t_high = step / intervals, (step + 1) / intervals
         low, high = t_low.view(-1, 1, 1, 1), t_high.view(-1, 1, 1, 1)
         x_high = (1 - high) * images + high * torch.randn_like(images)
         unet = self.models["unet"]
         with torch.no_grad():
-            scale = self.options["teacher_guidance"]
+            scale = self.teacher_guidance
             timesteps = t_high * self.noise_scheduler.config.num_train_timesteps
             v = self.teacher.guided_prediction(x_high, timesteps, labels, scale)
             x_low = x_high - (high - low) * v
@@ -428,51 +465,14 @@ class StudentTask(DDPMTask):
         return F.mse_loss(estimate.float(), target.float())
 
 
-def add_student_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument(
-        "--teacher", required=True, help="the flow-matching DDPM to distil: a bundled name, folder or Hub id"
-    )
-    parser.add_argument("--method", choices=METHODS, default="reflow", help="see bloodgen_hf/training/student.py")
-    parser.add_argument(
-        "--pairs", nargs="+", default=None, metavar="NPZ",
-        help="reflow: `bloodgen-hf sample --model TEACHER --format npz` output; several files join (seeds apart)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--teacher-guidance", type=float, default=None, help="consistency: guidance of the teacher's steps "
-        "(default: the teacher's own); reflow takes it from the pairs"
-    )  # fmt: skip
-    parser.add_argument("--cd-intervals", type=int, default=20, help="consistency: teacher Euler steps over [0, 1]")
-    parser.add_argument(
-        "--reflow-time", choices=REFLOW_TIMES, default=REFLOW_TIMES[0], help="reflow: how t is drawn (see the module)"
-    )
-    parser.add_argument(
-        "--reflow-loss", choices=REFLOW_LOSSES, default=REFLOW_LOSSES[0], help="reflow: the velocity loss"
-    )
-    parser.add_argument(
-        "--adversarial-weight", type=float, default=0.0,
-        help="reflow: weight of the discriminator term on the one-step estimates (0: off; see the module)",
-    )  # fmt: skip
-    parser.add_argument("--lr-d", type=float, default=4e-4, help="--adversarial-weight: discriminator Adam LR")
-    parser.add_argument(
-        "--d-base-channels", type=int, default=32, help="--adversarial-weight: discriminator width (the GAN's is 64)"
-    )
-    add_optimization_arguments(parser, lr=1e-4, ema_max_decay=0.999)
-    parser.add_argument("--sampler-steps", type=int, default=2, help="saved pipeline's default steps")
-    parser.add_argument(
-        "--sampler-shift", type=float, default=1.0, help="saved pipeline's flow_shift (above 1: steps nearer noise)"
-    )
-    parser.add_argument("--grid-per-class", type=int, default=8, help="images per class row in sample grids")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> Path:
     """Entry point of `train_scripts/train_student.py` and `bloodgen-hf train student`."""
     return run_training(
         "Distil a flow-matching DDPM teacher into a few-step student (reflow or consistency distillation).",
         StudentTask.build,
-        add_student_arguments,
+        StudentOptions,
+        load_student_data,
         argv,
-        load_data=load_student_data,
         output_dir="runs/ddpm-student",
         epochs=10,
         batch_size=64,

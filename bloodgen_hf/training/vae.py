@@ -10,7 +10,6 @@ KL below that many nats (Kingma et al. 2016), two standard guards against poster
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass, field
@@ -33,30 +32,32 @@ from bloodgen_hf.errors import UsageError
 from bloodgen_hf.io import atomic_path, labelled_class_grid, make_grid, save_image
 from bloodgen_hf.models.vae import ConditionalAutoencoderKL, gaussian_nll, kl_per_dimension
 from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training
+from bloodgen_hf.training.options import option, options_of
+from bloodgen_hf.training.sources import load_training_data
 
 RECON_LOSSES = ("gaussian", "mse")
 MIN_LATENT_SIDE = 7  # default blocks halve the image while it stays even and at least this big
 SIGMA_EMA_DECAY = 0.99
 
 
-def add_vae_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--block-out-channels", default=None, help="e.g. '16,32,64' (default: by resolution)")
-    parser.add_argument("--layers-per-block", type=int, default=1)
-    parser.add_argument("--norm-num-groups", type=int, default=8)
-    parser.add_argument("--class-embed-dim", type=int, default=16)
-    parser.add_argument(
-        "--attention", action=argparse.BooleanOptionalAction, default=False, help="self-attention in the mid blocks"
-    )
-    parser.add_argument("--latent-dim", type=int, default=64, help="vector latent size; 0 = spatial latent")
-    parser.add_argument("--latent-channels", type=int, default=4)
-    parser.add_argument("--recon", choices=RECON_LOSSES, default="gaussian")
-    parser.add_argument("--recon-sigma", type=float, default=0.1, help="--recon mse: fixed sigma, [-1, 1] units")
-    parser.add_argument("--beta", type=float, default=1.0, help="KL weight after warm-up")
-    parser.add_argument("--kl-warmup-steps", type=int, default=500, help="linear beta ramp; 0 = none")
-    parser.add_argument("--free-bits", type=float, default=0.0, help="nats per latent number; 0 = off")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="0 = no clipping")
-    return parser
+@dataclass
+class VAEOptions:
+    """The conditional VAE's flags: its shape, its likelihood and KL terms, the optimizer."""
+
+    block_out_channels: str | None = option(None, "e.g. '16,32,64' (default: by resolution)")
+    layers_per_block: int = option(1)
+    norm_num_groups: int = option(8)
+    class_embed_dim: int = option(16)
+    attention: bool = option(False, "self-attention in the mid blocks")
+    latent_dim: int = option(64, "vector latent size; 0 = spatial latent")
+    latent_channels: int = option(4)
+    recon: str = option("gaussian", choices=RECON_LOSSES)
+    recon_sigma: float = option(0.1, "--recon mse: fixed sigma, [-1, 1] units")
+    beta: float = option(1.0, "KL weight after warm-up")
+    kl_warmup_steps: int = option(500, "linear beta ramp; 0 = none")
+    free_bits: float = option(0.0, "nats per latent number; 0 = off")
+    lr: float = option(1e-3)
+    max_grad_norm: float = option(1.0, "0 = no clipping")
 
 
 def parse_blocks(text: str | None, resolution: int) -> tuple[int, ...]:
@@ -80,13 +81,13 @@ def default_blocks(resolution: int) -> tuple[int, ...]:
     return (16, 32, 64, *([64] * max(0, blocks - 3)))[:blocks]
 
 
-def check_options(o: dict) -> None:
+def check_options(o: VAEOptions) -> None:
     for name in ("beta", "free_bits", "kl_warmup_steps", "max_grad_norm"):
-        if o[name] < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {o[name]}")
+        if (value := getattr(o, name)) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     for name in ("lr", "recon_sigma"):
-        if not o[name] > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {o[name]}")
+        if not (value := getattr(o, name)) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
 def kl_term(kl_dims: torch.Tensor, free_bits: float) -> torch.Tensor:
@@ -101,39 +102,39 @@ def beta_at(step: int, beta: float, warmup_steps: int) -> float:
 
 @dataclass
 class VAETask(TrainTask):
-    options: dict = field(default_factory=dict)
+    options: VAEOptions = field(default_factory=VAEOptions)
     step: int = 0  # optimizer steps taken: drives the KL warm-up
     sigma_ema: float | None = None  # running maximum-likelihood decoder sigma (--recon gaussian)
 
     @classmethod
     def build(cls, config: TrainConfig, num_images: int, class_names: tuple[str, ...] = CLASS_NAMES) -> VAETask:
         """The model gets one class per name in the training data (saved in its config)."""
-        o = config.extra
+        o = options_of(VAEOptions, config.extra)
         check_options(o)
         vae = ConditionalAutoencoderKL(
             resolution=config.resolution,
             num_classes=len(class_names),
-            class_embed_dim=o["class_embed_dim"],
-            block_out_channels=parse_blocks(o["block_out_channels"], config.resolution),
-            layers_per_block=o["layers_per_block"],
-            norm_num_groups=o["norm_num_groups"],
-            mid_block_add_attention=o["attention"],
-            latent_channels=o["latent_channels"],
-            latent_dim=o["latent_dim"] or None,
-            decoder_sigma=o["recon_sigma"],
+            class_embed_dim=o.class_embed_dim,
+            block_out_channels=parse_blocks(o.block_out_channels, config.resolution),
+            layers_per_block=o.layers_per_block,
+            norm_num_groups=o.norm_num_groups,
+            mid_block_add_attention=o.attention,
+            latent_channels=o.latent_channels,
+            latent_dim=o.latent_dim or None,
+            decoder_sigma=o.recon_sigma,
             class_names=list(class_names),
         )
         return cls(
             models={"vae": vae},
-            optimizers={"vae": torch.optim.Adam(vae.parameters(), lr=o["lr"])},
+            optimizers={"vae": torch.optim.Adam(vae.parameters(), lr=o.lr)},
             init_components={"vae": "vae"},
             options=o,
         )
 
     def recon_sigma(self, images: torch.Tensor, decoded: torch.Tensor) -> float:
         """The likelihood's sigma for this batch: fixed, or the maximum-likelihood sqrt(mean squared error)."""
-        if self.options["recon"] == "mse":
-            return self.options["recon_sigma"]
+        if self.options.recon == "mse":
+            return self.options.recon_sigma
         sigma = max(math.sqrt((images - decoded).detach().pow(2).mean().item()), 1e-3)
         decay = SIGMA_EMA_DECAY if self.sigma_ema is not None else 0.0
         self.sigma_ema = decay * (self.sigma_ema or 0.0) + (1 - decay) * sigma
@@ -145,11 +146,11 @@ class VAETask(TrainTask):
         sigma = self.recon_sigma(images, out.sample)
         recon = gaussian_nll(images, out.sample, sigma).mean()
         kl_dims = kl_per_dimension(out.latent_dist).mean(dim=0)
-        beta = beta_at(self.step, o["beta"], o["kl_warmup_steps"])
-        loss = recon + beta * kl_term(kl_dims, o["free_bits"])
+        beta = beta_at(self.step, o.beta, o.kl_warmup_steps)
+        loss = recon + beta * kl_term(kl_dims, o.free_bits)
         accelerator.backward(loss)
-        if accelerator.sync_gradients and o["max_grad_norm"] > 0:
-            accelerator.clip_grad_norm_(vae.parameters(), o["max_grad_norm"])
+        if accelerator.sync_gradients and o.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(vae.parameters(), o.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return {
@@ -175,7 +176,7 @@ class VAETask(TrainTask):
         from bloodgen_hf.pipelines import BloodVAEPipeline
 
         vae = accelerator.unwrap_model(self.models["vae"])
-        if self.options["recon"] == "gaussian" and self.sigma_ema is not None:
+        if self.options.recon == "gaussian" and self.sigma_ema is not None:
             vae.register_to_config(decoder_sigma=self.sigma_ema)
         return BloodVAEPipeline(vae=vae, provenance=self.provenance)
 
@@ -268,7 +269,8 @@ def main(argv: list[str] | None = None) -> Path:
     return run_training(
         "Train the class-conditional VAE (AutoencoderKL-style CVAE) on BloodMNIST or any labelled images (--dataset).",
         VAETask.build,
-        add_vae_arguments,
+        VAEOptions,
+        load_training_data,
         argv,
         output_dir="runs/vae",
         epochs=7,
