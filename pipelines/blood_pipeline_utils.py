@@ -292,8 +292,9 @@ class BloodPipelineMixin:
     defines `class_names` (None if saved without names) and `num_classes`.
 
     `remote_code_modules` maps each custom component to the file stem its code is shipped as (unique per
-    model family: diffusers caches remote code by file name). `pipe.push_to_hub(repo_id)` publishes through
-    bloodgen_hf (with a sample grid and a model card) when it is installed, else as diffusers does.
+    model family: diffusers caches remote code by file name). `pipe.push_to_hub(repo_id)` is diffusers' own
+    (weights, code, provenance.json); `bloodgen_hf.publish.push_to_hub(pipe, repo_id)` or `bloodgen-hf push` also
+    render this project's model card and sample grid. The pipelines never import the publisher, which loads them.
 
     The training-data record (`provenance`) is saved in provenance.json, each origin once, with a summary in
     model_index.json; loaded from a folder, the pipeline reads it back (see `register_to_config`).
@@ -346,12 +347,3 @@ class BloodPipelineMixin:
             file = Path(source) / PROVENANCE_NAME
             if file.is_file():
                 super().register_to_config(provenance=read_provenance_file(file))
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        try:
-            from bloodgen_hf.publish import push_to_hub
-        except ModuleNotFoundError as err:  # loaded as remote code: diffusers' push, through save_pretrained
-            if err.name != "bloodgen_hf":
-                raise
-            return super().push_to_hub(repo_id, **kwargs)
-        return push_to_hub(self, repo_id, **kwargs)

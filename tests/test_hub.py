@@ -543,11 +543,15 @@ def test_cli_push_reports_hub_and_network_failures_in_one_line(failure, message,
     assert result.output.startswith(f"error: {message}") and result.output.count("\n") == 1
 
 
-def test_pipeline_push_to_hub_uses_the_bloodgen_publisher(monkeypatch):
+def test_pipeline_push_to_hub_is_diffusers_own_and_never_the_publisher(monkeypatch):
+    """The pipelines do not import the publisher (no import circle): `pipe.push_to_hub` is diffusers' push;
+    `publish.push_to_hub(pipe, ...)` is the one that renders this project's card."""
+    from diffusers.utils import PushToHubMixin
+
     from tests.conftest import tiny_gan_pipeline
 
     calls = []
-    monkeypatch.setattr(publish, "push_to_hub", lambda pipe, repo_id, **kw: calls.append((pipe, repo_id, kw)) or "ok")
-    pipe = tiny_gan_pipeline()
-    assert pipe.push_to_hub("org/name", private=True) == "ok"
-    assert calls == [(pipe, "org/name", {"private": True})]
+    monkeypatch.setattr(publish, "push_to_hub", lambda *a, **kw: calls.append("publisher"))
+    monkeypatch.setattr(PushToHubMixin, "push_to_hub", lambda self, repo_id, **kw: calls.append(repo_id) or "ok")
+    assert tiny_gan_pipeline().push_to_hub("org/name", private=True) == "ok"
+    assert calls == ["org/name"]

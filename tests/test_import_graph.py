@@ -14,11 +14,8 @@ from setuptools.config.pyprojecttoml import read_configuration
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# The one edge allowed to close a circle: the remote-code pipelines, which ship without bloodgen_hf, hand
-# `pipe.push_to_hub` to the publisher when bloodgen_hf is installed (imported at call time; a
-# ModuleNotFoundError falls back to diffusers' own push). The publisher loads pipelines, so the hand-off is
-# necessarily a way back; nothing else in bloodgen_hf may form one.
-OPTIONAL_EDGES = {("bloodgen_hf.pipelines.blood_pipeline_utils", "bloodgen_hf.publish")}
+# No edge may close a circle (the remote-code pipelines no longer hand push_to_hub to the publisher).
+OPTIONAL_EDGES: set[tuple[str, str]] = set()
 
 
 def package_modules(root: Path, packages: list[str], package_dir: dict[str, str]) -> dict[str, tuple[Path, bool]]:
