@@ -184,6 +184,10 @@ class StudyConfig:
         """The val split is scored every k epochs, so that a long run (a small R_f) is not mostly scoring."""
         return max(1, math.ceil(epochs / self.max_evaluations))
 
+    def classifier_batch(self, num_images: int, num_real: int) -> int:
+        """The batch a classifier of `num_images` images, `num_real` of them real, trains with."""
+        return min(self.batch_for(num_real if self.protocol == "converged" else num_images), num_images)
+
     def batch_for(self, num_real: int) -> int:
         """converged: the largest power of two up to |R_f| / 32, within [16, batch_size], so a small R_f still
         gets several optimizer steps per epoch; fixed-steps: batch_size (or all images, if fewer)."""
@@ -357,7 +361,7 @@ def train_classifier(
 
     converged = config.protocol == "converged"
     num_real = len(labels) if num_real is None else num_real
-    batch = min(config.batch_for(num_real if converged else len(labels)), len(labels))
+    batch = config.classifier_batch(len(labels), num_real)
     steps = None if converged else config.steps
     epochs = config.epochs_for(num_real)
     every = config.epochs_per_evaluation(epochs)  # converged: score val after every `every` epochs
@@ -466,6 +470,7 @@ def run_study(
     for (seed, fraction), subset in plans.items():
         pool = pools[seed, fraction]
         real_counts = np.bincount(train_labels[subset], minlength=num_classes)
+        filtered = None  # with --filter-threshold: the pool's images the real-only classifier accepts
         for setting in config.settings:
             name = run_name(setting, config, fraction, seed)
             done = out / "runs" / name / "result.json"
@@ -480,8 +485,9 @@ def run_study(
             counts = synthetic_counts(real_counts, setting, config)
             accepted = None
             if counts.any():
-                if config.filter_threshold:
-                    accepted = filter_pool(pool, out / "runs" / run_name("real", config, fraction, seed), config)
+                if config.filter_threshold and filtered is None:  # once per R_f: both settings draw from it
+                    filtered = filter_pool(pool, out / "runs" / run_name("real", config, fraction, seed), config)
+                accepted = filtered
                 x, y = draw_synthetic(pool, counts, rng, accepted, name)
                 parts_x.append(x)
                 parts_y.append(y)
@@ -538,7 +544,7 @@ def run_name(setting: str, config: StudyConfig, fraction: float, seed: int) -> s
 def training_record(config: StudyConfig, task, num_images: int, num_real: int, cpu: float, wall: float) -> dict:
     """How a classifier was trained: protocol, budget, batch, the chosen epoch and the val curve, CPU time."""
     record = {"protocol": config.protocol, "classifier": config.classifier, "num_images": num_images}
-    record["batch_size"] = min(config.batch_for(num_real if config.protocol == "converged" else num_images), num_images)
+    record["batch_size"] = config.classifier_batch(num_images, num_real)
     if config.protocol == "converged":
         chosen = task.chosen()
         record.update(epochs=config.epochs_for(num_real), chosen_epoch=chosen["epoch"], val_at_chosen=chosen)
