@@ -680,6 +680,12 @@ def augment_study(
     ),
     steps: int = typer.Option(None, help="fixed-steps: optimizer steps per classifier (default 300)."),
     batch_size: int = typer.Option(128, help="Classifier batch size (converged: the largest) and generation batch."),
+    guidance: float = typer.Option(
+        None, help="Sampling for the synthetic images: classifier-free guidance scale (default: the model's)."
+    ),
+    sample_steps: int = typer.Option(
+        None, help="Sampling for the synthetic images: denoising steps (default: the model's)."
+    ),
     data_dir: DataDir = None,
     dataset: Dataset = "bloodmnist",
     out: Path = typer.Option(None, help="Study folder. Default: reports/augment-<model>."),
@@ -727,6 +733,7 @@ def augment_study(
         out,
         config,
         data_dir,
+        sampling_kwargs=sampling_options(None, None, sample_steps, guidance, None),
         log=_log,
         model=label,
         resume=resume,

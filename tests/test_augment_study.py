@@ -153,6 +153,45 @@ def test_a_resumed_study_adds_a_recipe_and_reports_both(train_split_gan, fake_da
         run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None, resume=True)
 
 
+def test_a_resumed_recipe_may_run_on_some_fractions_and_seeds_only(train_split_gan, fake_data_dir, tmp_path):
+    out = tmp_path / "s"
+    tiny = {**TINY, "seeds": (0, 1)}
+    config = StudyConfig(fractions=(0.5, 1.0), settings=("real", "real+synthetic"), epochs=1, **tiny)
+    run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None)
+    config.balance, config.fractions, config.seeds = True, (0.5,), (1,)
+    results = run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None, resume=True)
+    balanced = [(r["fraction"], r["seed"]) for r in results["runs"] if r["recipe"] == "balance"]
+    assert balanced == [(0.5, 1)] and len(results["runs"]) == 9
+    report = (out / "report.md").read_text()
+    assert "| real+synthetic (balance) |" in report and "[seeds 1]" in report
+    config.fractions, config.seeds = (0.25,), (0,)  # a new fraction: its real run comes first, then the recipe
+    results = run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None, resume=True)
+    added = sorted(r["setting"] for r in results["runs"] if r["fraction"] == 0.25)
+    assert added == ["real", "real+synthetic"]
+
+
+def test_the_change_against_real_is_paired_by_seed():
+    def cell(row, setting, by_seed):
+        values = list(by_seed.values())
+        stats = {"mean": float(np.mean(values)), "std": 0.0}
+        record = {str(s): {"accuracy": v, "macro_f1": v} for s, v in by_seed.items()}
+        return {
+            "row": row,
+            "setting": setting,
+            "fraction": 0.1,
+            "seeds": list(by_seed),
+            "by_seed": record,
+            "accuracy": stats,
+            "macro_f1": stats,
+        }
+
+    real = cell("real", "real", {0: 0.90, 1: 0.80, 2: 0.70})
+    recipe = cell("real+synthetic (2x)", "real+synthetic", {0: 0.91})  # seed 0 only: +1 point, not +11
+    assert augment_study.paired_change(recipe, real, "macro_f1") == pytest.approx(1.0)
+    table = augment_study.study_table([real, recipe], "macro_f1")
+    assert "0.910 ± 0.000 (+1.0) [seeds 0]" in table[-1]
+
+
 def test_converged_results_record_every_cell(train_split_gan, fake_data_dir, tmp_path):
     config = StudyConfig(fractions=(0.5, 1.0), settings=("real", "real+synthetic"), epochs=2, **TINY)
     results = run_study(train_split_gan, tmp_path / "s", config, fake_data_dir, log=lambda *_: None)

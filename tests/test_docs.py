@@ -2,6 +2,7 @@
 link and image resolves (anchors included), no machine's absolute paths leak in, the README stays short and keeps
 the set-up block `.ci/run` reads, and git ignores nothing it tracks."""
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -81,3 +82,27 @@ def test_experiment_records_are_not_package_data():
     assert not [p for p in config["packages"] if p.split(".")[0] not in ("bloodgen_hf",)]
     assert set(config.get("package-data", {})) <= {"bloodgen_hf"}
     assert not [d for d in config.get("package-dir", {}).values() if d.startswith("experiments")]
+
+
+def test_augmentation_tables_are_those_of_their_results():
+    """Every table marked `augment-table` in the docs is what experiments/update_tables.py makes from its
+    results.json today: edit the study, not the table."""
+    from experiments import update_tables
+
+    assert update_tables.main(["--check"]) == 0
+
+
+def test_a_marked_table_is_rewritten_from_its_results(tmp_path):
+    from experiments import update_tables
+
+    def run(seed, setting, value):
+        report = {"accuracy": value, "macro_f1": value, "precision": [value], "recall": [value], "f1": [value]}
+        return {"setting": setting, "recipe": "2x", "fraction": 0.1, "seed": seed, "num_real": 10, "num_synthetic": 0,
+                "confusion": [[1]], **report}  # fmt: skip
+
+    runs = [run(0, "real", 0.5), run(1, "real", 0.7), run(0, "real+synthetic", 0.6)]
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    marker = f"<!-- augment-table results={tmp_path / 'results.json'} key=macro_f1 label=macro-F1 -->\n"
+    text = update_tables.updated(f"before\n{marker}| stale |\n<!-- /augment-table -->\nafter")
+    assert "| stale |" not in text and text.startswith("before\n") and text.endswith("<!-- /augment-table -->\nafter")
+    assert "| macro-F1 | 10% real |" in text and "| real+synthetic (2x) | 0.600 ± 0.000 (+10.0) [seeds 0] |" in text

@@ -87,6 +87,9 @@ CLASSIFIERS = {
 }
 # What a resumed study may change: the recipe of its real+synthetic runs (each recipe's runs are kept apart).
 RECIPE_KEYS = ("synthetic_ratio", "balance", "filter_threshold", "synthetic_weight")
+# ... and its fractions and seeds: a costly recipe may run on the cheap fractions only, a later session may add
+# seeds or fractions (their real runs first). Cells are compared on the seeds they share (paired_change).
+SUBSET_KEYS = ("fractions", "seeds")
 FILTER_OVERSAMPLE = 1.5  # a filtered recipe's pool holds this many candidates per image it needs
 # Train-script flags the study sets for a per-fraction generator: its data (R_f), budget and folder.
 STUDY_FLAGS = (
@@ -279,7 +282,11 @@ def record_study(path: Path, study: dict, resume: bool) -> None:
     if resume and path.exists():
         before = json.loads(path.read_text())
         check_unchanged(
-            flat_study(before), flat_study(study), f"--resume: {path}", "pass the same options, or a new --out"
+            flat_study(before),
+            flat_study(study),
+            f"--resume: {path}",
+            "pass the same options, or a new --out",
+            may_change=SUBSET_KEYS,
         )
         return
     write_json(study, path)
@@ -453,7 +460,7 @@ def run_study(
         if not (out / "study.json").is_file():
             raise UsageError(f"--report-only: {out} holds no study (no study.json)")
         record_study(out / "study.json", study, resume=True)
-        return write_results(out, config, model, names, pipe, [], html)
+        return write_results(out, config, model, names, pipe, [], html, sampling_kwargs)
     out.mkdir(parents=True, exist_ok=True)
     record_study(out / "study.json", study, resume)
     generators = []
@@ -511,16 +518,19 @@ def run_study(
             if accepted is not None:
                 run["filter_acceptance"] = filter_acceptance(pool, accepted, num_classes)
             write_json({**run, **report}, done)
-    return write_results(out, config, model, names, pipe, generators, html)
+    return write_results(out, config, model, names, pipe, generators, html, sampling_kwargs)
 
 
-def write_results(out: Path, config: StudyConfig, model: str, names, pipe, generators: list, html: bool) -> dict:
+def write_results(
+    out: Path, config: StudyConfig, model: str, names, pipe, generators: list, html: bool, sampling: dict
+) -> dict:
     """results.json (every finished run of any recipe, and their summary), report.md and the plots."""
     runs = finished_runs(out / "runs")
     if not runs:
         raise UsageError(f"{out} holds no finished run yet")
     results = {
         "model": model,
+        "sampling": sampling,
         "config": asdict(config),
         "protocol": config.protocol,
         "classifier": config.classifier,
@@ -720,6 +730,7 @@ def summarize_study(runs: list[dict]) -> list[dict]:
         entry["num_real"], entry["num_synthetic"] = members[0]["num_real"], members[0]["num_synthetic"]
         for key in ("accuracy", "macro_f1"):
             entry[key] = summarize([m[key] for m in members])
+        entry["by_seed"] = {str(m["seed"]): {k: m[k] for k in ("accuracy", "macro_f1")} for m in members}
         for key in ("precision", "recall", "f1"):
             values = np.asarray([m[key] for m in members])
             entry[key] = {
@@ -757,14 +768,23 @@ def protocol_sentence(results: dict) -> str:
     )
 
 
-def study_table(summary: list[dict], key: str, with_cpu: bool = False) -> list[str]:
-    """A markdown table of `key` (mean ± std over seeds): one row per setting and recipe, one column per
-    fraction; real+synthetic rows add their change against real in points. docs/augmentation.md's tables are these."""
+def study_table(
+    summary: list[dict], key: str, with_cpu: bool = False, only: list[str] | None = None, label: str = "training set"
+) -> list[str]:
+    """A markdown table of `key` (mean ± std over seeds): one row per setting and recipe (`only`: these rows, in
+    this order), one column per fraction; real+synthetic rows add their change against real in points. The
+    README's and docs/augmentation.md's tables are these (experiments/update_tables.py writes them)."""
     fractions = sorted({e["fraction"] for e in summary})
     order = {s: i for i, s in enumerate(SETTINGS)}
     rows = sorted({(order[e["setting"]], e["row"]) for e in summary})
+    if only is not None:
+        missing = sorted(set(only) - {row for _, row in rows})
+        if missing:
+            raise ValueError(f"no row {missing} in the study; it has {[row for _, row in rows]}")
+        rows = [(0, row) for row in only]
     cell = {(e["row"], e["fraction"]): e for e in summary}
-    lines = ["| training set | " + " | ".join(f"{f:.0%} real" for f in fractions) + " |"]
+    most_seeds = max(len(e["seeds"]) for e in summary)
+    lines = [f"| {label} | " + " | ".join(f"{f:.0%} real" for f in fractions) + " |"]
     lines.append("|---" * (len(fractions) + 1) + "|")
     for _, row in rows:
         values = []
@@ -774,9 +794,11 @@ def study_table(summary: list[dict], key: str, with_cpu: bool = False) -> list[s
                 values.append("–")
                 continue
             text = f"{e[key]['mean']:.3f} ± {e[key]['std']:.3f}"
-            base = cell.get(("real", f))
-            if e["setting"] == "real+synthetic" and base is not None:
-                text += f" ({100 * (e[key]['mean'] - base[key]['mean']):+.1f})"
+            change = paired_change(e, cell.get(("real", f)), key)
+            if e["setting"] == "real+synthetic" and change is not None:
+                text += f" ({change:+.1f})"
+            if len(e["seeds"]) < most_seeds:
+                text += f" [seeds {', '.join(map(str, sorted(e['seeds'])))}]"
             if with_cpu and "cpu_minutes" in e:
                 text += f", {e['cpu_minutes']:.1f} CPU-min"
             values.append(text)
@@ -784,17 +806,31 @@ def study_table(summary: list[dict], key: str, with_cpu: bool = False) -> list[s
     return lines
 
 
+def paired_change(entry: dict, real: dict | None, key: str) -> float | None:
+    """The change against real only, in points, on the seeds both cells have (a recipe run on fewer seeds is
+    compared with real on those seeds, not with real's mean over all of them)."""
+    if real is None or "by_seed" not in entry or "by_seed" not in real:
+        return None if real is None else 100 * (entry[key]["mean"] - real[key]["mean"])
+    seeds = sorted(set(entry["by_seed"]) & set(real["by_seed"]))
+    if not seeds:
+        return None
+    return 100 * float(np.mean([entry["by_seed"][s][key] - real["by_seed"][s][key] for s in seeds]))
+
+
 def write_study_report(results: dict, out: Path, html: bool = False) -> None:
-    summary, config = results["summary"], results["config"]
+    summary = results["summary"]
     fractions = sorted({e["fraction"] for e in summary})
     lines = ["# Augmentation study", "", protocol_sentence(results)]
-    lines[-1] += f" {len(config['seeds'])} seeds; mean ± std over seeds."
+    lines[-1] += f" {max(len(e['seeds']) for e in summary)} seeds; mean ± std over seeds."
     if results.get("model"):
-        lines[-1] += f" Synthetic images from `{results['model']}`."
+        lines[-1] += f" Synthetic images from `{results['model']}`"
+        settings = {k: v for k, v in (results.get("sampling") or {}).items() if k != "precision"}
+        lines[-1] += f" ({', '.join(f'{k}={v}' for k, v in settings.items())})." if settings else "."
     if results.get("provenance"):
         lines[-1] += f" It was trained on {describe_provenance(results['provenance'])}."
     lines += generator_lines(results.get("generators") or [])
-    lines += ["", "In brackets: the change against real only, in points."]
+    lines += ["", "In brackets: the change against real only on the same seeds, in points; [seeds]: a cell run on"]
+    lines[-1] += " fewer seeds than the others."
     for key in ("accuracy", "macro_f1"):
         lines += ["", f"## {key}", "", *study_table(summary, key)]
     lines += ["", "## Cost and chosen epochs", "", "| training set | fraction | CPU minutes | chosen epoch per seed |"]
