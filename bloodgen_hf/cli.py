@@ -413,7 +413,11 @@ def models():
 @clean_errors
 def train(
     ctx: typer.Context,
-    family: str = typer.Argument(..., help="gan, ddpm, vae, student (a few-step DDPM) or bloodnet"),
+    family: str = typer.Argument(
+        ...,
+        help="gan, ddpm, vae, student (a few-step DDPM), autoencoder (64 px AutoencoderKL), ldm (latent flow "
+        "model) or bloodnet",
+    ),
 ):
     """Train a model family in this process: `bloodgen-hf train gan --data-dir ../shared/data --epochs 15`.
 

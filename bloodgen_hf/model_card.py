@@ -39,7 +39,12 @@ SAMPLE_GRID_NAME = "samples.png"
 HUB_DATASET = "albertvillanova/medmnist-v2"  # the Hub's MedMNIST mirror; BloodMNIST is its "bloodmnist" config
 MODEL_LICENSE = "apache-2.0"
 DATA_LICENSE = "cc-by-4.0"  # BloodMNIST's licence, which synthetic images derived from it keep
-FAMILY_TITLES = {"gan": "GAN (conditional DCGAN)", "vae": "variational autoencoder", "ddpm": "diffusion model (DDPM)"}
+FAMILY_TITLES = {
+    "gan": "GAN (conditional DCGAN)",
+    "vae": "variational autoencoder",
+    "ddpm": "diffusion model (DDPM)",
+    "ldm": "latent diffusion model (LDM)",
+}
 TAGS = ["bloodgen-hf", "bloodmnist", "medmnist", "medical-imaging", "image-generation", "class-conditional"]
 
 

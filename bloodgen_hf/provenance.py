@@ -14,7 +14,9 @@ those indices (`indices_fingerprint`). `init_from` is null, or the model the wei
 that model's own provenance: its data is in the weights too, so the checks follow it. A distilled
 student (bloodgen_hf/training/student.py) names its teacher the same way in `distilled_from`, and the real
 images its adversarial term's discriminator saw, if any, in `adversarial` ({dataset, split, resolution,
-num_images}): the student learnt from those too, so the checks follow them as well.
+num_images}): the student learnt from those too, so the checks follow them as well. A latent diffusion model
+(bloodgen_hf/training/latent.py) names the autoencoder it decodes with in `autoencoder` (its folder, content hash
+and record): every image it makes comes out of that decoder, so the checks follow it too.
 
 In memory the record is that one nested dict. Saved (and on the Hub) it is provenance.json next to
 model_index.json, flat: every record once, keyed by a hash of its content, each origin naming its model's
@@ -212,7 +214,7 @@ def same_dataset(a: str, b: str) -> bool:
 
 
 # How each origin's model passed its data on (the keys are those provenance.json links by record key).
-ORIGIN_WORDS = {"init_from": "started from", "distilled_from": "distilled from"}
+ORIGIN_WORDS = {"init_from": "started from", "distilled_from": "distilled from", "autoencoder": "decoded by"}
 ORIGINS = tuple((key, ORIGIN_WORDS[key]) for key in ORIGIN_KEYS)
 
 

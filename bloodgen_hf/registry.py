@@ -29,7 +29,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from bloodgen_hf.models import gan as gan_models
 from bloodgen_hf.models import vae as vae_models
-from bloodgen_hf.pipelines import BloodDDPMPipeline, BloodGANPipeline, BloodVAEPipeline
+from bloodgen_hf.pipelines import BloodDDPMPipeline, BloodGANPipeline, BloodLDMPipeline, BloodVAEPipeline
 from bloodgen_hf.pipelines.blood_pipeline_utils import PROVENANCE_NAME, is_provenance_summary, read_provenance_file
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
@@ -65,6 +65,8 @@ SPECS: dict[str, PipelineSpec] = {
     # UNet2DModel and the schedulers are stock diffusers classes: no remote code but the pipeline's.
     "BloodDDPMPipeline": pipeline_spec(BloodDDPMPipeline),
     "BloodVAEPipeline": pipeline_spec(BloodVAEPipeline, vae=(vae_models.ConditionalAutoencoderKL, vae_models)),
+    # Its autoencoder is diffusers' own AutoencoderKL; the DDPM pipeline it derives from ships beside it.
+    "BloodLDMPipeline": pipeline_spec(BloodLDMPipeline),
 }
 
 

@@ -129,11 +129,17 @@ def remote_code_index(pipe) -> dict[str, list[str]]:
     return entries
 
 
+def pipeline_classes(pipe) -> list[type]:
+    """The pipeline's class, then the bloodgen pipelines it derives from (BloodLDMPipeline: BloodDDPMPipeline),
+    whose modules it imports, so they ship with it."""
+    return [cls for cls in type(pipe).__mro__ if issubclass(cls, BloodPipelineMixin) and cls is not BloodPipelineMixin]
+
+
 def remote_code_files(pipe) -> dict[str, Path]:
-    """Path in the saved folder -> the source file copied there: the pipeline's module and this helper at the
-    root, each custom component's module in its own folder."""
+    """Path in the saved folder -> the source file copied there: the pipeline's module (and those of the pipelines
+    it derives from) and this helper at the root, each custom component's module in its own folder."""
     helper = Path(__file__)
-    files = {source_file(type(pipe)).name: source_file(type(pipe)), helper.name: helper}
+    files = {source_file(cls).name: source_file(cls) for cls in pipeline_classes(pipe)} | {helper.name: helper}
     for name, module_name in custom_components(pipe).items():
         files[f"{name}/{module_name}.py"] = source_file(type(getattr(pipe, name)))
     return files
@@ -154,14 +160,15 @@ def write_remote_code(pipe, folder: str | os.PathLike) -> None:
 # --- provenance.json: the training-data record, each origin once -----------------------------------------------
 #
 # A pipeline's `provenance` (see bloodgen_hf/provenance.py) is one nested record in memory: its own data, and under
-# `init_from` / `distilled_from` each model its weights came from with that model's record, however far back, and
-# under `adversarial` the real images of an adversarial term. Saved, it is flat: provenance.json holds every record
+# `init_from` / `distilled_from` each model its weights came from with that model's record, however far back, under
+# `autoencoder` the autoencoder a latent model decodes with (its images come out of it), and under `adversarial` the
+# real images of an adversarial term. Saved, it is flat: provenance.json holds every record
 # once, keyed by a hash of its content, and an origin names its model's record by that key (a teacher that is
 # also an ancestor's teacher is stored once). model_index.json keeps a short summary (`provenance_summary`).
 
 PROVENANCE_NAME = "provenance.json"
 PROVENANCE_FORMAT = 1
-ORIGIN_KEYS = ("init_from", "distilled_from")  # {"model": ..., "provenance": <that model's record>, ...}
+ORIGIN_KEYS = ("init_from", "distilled_from", "autoencoder")  # {"model": ..., "provenance": <its record>, ...}
 DATA_KEYS = ("adversarial",)  # a plain data record: {"dataset", "split", "resolution", "num_images"}
 # Records a nested chain may hold, each reference counted: real chains hold tens; a damaged or hostile file
 # whose records refer to the same ones many times over would otherwise expand without end.

@@ -137,10 +137,10 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
         return self.num_classes
 
     def with_scheduler(self, name: str) -> BloodDDPMPipeline:
-        """A copy sampling with scheduler `name` (ddpm, ddim, dpm++, unipc, euler); shares the UNet."""
+        """A copy sampling with scheduler `name` (ddpm, ddim, dpm++, unipc, euler); shares the other components
+        (the UNet, and a subclass's own, such as BloodLDMPipeline's autoencoder)."""
         pipe = type(self)(
-            unet=self.unet,
-            scheduler=make_scheduler(name, self.scheduler.config),
+            **{**self.components, "scheduler": make_scheduler(name, self.scheduler.config)},
             class_names=self.class_names,
             default_guidance_scale=self.config.default_guidance_scale,
             default_num_inference_steps=self.config.default_num_inference_steps,
@@ -190,8 +190,12 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
             model_input = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
             prediction = self.guided_prediction(model_input, t, labels, guidance_scale)
             x = self.scheduler.step(prediction, t, x, **step_kwargs).prev_sample
-        images = postprocess(x, output_type)
+        images = postprocess(self.decode(x), output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """The denoised samples as [-1, 1] images: here they are the images; BloodLDMPipeline decodes latents."""
+        return samples
 
     def guided_prediction(
         self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float

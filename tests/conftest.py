@@ -88,6 +88,38 @@ def tiny_ddpm_pipeline(seed: int = 0, resolution: int = 28, scheduler: str = "dp
     )
 
 
+def tiny_autoencoder(seed: int = 0, scaling_factor: float = 1.7, shift_factor: float | None = None):
+    """A stock diffusers AutoencoderKL, 4x downsampling: 32x32 RGB <-> 4x8x8 latents."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    ).eval()
+
+
+def tiny_ldm_pipeline(seed: int = 0, scaling_factor: float = 1.7):
+    """A BloodLDMPipeline of random weights: tiny_autoencoder and a tiny flow UNet on its 4x8x8 latents."""
+    from bloodgen_hf.pipelines import BloodLDMPipeline
+    from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import make_scheduler
+    from bloodgen_hf.training.ddpm import build_noise_scheduler, build_unet
+
+    vae = tiny_autoencoder(seed, scaling_factor)
+    unet = build_unet("tiny", 8, in_channels=4)
+    noise_scheduler = build_noise_scheduler("squaredcos_cap_v2", "flow")
+    return BloodLDMPipeline(
+        vae=vae, unet=unet, scheduler=make_scheduler("dpm++", noise_scheduler.config), class_names=list(CLASS_NAMES)
+    )
+
+
 def tiny_vae_pipeline(seed: int = 0, resolution: int = 28, latent_dim: int | None = 8):
     from bloodgen_hf.models.vae import ConditionalAutoencoderKL
     from bloodgen_hf.pipelines import BloodVAEPipeline

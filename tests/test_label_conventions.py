@@ -12,7 +12,7 @@ from bloodgen_hf.data import CLASS_NAMES
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.pipelines import BloodDDPMPipeline
 
-FAMILIES = ["gan", "ddpm", "vae"]
+FAMILIES = ["gan", "ddpm", "vae", "ldm"]
 
 
 def tiny(family: str):

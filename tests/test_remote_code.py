@@ -195,6 +195,8 @@ def test_plain_save_pretrained_writes_the_remote_code_layout(class_name, tmp_pat
     assert index["_class_name"] == [spec.pipeline_module.__name__.rsplit(".", 1)[-1], class_name]
     assert "_name_or_path" not in index
     sources = {spec.pipeline_module, sys.modules["bloodgen_hf.pipelines.blood_pipeline_utils"]}
+    bases = [c for c in spec.pipeline_class.__mro__[1:] if c.__module__.startswith("bloodgen_hf.pipelines.pipeline_")]
+    sources |= {sys.modules[c.__module__] for c in bases}  # a derived pipeline (LDM) ships the one it derives from
     expected = {Path(m.__file__).name: Path(m.__file__) for m in sources}
     for name, (module_name, cls, source) in spec.components.items():
         assert index[name] == [module_name, cls.__name__]

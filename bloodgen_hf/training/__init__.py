@@ -21,8 +21,20 @@ def _vae_main(argv: list[str]):
     return main(argv)
 
 
+def _ldm_main(argv: list[str]):
+    from bloodgen_hf.training.latent import main
+
+    return main(argv)
+
+
 def _student_main(argv: list[str]):
     from bloodgen_hf.training.student import main
+
+    return main(argv)
+
+
+def _autoencoder_main(argv: list[str]):
+    from bloodgen_hf.training.autoencoder import main
 
     return main(argv)
 
@@ -38,6 +50,8 @@ TRAIN_ENTRY_POINTS = {
     "gan": _gan_main,
     "ddpm": _ddpm_main,
     "vae": _vae_main,
+    "ldm": _ldm_main,
     "student": _student_main,
+    "autoencoder": _autoencoder_main,
     "bloodnet": _bloodnet_main,
 }

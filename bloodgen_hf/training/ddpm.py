@@ -14,7 +14,9 @@ Size presets (`--preset`), parameters at 28x28 / 64x64 (checked by tests/test_dd
                            attention at the two lowest levels: GPU
 
 28x28 images use three levels (28 -> 14 -> 7) and 64x64 four (64 -> 32 -> 16 -> 8), so both
-train at their native size; self-attention runs at the lowest level (and the mid block).
+train at their native size; self-attention runs at the lowest level (and the mid block). A latent model's
+16x16 latents (bloodgen_hf/training/latent.py, `in_channels` = the latent channels) take the three-level layout
+(16 -> 8 -> 4).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +36,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from bloodgen_hf.data import CLASS_NAMES, NUM_CLASSES, to_uint8
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.io import make_grid
-from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import SCHEDULERS, BloodDDPMPipeline, make_scheduler
+from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import FLOW_SCHEDULERS, SCHEDULERS, BloodDDPMPipeline, make_scheduler
 from bloodgen_hf.training.core import EMATask, TrainConfig, run_training, total_optimizer_steps
 from bloodgen_hf.training.options import option, options_of
 from bloodgen_hf.training.sources import load_training_data
@@ -65,22 +68,21 @@ def build_unet(
     channels: tuple[int, ...] | None = None,
     layers_per_block: int | None = None,
     attention_levels: int | None = None,
+    in_channels: int = 3,
 ) -> UNet2DModel:
     """A UNet2DModel with one class-embedding row per class plus the null class of guidance.
 
-    `channels`, `layers_per_block` and `attention_levels` override the preset (the ablation's knobs)."""
-    if preset not in PRESETS:
-        raise UsageError(f"unknown UNet preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    `channels`, `layers_per_block` and `attention_levels` override the preset (the ablation's knobs);
+    `in_channels` (= out_channels) is 3 for RGB images, an autoencoder's latent channels for a latent model."""
+    channels, layers_per_block, attention_levels = unet_layout(
+        preset, resolution, channels, layers_per_block, attention_levels
+    )
     p = PRESETS[preset]
-    channels = tuple(channels or preset_channels(p, resolution))
-    layers_per_block = p.layers_per_block if layers_per_block is None else layers_per_block
-    attention_levels = p.attention_levels if attention_levels is None else attention_levels
-    check_unet_shape(channels, resolution, layers_per_block, attention_levels, p.norm_num_groups)
     attention = [i >= len(channels) - attention_levels for i in range(len(channels))]
     unet = UNet2DModel(
         sample_size=resolution,
-        in_channels=3,
-        out_channels=3,
+        in_channels=in_channels,
+        out_channels=in_channels,
         block_out_channels=channels,
         layers_per_block=layers_per_block,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
@@ -94,6 +96,25 @@ def build_unet(
     # diffusers would silently drop class_labels in a UNet without class embeddings.
     assert unet.class_embedding is not None and unet.class_embedding.num_embeddings == num_classes + 1
     return unet
+
+
+def unet_layout(
+    preset: str,
+    resolution: int,
+    channels: tuple[int, ...] | None = None,
+    layers_per_block: int | None = None,
+    attention_levels: int | None = None,
+) -> tuple[tuple[int, ...], int, int]:
+    """The checked (channels per level, resnets per level, attention levels) of `preset` with its overrides, for
+    samples of `resolution` px: what build_unet builds, refused in one line before anything is built."""
+    if preset not in PRESETS:
+        raise UsageError(f"unknown UNet preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    channels = tuple(channels or preset_channels(p, resolution))
+    layers_per_block = p.layers_per_block if layers_per_block is None else layers_per_block
+    attention_levels = p.attention_levels if attention_levels is None else attention_levels
+    check_unet_shape(channels, resolution, layers_per_block, attention_levels, p.norm_num_groups)
+    return channels, layers_per_block, attention_levels
 
 
 def preset_channels(p: UNetPreset, resolution: int) -> tuple[int, ...]:
@@ -221,19 +242,36 @@ class DDPMTask(EMATask):
     sampler: str = "dpm++"
     guidance_scale: float = 1.0
     sampler_shift: float = 1.0
+    pipeline_class: ClassVar[type[BloodDDPMPipeline]] = BloodDDPMPipeline  # what it saves (a latent task's: LDM)
 
     @classmethod
     def build(cls, config: TrainConfig, num_images: int, class_names: tuple[str, ...] = CLASS_NAMES) -> DDPMTask:
         o = options_of(DDPMOptions, config.extra)
         check_options(o)
+        return cls.from_options(o, config, num_images, class_names, config.resolution)
+
+    @classmethod
+    def from_options(
+        cls,
+        o: DDPMOptions,
+        config: TrainConfig,
+        num_images: int,
+        class_names: tuple[str, ...],
+        sample_size: int,
+        in_channels: int = 3,
+        **fields,
+    ) -> DDPMTask:
+        """The task of checked options: a UNet for `sample_size` px samples of `in_channels` channels (images, or a
+        latent task's latents), its optimizer, LR schedule and EMA; `fields` are a subclass's own."""
         unet = build_unet(
             o.preset,
-            config.resolution,
+            sample_size,
             num_classes=len(class_names),
             dropout=o.dropout,
             channels=parse_channels(o.channels),
             layers_per_block=o.layers_per_block,
             attention_levels=o.attention_levels,
+            in_channels=in_channels,
         )
         optimizer, lr_scheduler, ema = unet_optimization(unet, o, config, num_images)
         return cls(
@@ -248,6 +286,7 @@ class DDPMTask(EMATask):
             class_names=tuple(class_names),
             sampler=o.sampler,
             guidance_scale=o.guidance_scale,
+            **fields,
         )
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
@@ -299,8 +338,8 @@ class DDPMTask(EMATask):
 
     def pipeline(self, accelerator: Accelerator) -> BloodDDPMPipeline:
         """The EMA UNet with the chosen sampler and defaults: what is saved, and what draws the grids."""
-        pipe = BloodDDPMPipeline(
-            unet=self.ema_unet(accelerator),
+        pipe = self.pipeline_class(
+            **self.pipeline_components(accelerator),
             scheduler=make_scheduler(self.sampler, self.sampler_config()),
             class_names=list(self.class_names),
             default_guidance_scale=self.guidance_scale,
@@ -309,6 +348,10 @@ class DDPMTask(EMATask):
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def pipeline_components(self, accelerator: Accelerator) -> dict[str, torch.nn.Module]:
+        """The pipeline's models: the EMA UNet (a latent task adds its autoencoder)."""
+        return {"unet": self.ema_unet(accelerator)}
 
     def sampler_config(self) -> dict:
         """The noise schedule the saved sampler reads; a student may shift its flow sigmas (--sampler-shift)."""
@@ -352,6 +395,9 @@ def check_options(o: DDPMOptions) -> None:
         raise UsageError(f"--cfg-dropout must be in [0, 1), got {o.cfg_dropout}")
     if o.sampler_steps < 1:
         raise UsageError(f"--sampler-steps must be at least 1, got {o.sampler_steps}")
+    if o.prediction_type == "flow" and o.sampler not in FLOW_SCHEDULERS:  # refused now, not at the first grid
+        flow_samplers = ", ".join(FLOW_SCHEDULERS)
+        raise UsageError(f"--sampler {o.sampler} cannot sample flow matching; choose from: {flow_samplers}")
     if not (math.isfinite(o.guidance_scale) and o.guidance_scale >= 0):
         raise UsageError(f"--guidance-scale must be >= 0, got {o.guidance_scale}")
     if o.guidance_scale != 1 and o.cfg_dropout == 0:

@@ -177,10 +177,12 @@ def load_teacher(name: str) -> BloodDDPMPipeline:
     from bloodgen_hf.registry import load_pipeline, resolve_model
 
     teacher = load_pipeline(name, PartialState().device)
-    if not isinstance(teacher, BloodDDPMPipeline) or not is_flow(teacher.scheduler.config):
-        kind = type(teacher).__name__
+    # exactly the pixel-space class: a BloodLDMPipeline (a subclass) denoises latents, which these pairs are not
+    if type(teacher) is not BloodDDPMPipeline or not is_flow(teacher.scheduler.config):
+        latent = isinstance(teacher, BloodDDPMPipeline) and type(teacher) is not BloodDDPMPipeline
+        kind = type(teacher).__name__ + (" (a latent model)" if latent else " without flow matching")
         raise UsageError(
-            f"--teacher {name} ({resolve_model(name)}) is a {kind} without flow matching; distillation needs a "
+            f"--teacher {name} ({resolve_model(name)}) is a {kind}; distillation needs a "
             "BloodDDPMPipeline trained with --prediction-type flow"
         )
     return teacher

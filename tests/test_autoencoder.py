@@ -1,0 +1,271 @@
+"""Issue 34, first stage: diffusers' stock AutoencoderKL trained on the shared core (training/autoencoder.py),
+its latent scale, exact resume, shape refusals, and the reconstruction metrics (PSNR, SSIM, FD)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from bloodgen_hf.data import load_data, to_model_range
+from bloodgen_hf.evaluation.features import FeatureExtractor, Features
+from bloodgen_hf.evaluation.reconstruction import evaluate_autoencoder, reconstruct, reconstruction_report
+from bloodgen_hf.image_quality import psnr, ssim
+from bloodgen_hf.training import TRAIN_ENTRY_POINTS
+from bloodgen_hf.training.autoencoder import (
+    AutoencoderOptions,
+    build_autoencoder,
+    latent_shape,
+    main,
+)
+from bloodgen_hf.training.checkpoint import load_state
+from tests.conftest import write_fake_bloodmnist
+
+# 32 px (resized from the fake 64 px archive) -> 8x8x4 latents; 48 train images, 6 batches of 8 an epoch.
+TINY = [
+    "--resolution", "32", "--block-out-channels", "4,8,8", "--norm-num-groups", "4", "--no-attention",
+    "--disc-channels", "4", "--disc-layers", "2", "--batch-size", "8", "--cpu-threads", "1",
+    "--log-with", "none", "--log-every", "1",
+]  # fmt: skip
+TIMING = ("images_per_s", "cpu_minutes")  # measured, not computed: they differ between any two runs
+
+
+def train(data_dir: Path, out: Path, *extra: str) -> Path:
+    path = main(["--data-dir", str(data_dir), "--output-dir", str(out), *TINY, *extra])
+    AcceleratorState._reset_state(True)
+    return path
+
+
+def tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for name in ("autoencoder", "discriminator", "training_state"):
+        found.update({f"{name}.{k}": v for k, v in load_file(str(checkpoint / f"{name}.safetensors")).items()})
+    return found
+
+
+def metric_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """3 steps, the discriminator on after 2, a checkpoint each step: (data folder, run folder)."""
+    root = tmp_path_factory.mktemp("autoencoder")
+    data = write_fake_bloodmnist(root / "data", 64)
+    run = root / "run"
+    AcceleratorState._reset_state(True)
+    common = ["--max-steps", "3", "--disc-start", "2", "--disc-weight-mode", "fixed", "--disc-weight", "0.1"]
+    train(data, run, *common, "--checkpoint-every", "1", "--keep-checkpoints", "5", "--sample-every", "3")
+    return data, run
+
+
+# --- the saved AutoencoderKL ---------------------------------------------------------------------------
+
+
+def test_the_saved_folder_is_a_stock_autoencoder_with_the_trained_weights(trained):
+    _, run = trained
+    folder = run / "pipeline"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "provenance.json",
+    ]
+    loaded = AutoencoderKL.from_pretrained(folder)
+    assert type(loaded) is AutoencoderKL and json.loads((folder / "config.json").read_text())["_class_name"] == (
+        "AutoencoderKL"
+    )
+    before = build_autoencoder(
+        AutoencoderOptions(block_out_channels="4,8,8", norm_num_groups=4, attention=False), resolution=32
+    )
+    before.load_state_dict(load_file(str(run / "checkpoints" / "checkpoint-0000003" / "autoencoder.safetensors")))
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        mean_before, mean_after = before.encode(x).latent_dist.mean, loaded.encode(x).latent_dist.mean
+        assert mean_after.shape == (3, 4, 8, 8) and torch.equal(mean_before, mean_after)
+        assert torch.equal(before.decode(mean_before).sample, loaded.decode(mean_after).sample)
+    record = json.loads((folder / "provenance.json").read_text())
+    assert record["records"][record["model"]] | {"init_from": None} == {
+        "dataset": "bloodmnist",
+        "split": "train",
+        "resolution": 32,
+        "num_images": 48,
+        "subset": None,
+        "init_from": None,
+    }
+
+
+def test_scaling_factor_is_one_over_the_std_of_the_training_latents(trained):
+    data, run = trained
+    vae = AutoencoderKL.from_pretrained(run / "pipeline")
+    train_images = torch.from_numpy(load_data("bloodmnist", "train", 32, data).images)  # 48 < --scale-images
+    with torch.no_grad():
+        latents = vae.encode(to_model_range(train_images)).latent_dist.mode()
+    assert vae.config.scaling_factor == pytest.approx(1 / latents.double().std().item(), rel=1e-5)
+    assert vae.config.scaling_factor != AutoencoderKL().config.scaling_factor  # not diffusers' default 0.18215
+
+
+def test_the_discriminator_only_starts_after_disc_start(trained):
+    _, run = trained
+    checkpoints = [run / "checkpoints" / f"checkpoint-000000{s}" for s in (1, 2, 3)]
+    discs = [load_file(str(c / "discriminator.safetensors")) for c in checkpoints]
+    assert all(torch.equal(discs[0][k], discs[1][k]) for k in discs[0])  # untouched for 2 steps
+    assert any(not torch.equal(discs[1][k], discs[2][k]) for k in discs[1])  # updated at step 3
+    states = [load_state(c / "training_state") for c in checkpoints]
+    assert not states[1]["optimizers"]["discriminator"]["state"] and states[2]["optimizers"]["discriminator"]["state"]
+    assert [s["extra"]["step"] for s in states] == [1, 2, 3]
+    rows = metric_rows(run)
+    assert ["loss_d" in r for r in rows] == [False, False, True]
+    assert rows[2]["adv_weight"] == 0.1 and {"l1", "kl", "psnr", "loss_adv", "score_real"} <= rows[2].keys()
+
+
+def test_progress_grid_shows_real_rows_over_their_reconstructions(trained):
+    from PIL import Image
+
+    _, run = trained
+    grid = np.asarray(Image.open(run / "samples" / "step_0000003.png"))
+    tile = 32 + 2  # 32 of the 48 training images: 4 rows of 8 real ones, each above its 8 reconstructions
+    assert grid.shape == (8 * tile + 2, 8 * tile + 2, 3)
+    real_row, recon_row = grid[2 : 2 + 32], grid[2 + tile : 2 + tile + 32]
+    assert not np.array_equal(real_row, recon_row)
+
+
+def test_bloodgen_hf_train_knows_the_autoencoder():
+    assert TRAIN_ENTRY_POINTS["autoencoder"].__name__ == "_autoencoder_main"
+
+
+# --- exact resume ------------------------------------------------------------------------------------
+
+
+def test_resume_reproduces_uninterrupted_training(tmp_path):
+    """4 steps straight == 2, stop, resume to 4: both models, both optimizers, the step counter, the RNG.
+
+    The discriminator starts after 1 step, so it and its optimizer hold state at the interruption, and a step
+    counter that came back as 0 would switch it off again. SSIM and the adaptive weight are on."""
+    data = write_fake_bloodmnist(tmp_path / "data", 64)
+    common = ["--disc-start", "1", "--ssim-weight", "0.2", "--checkpoint-every", "2", "--keep-checkpoints", "5"]
+    train(data, tmp_path / "full", *common, "--max-steps", "4")
+    train(data, tmp_path / "split", *common, "--max-steps", "2")
+    train(data, tmp_path / "split", *common, "--max-steps", "4", "--resume", "latest")
+    full, split = (tmp_path / name / "checkpoints" / "checkpoint-0000004" for name in ("full", "split"))
+    a, b = tensors(full), tensors(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (full / "training_state.json").read_text() == (split / "training_state.json").read_text()
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "split")
+    assert {"ssim", "loss_d"} <= metric_rows(tmp_path / "full")[-1].keys()
+    scale = (AutoencoderKL.load_config(tmp_path / name / "pipeline")["scaling_factor"] for name in ("full", "split"))
+    assert len(set(scale)) == 1
+
+
+# --- refusals ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--resolution", "30"], "--resolution 30 is not divisible by --spatial-factor 4"),
+        (["--resolution", "28"], "gives a 7x7 latent; the latent UNet needs a side that is a multiple of 4"),
+        (["--spatial-factor", "3"], "--spatial-factor must be a power of 2"),
+        (["--spatial-factor", "8"], "has 3 levels, which halve the image 2 times; --spatial-factor 8 needs 4"),
+        (["--latent-channels", "0"], "--latent-channels must be at least 1"),
+        (["--block-out-channels", "4,6,8"], "must be multiples of --norm-num-groups 4"),
+        (["--disc-layers", "5"], "leave no patch to score in a 32-pixel image"),
+        (["--kl-weight", "-1"], "--kl-weight must be >= 0"),
+        (["--split", "all"], "trains on --split train (or val), not 'all'"),
+    ],
+)
+def test_bad_shapes_and_options_are_refused_in_one_line_before_reading_data(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as err:
+        train(tmp_path / "no-data-here", tmp_path / "bad", "--max-steps", "1", *extra)
+    assert err.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: ") and message in line and "\n" not in line, line
+
+
+def test_latent_shape_for_the_latent_model():
+    assert latent_shape(64) == (4, 16, 16)
+    assert latent_shape(64, 4, 8) == (8, 16, 16)
+    assert latent_shape(128, 8, 4) == (4, 16, 16)
+
+
+# --- PSNR, SSIM and the report -----------------------------------------------------------------------
+
+
+def test_identical_images_have_ssim_one_and_infinite_psnr():
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ssim(x, x), torch.ones(4))
+    assert torch.isinf(psnr(x, x)).all()
+
+
+def test_known_noise_gives_the_expected_psnr_and_lower_ssim():
+    generator = torch.Generator().manual_seed(0)
+    x = 0.2 + 0.6 * torch.rand(2, 3, 32, 32, generator=generator, dtype=torch.float64)
+    signs = torch.randint(0, 2, x.shape, generator=generator) * 2 - 1
+    for amplitude, expected_db in ((0.1, 20.0), (0.01, 40.0)):
+        torch.testing.assert_close(psnr(x + amplitude * signs, x), torch.full((2,), expected_db, dtype=torch.float64))
+    assert 1 > ssim(x + 0.01 * signs, x).min() > ssim(x + 0.1 * signs, x).max() > 0
+    # on the [-1, 1] range (data_range 2) the same noise is half as large
+    torch.testing.assert_close(psnr(2 * x + 0.2 * signs, 2 * x, data_range=2.0), torch.full((2,), 20.0).double())
+
+
+def test_ssim_matches_scikit_image():
+    metrics = pytest.importorskip("skimage.metrics")
+    rng = np.random.default_rng(0)
+    a = rng.random((32, 32, 3))
+    b = np.clip(a + 0.2 * rng.standard_normal(a.shape), 0, 1)
+    expected = metrics.structural_similarity(
+        a, b, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0
+    )
+    as_batch = lambda image: torch.from_numpy(image).permute(2, 0, 1)[None]  # noqa: E731
+    assert ssim(as_batch(b), as_batch(a)).item() == pytest.approx(expected, abs=1e-9)
+
+
+class ShiftingAutoencoder(torch.nn.Module):
+    """An 'autoencoder' whose reconstruction is the image plus `shift` uint8 levels in a checkerboard."""
+
+    def __init__(self, shift: int):
+        super().__init__()
+        self.shift = shift
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # reconstruct() reads the device from its parameters
+
+    def encode(self, x: torch.Tensor):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x))
+
+    def decode(self, z: torch.Tensor):
+        board = (torch.arange(z.shape[-1])[None, :] + torch.arange(z.shape[-2])[:, None]) % 2 * 2 - 1
+        return SimpleNamespace(sample=z + board * self.shift / 127.5)
+
+
+class PixelFeatures(FeatureExtractor):
+    name = "pixels"
+
+    def extract(self, images: np.ndarray, progress: bool = True, desc: str = "") -> Features:
+        return Features(images.reshape(len(images), -1)[:, :8].astype(np.float32) / 255)
+
+
+def test_reconstruction_report_psnr_ssim_and_fd():
+    rng = np.random.default_rng(0)
+    images = rng.integers(30, 220, size=(6, 32, 32, 3), dtype=np.uint8)
+    exact = reconstruction_report(ShiftingAutoencoder(0), images, PixelFeatures())
+    assert exact["ssim"] == 1.0 and exact["psnr"] == float("inf") and exact["fd_pixels"] == pytest.approx(0, abs=1e-6)
+    shifted = reconstruct(ShiftingAutoencoder(10), images)
+    assert np.abs(shifted.astype(int) - images).max() == 10
+    noisy = reconstruction_report(ShiftingAutoencoder(10), images, PixelFeatures(), reconstructions=shifted)
+    assert noisy["psnr"] == pytest.approx(20 * np.log10(255 / 10)) == noisy["psnr_of_mean_mse"]
+    assert noisy["l1"] == pytest.approx(10 / 255) and 0 < noisy["ssim"] < 1 and noisy["fd_pixels"] > 0
+    assert noisy["num_images"] == 6
+
+
+def test_evaluate_autoencoder_on_the_test_split(trained):
+    data, run = trained
+    report, reconstructions = evaluate_autoencoder(run / "pipeline", "test", data)
+    assert report["split"] == "test" and report["resolution"] == 32 and report["num_images"] == 16
+    assert reconstructions.shape == (16, 32, 32, 3) and reconstructions.dtype == np.uint8
+    assert np.isfinite(report["psnr"]) and -1 < report["ssim"] < 1
