@@ -113,6 +113,9 @@ def find_train_config(folder: Path) -> dict | None:
     return None
 
 
+COMMA_JOINED = ("checkpoint_cpu_minutes",)  # list options whose flag takes one comma-separated value
+
+
 def training_command(family: str, config: dict) -> str:
     """The recorded command line of the run; for older runs, `bloodgen-hf train <family> ...` rebuilt from
     the saved TrainConfig (resume left out)."""
@@ -123,10 +126,12 @@ def training_command(family: str, config: dict) -> str:
     words = ["bloodgen-hf", "train", family]
     for key, value in options.items():
         flag = key.replace("_", "-")
-        if value is None:
+        if value is None or value in ((), []):
             continue
         if isinstance(value, bool):
             words.append(f"--{flag}" if value else f"--no-{flag}")
+        elif key in COMMA_JOINED:
+            words += [f"--{flag}", ",".join(f"{v:g}" for v in value)]
         elif isinstance(value, (list, tuple)):
             words += [f"--{flag}", *map(str, value)]
         else:

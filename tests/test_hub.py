@@ -218,7 +218,7 @@ def gan_train_config(folder: Path) -> dict:
     config = TrainConfig(output_dir=str(folder.parent), data_dir="../shared/data", epochs=15, log_every=50)
     config.extra = {"loss": "hinge", "latent_dim": 16, "base_channels": 8, "spectral_norm": False, "diffaugment": ""}
     (folder / "train_config.json").write_text(json.dumps(config.__dict__, indent=2))
-    return config.__dict__
+    return json.loads(json.dumps(config.__dict__))  # as read back: JSON has lists where the config has tuples
 
 
 # --- remote code ---------------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def test_training_command_parses_back_to_the_same_config(tmp_path):
     words = shlex.split(training_command("gan", saved))
     assert words[:3] == ["bloodgen-hf", "train", "gan"]
     parser = add_gan_arguments(add_train_arguments(argparse.ArgumentParser()))
-    parsed = config_from_args(parser.parse_args(words[3:])).__dict__
+    parsed = json.loads(json.dumps(config_from_args(parser.parse_args(words[3:])).__dict__))  # as it is saved
     assert {k: v for k, v in parsed.items() if k != "extra"} == {k: v for k, v in saved.items() if k != "extra"}
     assert {k: parsed["extra"][k] for k in saved["extra"]} == saved["extra"]
 

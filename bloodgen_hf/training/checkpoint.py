@@ -135,7 +135,8 @@ def save_checkpoint(
 ) -> Path:
     """checkpoints/checkpoint-<step>/: weights (safetensors), optimizer/EMA/RNG state (safetensors +
     JSON), the run's settings (config.json, checked on resume), written to a temporary folder, fsynced
-    and renamed, so a crash or a full disk never leaves a half checkpoint or harms the earlier ones."""
+    and renamed, so a crash or a full disk never leaves a half checkpoint or harms the earlier ones.
+    Then all but the last `keep` are deleted, except those written at a CPU-minute mark (`cpu_marks`)."""
     final = out / "checkpoints" / f"checkpoint-{progress['step']:07d}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -154,9 +155,19 @@ def save_checkpoint(
         tmp.rename(final)
         fsync_dir(final.parent)
         for old in sorted(final.parent.glob("checkpoint-???????"))[:-keep]:
-            remove(old)
+            if not cpu_marks(old):
+                remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def cpu_marks(checkpoint: Path) -> list[float]:
+    """The --checkpoint-cpu-minutes marks a checkpoint was written for (its progress.json's "cpu_marks"):
+    such checkpoints are kept when older ones are pruned."""
+    try:
+        return json.loads((checkpoint / "progress.json").read_text()).get("cpu_marks", [])
+    except (OSError, ValueError):  # an unreadable checkpoint is no marked one
+        return []
 
 
 def write_checkpoint(task: Checkpointable, accelerator: Accelerator, tmp: Path, progress: dict, settings: dict) -> None:

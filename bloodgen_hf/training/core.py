@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -57,6 +58,17 @@ class ErrorExit(SystemExit):
         return self.message
 
 
+def cpu_minute_marks(text: str) -> tuple[float, ...]:
+    """`--checkpoint-cpu-minutes 15,30,60`: positive CPU minutes, sorted ('' = none)."""
+    try:
+        marks = tuple(sorted({float(m) for m in text.split(",") if m.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated minutes such as 15,30,60, got {text!r}") from None
+    if not all(math.isfinite(m) and m > 0 for m in marks):
+        raise argparse.ArgumentTypeError(f"takes positive minutes, got {text!r}")
+    return marks
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/model"
@@ -85,6 +97,15 @@ class TrainConfig:
     subset_fraction: float | None = None
     subset_seed: int = 0
     cpu_budget_minutes: float | None = None  # stop after this much process CPU time (ablations at equal cost)
+    # Also checkpoint at the first step past each of these process CPU minutes (benchmarks/quality_vs_cpu.py
+    # scores them); such checkpoints record their marks and are kept whatever --keep-checkpoints says.
+    checkpoint_cpu_minutes: tuple[float, ...] = option(
+        (),
+        "also write a checkpoint when the run's process CPU time first passes each of these minutes, e.g. "
+        "15,30,60,120,240; those checkpoints are never pruned by --keep-checkpoints",
+        type=cpu_minute_marks,
+        metavar="M1,M2,...",
+    )
     # Torch threads per process on CPU; None = the usable cores / processes. `accelerate launch` sets
     # OMP_NUM_THREADS=1, which left one of two cores idle in a single-process run.
     cpu_threads: int | None = None
@@ -160,6 +181,11 @@ class EMATask(TrainTask):
         copy.load_state_dict(live.state_dict())
         self.ema.copy_to(copy.parameters())
         return copy.eval()
+
+
+def crossed_marks(marks: tuple[float, ...], cpu_before: float, cpu_now: float) -> list[float]:
+    """The CPU-minute marks a step passed: above the CPU seconds before it, at or below those after it."""
+    return [m for m in marks if cpu_before < m * 60 <= cpu_now]
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> argparse.ArgumentParser:
@@ -289,6 +315,7 @@ def train_locked(task: TrainTask, config: TrainConfig, accelerator: Accelerator,
             trim_metrics(out / "metrics.jsonl", step)
     check_cpu_budget(config, accelerator)
     cpu_started = time.process_time() - cpu_used
+    cpu_before = cpu_used  # CPU seconds at the last step, for --checkpoint-cpu-minutes
     balance_labels = dataset.labels if config.balanced_batches else None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -339,8 +366,11 @@ def train_locked(task: TrainTask, config: TrainConfig, accelerator: Accelerator,
                     bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "epoch"})
                 if config.sample_every and step % config.sample_every == 0:
                     save_sample_grid(task, accelerator, out / "samples" / f"step_{step:07d}.png")
-                if step % config.checkpoint_every == 0 or step == total_steps:
+                marks = crossed_marks(tuple(config.checkpoint_cpu_minutes), cpu_before, cpu_used)
+                cpu_before = cpu_used
+                if step % config.checkpoint_every == 0 or step == total_steps or marks:
                     progress = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "cpu_seconds": cpu_used}
+                    progress.update({"cpu_marks": marks} if marks else {})  # kept by save_checkpoint's pruning
                     save_checkpoint(task, accelerator, out, progress, config.keep_checkpoints, settings)
                 if step >= total_steps:
                     break
@@ -418,6 +448,13 @@ def save_sample_grid(task: TrainTask, accelerator: Accelerator, path: Path) -> N
 
 
 def check_cpu_budget(config: TrainConfig, accelerator: Accelerator) -> None:
+    """--cpu-budget-minutes and --checkpoint-cpu-minutes: positive, and with one process (each rank has its
+    own CPU time, so ranks would stop or checkpoint at different steps and wait for each other forever)."""
+    marks = tuple(config.checkpoint_cpu_minutes)
+    if not all(isinstance(m, (int, float)) and math.isfinite(m) and m > 0 for m in marks):
+        raise UsageError(f"--checkpoint-cpu-minutes takes positive minutes, got {list(marks)}")
+    if marks and accelerator.num_processes > 1:
+        raise UsageError("--checkpoint-cpu-minutes works with one process; use --checkpoint-every with several")
     if config.cpu_budget_minutes is None:
         return
     if not config.cpu_budget_minutes > 0:

@@ -1,5 +1,9 @@
-"""GAN losses and DiffAugment (Zhao et al. 2020): differentiable augmentation applied to real and
-fake images alike, so a discriminator on ~17k images cannot simply memorise them."""
+"""GAN losses, R1, DiffAugment (Zhao et al. 2020) and its adaptive form (ADA, Karras et al. 2020).
+
+DiffAugment: differentiable augmentation applied to real and fake images alike, so a discriminator on ~17k
+images cannot simply memorise them. ADA applies the same operations, each to an image with probability p,
+and moves p with the discriminator's overfitting signal r_t = E[sign(D(real))]: augmentation only as
+strong as the discriminator's overfitting calls for (always-on DiffAugment once collapsed this GAN)."""
 
 from __future__ import annotations
 
@@ -46,13 +50,45 @@ def gradient_penalty(scores: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor
     return (grads.flatten(1).norm(dim=1) - 1).pow(2).mean()
 
 
+def r1_penalty(real_scores: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): E||d D(real) / d real||^2, the squared gradient norm on real images (the
+    caller weighs it by gamma / 2); `real_images` must require gradients and have produced `real_scores`."""
+    (grads,) = torch.autograd.grad(real_scores.sum(), real_images, create_graph=True)
+    return grads.flatten(1).pow(2).sum(dim=1).mean()
+
+
+def augment_names(policy: str, flag: str = "DiffAugment policy") -> list[str]:
+    """The operations of a comma-separated policy ('' = none), refusing an unknown one by name."""
+    names = [p.strip() for p in policy.split(",") if p.strip()]
+    for name in names:
+        if name not in _AUGMENTS:
+            raise UsageError(f"unknown {flag} {name!r}; choose from: {', '.join(_AUGMENTS)}")
+    return names
+
+
 def diff_augment(x: torch.Tensor, policy: str = "color,translation,cutout") -> torch.Tensor:
     """Apply the comma-separated augmentations in `policy` ('' = none), each differentiable."""
-    for name in filter(None, (p.strip() for p in policy.split(","))):
-        if name not in _AUGMENTS:
-            raise UsageError(f"unknown DiffAugment policy {name!r}; choose from: {', '.join(_AUGMENTS)}")
+    for name in augment_names(policy):
         x = _AUGMENTS[name](x)
     return x.contiguous()
+
+
+def adaptive_augment(x: torch.Tensor, policy: str, p: float) -> torch.Tensor:
+    """ADA: each operation of `policy` applied to each image with probability `p` (nothing drawn at p = 0)."""
+    if p <= 0:
+        return x
+    for name in augment_names(policy, "--ada-policy operation"):
+        chosen = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < p
+        x = torch.where(chosen, _AUGMENTS[name](x), x)
+    return x.contiguous()
+
+
+def ada_adjust(p: float, overfit: float, target: float, images: int, kimg: float) -> float:
+    """ADA's update of p: up when r_t = E[sign(D(real))] (`overfit`) is above `target`, down when below, by
+    `images` / (kimg * 1000), so p can cross [0, 1] in `kimg` thousand images; clipped to [0, 1]."""
+    step = images / (kimg * 1000)
+    direction = (overfit > target) - (overfit < target)
+    return min(1.0, max(0.0, p + direction * step))
 
 
 def _color(x: torch.Tensor) -> torch.Tensor:

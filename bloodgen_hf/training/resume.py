@@ -28,6 +28,7 @@ RESUME_MAY_CHANGE = frozenset(
         "overwrite",
         "init_from",
         "checkpoint_every",
+        "checkpoint_cpu_minutes",
         "keep_checkpoints",
         "sample_every",
         "log_every",
