@@ -29,7 +29,7 @@ AUGMENT_FORMATS = ("png", "hf-dataset")
 class Recipe:
     """How many synthetic images join each class: `ratio` x its real images, or (`balance`) up to the largest."""
 
-    ratio: float = 1.0
+    ratio: float = 2.0  # `bloodgen-hf augment`'s default: the best recipe measured (docs/augmentation.md)
     balance: bool = False
 
     def check(self) -> None:

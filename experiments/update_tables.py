@@ -9,8 +9,9 @@ A table is marked in the markdown by two comments; the first names the study's r
     python experiments/update_tables.py            # rewrite every marked table
     python experiments/update_tables.py --check    # exit 1 if one differs from its results.json (tests/test_docs.py)
 
-Options after `key=`: `rows=` (';'-separated row labels, in order; default every row), `cpu=1` (CPU minutes in
-each cell), `label=` (the first column's heading; '_' for spaces).
+`key=` accuracy or macro_f1 (mean ± std, change against real), or classwise (F1 per class, `fractions=0.01,0.1`).
+`rows=` (';'-separated row labels, in order; default every row), `cpu=1` (CPU minutes in each cell), `label=` (the
+first column's heading; '_' for spaces).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from bloodgen_hf.evaluation.augment_study import study_table, summarize_study
+from bloodgen_hf.evaluation.augment_study import classwise_table, study_table, summarize_study
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKED = re.compile(r"(<!-- augment-table (.*?) -->\n)(.*?)(<!-- /augment-table -->)", re.S)
@@ -44,7 +45,11 @@ def table(text: str) -> str:
     rows = options["rows"].split(";") if "rows" in options else None
     label = options.get("label", "training_set").replace("_", " ")
     summary = summarize_study(results["runs"])
-    lines = study_table(summary, options["key"], options.get("cpu") == "1", rows, label)
+    if options["key"] == "classwise":
+        fractions = [float(f) for f in options["fractions"].split(",")] if "fractions" in options else None
+        lines = classwise_table(summary, results["class_names"], rows, fractions)
+    else:
+        lines = study_table(summary, options["key"], options.get("cpu") == "1", rows, label)
     return "\n".join(lines) + "\n"
 
 

@@ -252,7 +252,7 @@ def read_manifest(folder: Path) -> list[dict]:
 
 def test_augment_writes_real_and_synthetic_images_marked_in_the_manifest(tiny_gan_dir, fake_data_dir, tmp_path):
     out = tmp_path / "aug"
-    args = ["--model", tiny_gan_dir, "--data-dir", fake_data_dir, "--synthetic-ratio", "2", "--device", "cpu"]
+    args = ["--model", tiny_gan_dir, "--data-dir", fake_data_dir, "--device", "cpu"]  # the default recipe: 2x
     result = invoke("augment", *args, "--out", out, "--seed", "5")
     assert result.exit_code == 0, result.output
     rows = read_manifest(out)

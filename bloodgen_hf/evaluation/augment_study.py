@@ -842,10 +842,7 @@ def write_study_report(results: dict, out: Path, html: bool = False) -> None:
         )
     lines += ["", "## Class-wise F1 (mean over seeds)", ""]
     class_names = results.get("class_names") or list(CLASS_NAMES)
-    lines.append("| training set | fraction | " + " | ".join(class_names) + " |")
-    lines.append("|---" * (len(class_names) + 2) + "|")
-    for e in summary:
-        lines.append(f"| {e['row']} | {e['fraction']:g} | " + " | ".join(f"{v:.3f}" for v in e["f1"]["mean"]) + " |")
+    lines += classwise_table(summary, class_names)
     lines += ["", "![accuracy](accuracy.png)", "", "![confusion matrices](confusion.png)"]
     rows = list(dict.fromkeys(e["row"] for e in summary))
     plot_study(summary, rows, fractions, out, class_names)
@@ -854,6 +851,22 @@ def write_study_report(results: dict, out: Path, html: bool = False) -> None:
         lines += ["", "![val curves](val_curves.png)"]
         plot_val_curves(results["runs"], rows, fractions, out)
     write_markdown_report(lines, out, html)
+
+
+def classwise_table(
+    summary: list[dict], class_names, only: list[str] | None = None, fractions: list[float] | None = None
+) -> list[str]:
+    """Class-wise F1 (mean over seeds) per cell: every cell, or the rows `only` (in that order) at `fractions`."""
+    cells = summary
+    if only is not None:
+        rank = {row: i for i, row in enumerate(only)}
+        cells = sorted((e for e in summary if e["row"] in rank), key=lambda e: (e["fraction"], rank[e["row"]]))
+    cells = [e for e in cells if fractions is None or e["fraction"] in fractions]
+    lines = ["| training set | fraction | " + " | ".join(class_names) + " |", "|---" * (len(class_names) + 2) + "|"]
+    for e in cells:
+        f1 = " | ".join(f"{v:.3f}" for v in e["f1"]["mean"])
+        lines.append(f"| {e['row']} | {e['fraction']:.0%} | {f1} |")
+    return lines
 
 
 def generator_lines(generators: list[dict]) -> list[str]:
