@@ -27,9 +27,7 @@ after training, which is where diffusers keeps the factor a latent model multipl
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +42,7 @@ from bloodgen_hf.io import make_grid
 from bloodgen_hf.models.patch_discriminator import PatchDiscriminator, patch_side
 from bloodgen_hf.pipelines.blood_pipeline_utils import write_provenance
 from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training
-from bloodgen_hf.training.gan_losses import discriminator_loss, generator_loss
+from bloodgen_hf.training.gan_losses import discriminator_loss, frozen, generator_loss
 from bloodgen_hf.training.options import option, options_of
 from bloodgen_hf.training.sources import load_training_data
 
@@ -216,17 +214,6 @@ def latent_scaling_factor(vae: AutoencoderKL, images_uint8: torch.Tensor, batch_
 
 
 # --- the loss -----------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def frozen(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The bare model (no DDP bookkeeping) with its weights frozen while a graph is built through it, so the
-    autoencoder's backward leaves no gradient in the discriminator."""
-    bare = accelerator.unwrap_model(model).requires_grad_(False)
-    try:
-        yield bare
-    finally:
-        bare.requires_grad_(True)
 
 
 def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,9 @@ strong as the discriminator's overfitting calls for (always-on DiffAugment once 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -33,15 +36,22 @@ def generator_loss(kind: str, fake_scores: torch.Tensor) -> torch.Tensor:
     raise UsageError(f"unknown GAN loss {kind!r}; choose from: {', '.join(GAN_LOSSES)}")
 
 
-def frozen_scores(accelerator, discriminator, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The discriminator's scores for a generator's loss: through the bare model (no DDP bookkeeping, so not
-    a second D forward) with its weights frozen while the graph is built, so that loss's backward leaves no
-    gradient in D (its weights are not in the graph, so they may require gradients again at once)."""
+@contextlib.contextmanager
+def frozen(accelerator, discriminator: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The bare discriminator (no DDP bookkeeping, so not a second D forward) with its weights frozen while a
+    generator's loss is built through it, so that loss's backward leaves no gradient in D (its weights are not
+    in the graph, so they may require gradients again at once)."""
     critic = accelerator.unwrap_model(discriminator).requires_grad_(False)
     try:
-        return critic(images, labels)
+        yield critic
     finally:
         critic.requires_grad_(True)
+
+
+def frozen_scores(accelerator, discriminator, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The class-conditional discriminator's scores for the generator's loss (see `frozen`)."""
+    with frozen(accelerator, discriminator) as critic:
+        return critic(images, labels)
 
 
 def gradient_penalty(scores: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
