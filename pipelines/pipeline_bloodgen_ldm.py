@@ -14,6 +14,11 @@ from .blood_pipeline_utils import UsageError
 from .pipeline_bloodgen_ddpm import BloodDDPMPipeline
 
 
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """How many pixels one latent covers along each side: 2 per downsampling level of the autoencoder."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def check_latent_shape(vae: AutoencoderKL, unet: UNet2DModel) -> None:
     """The UNet must denoise the autoencoder's latents: as many channels in and out as the latents have, and a
     positive finite latent scale (`scaling_factor`, 1/std of the training latents) to undo before decoding."""
@@ -65,8 +70,8 @@ class BloodLDMPipeline(BloodDDPMPipeline):
 
     @property
     def vae_scale_factor(self) -> int:
-        """How many pixels one latent covers along each side: 2 per downsampling level of the autoencoder."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """How many pixels one latent covers along each side (see the module's vae_scale_factor)."""
+        return vae_scale_factor(self.vae)
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Denoised latents (scaled to unit variance) -> [-1, 1] images, through the autoencoder's decoder."""

@@ -43,6 +43,7 @@ from bloodgen_hf.data import CLASS_NAMES, to_model_range
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.pipelines import BloodLDMPipeline
 from bloodgen_hf.pipelines.blood_pipeline_utils import PROVENANCE_NAME, read_provenance_file
+from bloodgen_hf.pipelines.pipeline_bloodgen_ldm import vae_scale_factor
 from bloodgen_hf.provenance import content_sha256
 from bloodgen_hf.registry import ModelLoadError, load_component
 from bloodgen_hf.training.core import TrainConfig, run_training
@@ -120,15 +121,10 @@ def load_autoencoder(path: str | None) -> AutoencoderKL:
     return vae.requires_grad_(False).eval()
 
 
-def downsampling(vae: AutoencoderKL) -> int:
-    """Pixels per latent along each side: 2 per encoder level after the first (BloodLDMPipeline.vae_scale_factor)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def latent_shape(vae: AutoencoderKL, resolution: int) -> tuple[int, int, int]:
     """(channels, size, size) of the latents of `resolution` px images; a size the encoder cannot halve whole is
     refused (its latents would not decode back to `resolution` px)."""
-    factor = downsampling(vae)
+    factor = vae_scale_factor(vae)
     if resolution % factor:
         raise UsageError(
             f"--resolution {resolution} is not a multiple of {factor}, the autoencoder's downsampling factor: "
