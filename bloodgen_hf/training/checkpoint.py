@@ -196,16 +196,21 @@ def resolve_resume(out: Path, resume: str) -> Path:
     return found[-1]
 
 
-def load_checkpoint(task: Checkpointable, accelerator: Accelerator, path: Path) -> tuple[int, int, int, float]:
-    """Restore the task's state and this rank's RNG; (step, epoch, batch in the epoch, CPU seconds used)."""
-    if not (path / "progress.json").is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint folder (no progress.json)")
+def load_model_weights(task: Checkpointable, accelerator: Accelerator, path: Path) -> None:
+    """The checkpoint's weights into the task's (unwrapped) models; a damaged file is named."""
     for name, model in task.models.items():
         file = path / f"{name}.safetensors"
         try:
             accelerator.unwrap_model(model).load_state_dict(load_file(str(file)))
-        except Exception as err:
+        except Exception as err:  # safetensors raises its own error type for damaged files
             raise CheckpointError(f"cannot load {file}: {err}") from err
+
+
+def load_checkpoint(task: Checkpointable, accelerator: Accelerator, path: Path) -> tuple[int, int, int, float]:
+    """Restore the task's state and this rank's RNG; (step, epoch, batch in the epoch, CPU seconds used)."""
+    if not (path / "progress.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no progress.json)")
+    load_model_weights(task, accelerator, path)
     state = load_state(path / "training_state")
     for name, optimizer in task.optimizers.items():
         optimizer.load_state_dict(state["optimizers"][name])

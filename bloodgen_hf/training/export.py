@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.io import atomic_path
 from bloodgen_hf.provenance import portable_provenance
-from bloodgen_hf.training.checkpoint import CheckpointError, load_state
+from bloodgen_hf.training.checkpoint import load_model_weights, load_state
 from bloodgen_hf.training.core import TrainConfig, TrainTask
 from bloodgen_hf.training.ddpm import DDPMTask
 from bloodgen_hf.training.gan import GANTask
@@ -63,12 +62,7 @@ def run_config(run: Path, data_dir: str | None = None) -> tuple[TrainConfig, dic
 
 def load_weights(task: TrainTask, checkpoint: Path) -> None:
     """The checkpoint's models and extra state (EMA, counters) into the task; optimizers and RNG are left alone."""
-    for name, model in task.models.items():
-        file = checkpoint / f"{name}.safetensors"
-        try:
-            model.load_state_dict(load_file(str(file)))
-        except Exception as err:  # safetensors raises its own error type for damaged files
-            raise CheckpointError(f"cannot load {file}: {err}") from err
+    load_model_weights(task, NoAccelerator(), checkpoint)
     task.load_extra_state(load_state(checkpoint / "training_state")["extra"])
 
 
