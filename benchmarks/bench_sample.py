@@ -1,11 +1,13 @@
 """Time the README's command, `bloodgen-hf sample --n 10000`, end to end for the default model, its
-10-step teacher and the GAN, in one run, and print the ratios.
+10-step teacher and the GAN, or any bundled models and pipeline folders (a 64 px latent model beside the 28 px
+default), in one run, and print each against the baseline.
 
-    python benchmarks/bench_sample.py [--n 10000] [--models default,ddpm,gan] [--format png]
+    python benchmarks/bench_sample.py [--n 10000] [--models default,ddpm,gan] [--baseline default] [--format png]
+    python benchmarks/bench_sample.py --models ddpm-fast runs/ldm-student/pipeline
 
 Each model runs the real CLI in a fresh process (start-up, imports, loading, sampling and writing the
-PNGs all count), one after the other. The target (issue 14): the default model writes 10,000 PNGs in
-<= 60 s on this project's 2-core CPU.
+PNGs all count), one after the other; the image size each wrote is printed beside its time. The target
+(issue 14): the default model writes 10,000 PNGs in <= 60 s on this project's 2-core CPU.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from bloodgen_hf.process import cpu_name
 
 TARGET_SECONDS = 60.0
 
 
-def time_sample(model: str | None, n: int, fmt: str, folder: Path) -> float:
-    """Wall seconds of one `bloodgen-hf sample` process (the default model when `model` is None)."""
-    out = folder / f"{model or 'default'}.{fmt}"
+def time_sample(model: str | None, n: int, fmt: str, out: Path) -> float:
+    """Wall seconds of one `bloodgen-hf sample` process writing to `out` (the default model when `model` is None)."""
     command = [
         shutil.which("bloodgen-hf") or "bloodgen-hf",
         "sample",
@@ -45,26 +49,53 @@ def time_sample(model: str | None, n: int, fmt: str, folder: Path) -> float:
     return seconds
 
 
+def image_size(out: Path, fmt: str) -> str:
+    """ "HxW" of the images a `sample` run wrote to `out` (a PNG folder or an npz)."""
+    if fmt == "npz":
+        with np.load(out) as archive:
+            height, width = archive["images"].shape[1:3]
+        return f"{height}x{width}"
+    with Image.open(next(out.rglob("*.png"))) as image:
+        return f"{image.height}x{image.width}"
+
+
+def parse_models(given: list[str]) -> list[str]:
+    """Model names and folders, given apart (`--models a b`) or comma-joined (`--models a,b`) or both."""
+    return [m.strip() for item in given for m in item.split(",") if m.strip()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000)
-    parser.add_argument("--models", default="default,ddpm,gan", help="'default' = no --model (the README command)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["default,ddpm,gan"],
+        help="bundled names or pipeline folders; 'default' = no --model (the README command)",
+    )
+    parser.add_argument(
+        "--baseline", help="the model the others are compared with (default: 'default' if timed, else the first)"
+    )
     parser.add_argument("--format", choices=["png", "npz"], default="png")
     args = parser.parse_args()
     from bloodgen_hf.cli import DEFAULT_MODEL
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = parse_models(args.models)
+    baseline = args.baseline or ("default" if "default" in models else models[0])
+    if baseline not in models:
+        parser.error(f"--baseline {baseline} is not one of --models {', '.join(models)}")
     print(f"bloodgen-hf sample --n {args.n} --format {args.format}; {os.cpu_count()} CPUs ({cpu_name()})")
     print(f"default model: {DEFAULT_MODEL}")
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for model in models:
-            times[model] = time_sample(None if model == "default" else model, args.n, args.format, Path(tmp))
-            print(f"{model:12s} {times[model]:8.1f} s  {args.n / times[model]:7.0f} images/s", flush=True)
-    if "default" in times:
-        for model, seconds in times.items():
-            if model != "default":
-                print(f"default vs {model:10s} {seconds / times['default']:6.2f} x faster")
+        for i, model in enumerate(models):
+            out = Path(tmp) / f"{i}.{args.format}"
+            times[model] = time_sample(None if model == "default" else model, args.n, args.format, out)
+            size = image_size(out, args.format)
+            print(f"{model:12s} {times[model]:8.1f} s  {args.n / times[model]:7.0f} images/s  {size}", flush=True)
+    for model, seconds in times.items():
+        if model != baseline:
+            print(f"{baseline} vs {model:10s} {seconds / times[baseline]:6.2f} x faster")
     if args.n == 10_000 and args.format == "png":
         for model, seconds in times.items():
             verdict = "meets" if seconds <= TARGET_SECONDS else "MISSES"

@@ -23,7 +23,7 @@ import resource
 import sys
 from pathlib import Path
 
-from ablate_ddpm import ROOT, run, score_samples
+from ablate import ROOT, run, score_samples
 
 from bloodgen_hf.process import cpu_name
 

@@ -8,19 +8,16 @@ read and marks each image real or synthetic in `manifest.csv` (PNG ImageFolder) 
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.io import atomic_path
-from bloodgen_hf.sampling import INFO_NAME, generate
+from bloodgen_hf.sampling import INFO_NAME, generate, write_class_folder
 
 AUGMENT_FORMATS = ("png", "hf-dataset")
 
@@ -65,25 +62,20 @@ def augmented_rows(images: np.ndarray, labels: np.ndarray, batches) -> Iterator[
 
 def write_augmented_folder(rows, out: Path, info: dict, class_names: Sequence[str], overwrite: bool = False) -> dict:
     """<out>/<class>/<real|synthetic>_<index>.png, manifest.csv (file, label, class_name, source, seed; seed
-    empty for real images) and info.json, written to a temporary folder renamed into place at the end."""
-    counts = {"real": 0, "synthetic": 0}
-    with atomic_path(out, is_dir=True, overwrite=overwrite) as tmp, ThreadPoolExecutor(max_workers=2) as pool:
-        for name in class_names:
-            (tmp / name).mkdir()
-        manifest, pending = [], []
-        for index, (image, label, source, seed) in enumerate(rows):
-            rel = f"{class_names[label]}/{source}_{index:06d}.png"
-            pending.append(pool.submit(Image.fromarray(image).save, tmp / rel, format="PNG", compress_level=1))
-            manifest.append((rel, label, class_names[label], source, "" if seed < 0 else seed))
-            counts[source] += 1
-        for job in pending:
-            job.result()
-        with open(tmp / "manifest.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file", "label", "class_name", "source", "seed"])
-            writer.writerows(manifest)
-        (tmp / INFO_NAME).write_text(json.dumps({**info, "num_images": counts}, indent=2) + "\n")
-    return counts
+    empty for real images) and info.json, written atomically (sampling.write_class_folder)."""
+    records = (
+        (image, label, f"{source}_{index:06d}", (source, "" if seed < 0 else seed))
+        for index, (image, label, source, seed) in enumerate(rows)
+    )
+    manifest = write_class_folder(
+        records, out, info, class_names, ("source", "seed"), num_images=source_counts, overwrite=overwrite
+    )
+    return source_counts(manifest)
+
+
+def source_counts(manifest: list[tuple]) -> dict[str, int]:
+    """Real and synthetic images in manifest rows (file, label, class_name, source, seed)."""
+    return {source: sum(row[3] == source for row in manifest) for source in ("real", "synthetic")}
 
 
 def write_augmented_dataset(rows, out: Path, info: dict, class_names: Sequence[str], overwrite: bool = False) -> dict:

@@ -19,7 +19,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperCommand
 
 from bloodgen_hf.errors import UsageError
 
@@ -103,6 +105,20 @@ MemorizationN = Annotated[int, typer.Option(help="Generated images per run check
 GenerationBatch = Annotated[int, typer.Option(help="Images per generation batch.")]
 NumWorkers = Annotated[int, typer.Option(help="Resize workers for Inception (clean-fid would use 12).")]
 Html = Annotated[bool, typer.Option(help="Also write report.html next to report.md.")]
+Resolution = Annotated[
+    int,
+    typer.Option(
+        help="Score at this image size (real data, BloodNet and memorization at it). Default: the size the "
+        "model(s) make; a BloodNet trained at another size is refused."
+    ),
+]
+Upsample = Annotated[
+    str,
+    typer.Option(
+        help="bicubic: upsample a model that makes smaller images to --resolution before scoring (labelled "
+        "'name (28->64 bicubic)'); without it such a model is refused. Never downsamples."
+    ),
+]
 
 
 # The running command's resources (output locks), released when it ends however it ends.
@@ -122,8 +138,6 @@ def clean_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        import click
-
         from bloodgen_hf.data import DataError
         from bloodgen_hf.errors import BAD_INPUT_OS_ERRORS, explain
         from bloodgen_hf.guard import OutputLockedError
@@ -409,7 +423,17 @@ def models():
         typer.echo(f"{name}{marker}\t{index['_class_name'][-1]}\ttrained on {trained_on}\t{folder}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+class ScriptCommand(TyperCommand):
+    """A command whose options after its first argument belong to a script: `train ldm --help` is then the train
+    script's (argparse) help, while `train --help`, before any argument, stays typer's."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and not args[0].startswith("-"):
+            ctx.help_option_names = []  # no help option: `--help` goes on to the script with the other options
+        return super().parse_args(ctx, args)
+
+
+@app.command(cls=ScriptCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @clean_errors
 def train(
     ctx: typer.Context,
@@ -502,8 +526,10 @@ def evaluate(
     split: Split = "all",
     data_dir: DataDir = None,
     dataset: Dataset = "bloodmnist",
-    out: Path = typer.Option(None, help="Results folder. Default: eval/<model>."),
+    out: Path = typer.Option(None, help="Results folder. Default: eval/<model>[-<resolution>px][-<upsample>]."),
     overwrite: bool = typer.Option(False, help="Replace an existing results folder."),
+    resolution: Resolution = None,
+    upsample: Upsample = None,
     record: bool = typer.Option(False, help="Also write eval_results.json into the model folder, for `push`."),
     inception_weights: InceptionWeights = None,
     bloodnet: BloodNetFolder = None,
@@ -522,14 +548,20 @@ def evaluate(
 ):
     """The standard protocol: --runs x (--n real vs --n generated images), every metric, mean ± std."""
     from bloodgen_hf.evaluation.report import metric_table, write_hub_results
-    from bloodgen_hf.evaluation.runner import evaluate_to_folder, model_label
+    from bloodgen_hf.evaluation.runner import check_scoring_options, evaluate_to_folder, model_label
     from bloodgen_hf.registry import load_pipeline, resolve_model
     from bloodgen_hf.sampling import configure_sampling
 
     protocol = _protocol(runs, n, seed, balanced, metrics, no_floor, memorization_n, batch_size)
+    check_scoring_options(resolution, upsample)
+    if upsample and resolution is None:
+        raise UsageError("--upsample needs --resolution, the size to upsample the model's images to")
+    if record and upsample:
+        raise UsageError("--record puts the model's own scores in its card; an --upsample evaluation is a baseline")
+    suffix = (f"-{resolution}px" if resolution else "") + (f"-{upsample}" if upsample else "")
     out, device, tools = _evaluation_setup(
         out,
-        Path("eval") / model_label(model),
+        Path("eval") / (model_label(model) + suffix),
         overwrite,
         device,
         protocol,
@@ -541,7 +573,19 @@ def evaluate(
     options = sampling_options(temperature, latent_bias, steps, guidance, scheduler, precision)
     pipe, kwargs = configure_sampling(load_pipeline(model, device), options)
     results = evaluate_to_folder(
-        pipe, model, out, *tools, protocol, data_dir, split, cache_dir, kwargs, log=_log, dataset=dataset
+        pipe,
+        model,
+        out,
+        *tools,
+        protocol,
+        data_dir,
+        split,
+        cache_dir,
+        kwargs,
+        log=_log,
+        dataset=dataset,
+        resolution=resolution,
+        upsample=upsample,
     )
     typer.echo("\n".join(metric_table(results)))
     typer.echo(f"wrote {out}/results.json, eval_results.json and summary.md")
@@ -573,6 +617,8 @@ def compare(
         "(the report says why); refused if no model qualifies.",
     ),
     tstr_steps: int = typer.Option(300, help="--tstr: optimizer steps of each classifier (augment-study's)."),
+    resolution: Resolution = None,
+    upsample: Upsample = None,
     html: Html = False,
     inception_weights: InceptionWeights = None,
     bloodnet: BloodNetFolder = None,
@@ -588,11 +634,13 @@ def compare(
     from functools import partial
 
     from bloodgen_hf.evaluation.compare import compare as run_compare
+    from bloodgen_hf.evaluation.runner import check_scoring_options
     from bloodgen_hf.evaluation.tstr import TSTRConfig
     from bloodgen_hf.registry import load_pipeline
 
     names = [m for item in [*models, *ctx.args] for m in item.split(",") if m]
     protocol = _protocol(runs, n, seed, balanced, metrics, no_floor, memorization_n, batch_size)
+    check_scoring_options(resolution, upsample)
     tstr_config = TSTRConfig(n=tstr, seed=seed, steps=tstr_steps) if tstr else None
     if tstr_config is not None:
         tstr_config.check()
@@ -622,6 +670,8 @@ def compare(
         html=html,
         log=_log,
         tstr=tstr_config,
+        resolution=resolution,
+        upsample=upsample,
     )
     typer.echo(f"wrote {report}")
 
@@ -652,7 +702,14 @@ def augment_study(
         help="--generator-per-fraction: more train-script options, e.g. "
         "'--diffaugment color,translation,cutout --batch-size 32'.",
     ),
-    generator_resolution: int = typer.Option(28, help="--generator-per-fraction: image size of the generators."),
+    generator_resolution: int = typer.Option(
+        None, help="--generator-per-fraction: image size of the generators (default --resolution, else 28)."
+    ),
+    resolution: int = typer.Option(
+        None,
+        help="Image size of the study (real data, classifiers, synthetic images); the generator must make images "
+        "of this size, or it is refused. Default: the generator's size.",
+    ),
     fractions: str = typer.Option("0.01,0.1,0.5,1", help="Fractions of the real train split."),
     seeds: str = typer.Option("0,1,2", help="Seeds (real subsets, classifier initialisation)."),
     settings: str = typer.Option("real,real+synthetic,synthetic", help="Training sets to compare."),
@@ -721,7 +778,13 @@ def augment_study(
         **_protocol_budget(protocol, epochs, steps),
     )
     config.check()
-    plan = _generator_plan(model, generator_per_fraction, generator_steps, generator_options, generator_resolution)
+    plan = _generator_plan(
+        model,
+        generator_per_fraction,
+        generator_steps,
+        generator_options,
+        _study_resolution(resolution, generator_resolution),
+    )
     label = f"per-fraction-{plan.family}" if plan else model_label(model or DEFAULT_MODEL)
     out = _default_out(out, Path("reports") / f"augment-{label}")
     if report_only:  # the study may still be running (and holding --out): read, don't claim
@@ -746,6 +809,7 @@ def augment_study(
         generator=plan,
         device=device,
         report_only=report_only,
+        resolution=resolution,
     )
     typer.echo(f"wrote {out}/report.md")
 
@@ -819,6 +883,20 @@ def _protocol_budget(protocol: str, epochs: int | None, steps: int | None) -> di
     if protocol == "converged" and steps is not None:
         raise UsageError("--steps is the fixed-steps protocol's budget; the converged protocol takes --epochs")
     return {k: v for k, v in (("epochs", epochs), ("steps", steps)) if v is not None}
+
+
+def _study_resolution(resolution: int | None, generator_resolution: int | None) -> int:
+    """The per-fraction generators' size: --generator-resolution, else --resolution, else 28 (they must agree)."""
+    from bloodgen_hf.evaluation.runner import check_resolution_option
+
+    for value in (resolution, generator_resolution):
+        check_resolution_option(value)
+    if None not in (resolution, generator_resolution) and resolution != generator_resolution:
+        raise UsageError(
+            f"--generator-resolution {generator_resolution} differs from --resolution {resolution}: the generators "
+            "must make images of the study's size"
+        )
+    return generator_resolution or resolution or 28
 
 
 def _generator_plan(model: str | None, family: str | None, steps: int | None, options: str, resolution: int):

@@ -39,7 +39,12 @@ from pathlib import Path
 import numpy as np
 
 from bloodgen_hf.errors import UsageError
-from bloodgen_hf.pipelines.blood_pipeline_utils import ORIGIN_KEYS, is_provenance_summary
+from bloodgen_hf.pipelines.blood_pipeline_utils import (
+    ORIGIN_KEYS,
+    PROVENANCE_NAME,
+    is_provenance_summary,
+    read_provenance_file,
+)
 from bloodgen_hf.registry import ModelLoadError, read_provenance, resolve_model
 
 ALL_SPLITS = "all"
@@ -123,8 +128,11 @@ def origin_record(source: str | None) -> dict | None:
 
 
 def saved_provenance(source: str) -> dict | None:
-    """The provenance of a saved pipeline (bundled name, folder or Hub repo), the whole chain; None if absent
-    or unreadable."""
+    """The provenance of a saved pipeline (bundled name, folder or Hub repo), or of a single-model folder beside
+    its provenance.json (an autoencoder's), the whole chain; None if absent or unreadable."""
+    single = Path(source).expanduser() / PROVENANCE_NAME
+    if single.is_file() and not single.with_name("model_index.json").is_file():
+        return read_provenance_file(single)
     try:
         return read_provenance(resolve_model(source))
     except ModelLoadError:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import inspect
+import itertools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -187,32 +188,50 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
 
 
-def write_png_folder(
-    batches, out: Path, info: dict, class_names: Sequence[str] = CLASS_NAMES, *, overwrite: bool = True
-) -> Path:
-    """<out>/<class name>/<index>.png, manifest.csv (file,label,class_name,seed) and info.json.
+def write_class_folder(
+    records: Iterable[tuple[np.ndarray, int, str, tuple]],
+    out: Path,
+    info: dict,
+    class_names: Sequence[str],
+    columns: Sequence[str],
+    *,
+    num_images: Callable[[list[tuple]], object] = len,
+    overwrite: bool,
+) -> list[tuple]:
+    """<out>/<class name>/<name>.png for each (image, label, name, values) record, manifest.csv (file, label,
+    class_name, *columns; a row per image, ending in its `values`) and info.json (`info`, num_images = `num_images`
+    of the manifest rows); returns the rows. The one PNG writer of `sample` and `augment`.
 
     Written to a hidden temporary folder renamed into place at the end: an interrupted run
     leaves nothing behind, and an old output is replaced only by a complete new one (and, with
     `overwrite=False`, an output that another process wrote meanwhile not at all).
     """
     with atomic_path(out, is_dir=True, overwrite=overwrite) as tmp, ThreadPoolExecutor(max_workers=2) as pool:
-        for name in class_names:
-            (tmp / name).mkdir()
-        rows, index, pending = [], 0, []
-        for images, labels, seeds in batches:
-            for image, label, s in zip(images, labels, seeds):
-                rel = f"{class_names[label]}/{index:06d}.png"
-                pending.append(pool.submit(Image.fromarray(image).save, tmp / rel, format="PNG", compress_level=1))
-                rows.append((rel, int(label), class_names[label], int(s)))
-                index += 1
+        for class_name in class_names:
+            (tmp / class_name).mkdir()
+        manifest, pending = [], []
+        for image, label, name, values in records:
+            rel = f"{class_names[label]}/{name}.png"
+            pending.append(pool.submit(Image.fromarray(image).save, tmp / rel, format="PNG", compress_level=1))
+            manifest.append((rel, int(label), class_names[label], *values))
         for job in pending:
             job.result()
         with open(tmp / "manifest.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["file", "label", "class_name", "seed"])
-            writer.writerows(rows)
-        (tmp / "info.json").write_text(json.dumps({**info, "num_images": index}, indent=2) + "\n")
+            writer.writerow(["file", "label", "class_name", *columns])
+            writer.writerows(manifest)
+        (tmp / INFO_NAME).write_text(json.dumps({**info, "num_images": num_images(manifest)}, indent=2) + "\n")
+    return manifest
+
+
+def write_png_folder(
+    batches, out: Path, info: dict, class_names: Sequence[str] = CLASS_NAMES, *, overwrite: bool = True
+) -> Path:
+    """<out>/<class name>/<index>.png, manifest.csv (file,label,class_name,seed) and info.json, written
+    atomically (write_class_folder)."""
+    images = itertools.chain.from_iterable(zip(*batch) for batch in batches)
+    records = ((image, label, f"{i:06d}", (int(seed),)) for i, (image, label, seed) in enumerate(images))
+    write_class_folder(records, out, info, class_names, ("seed",), overwrite=overwrite)
     return out
 
 

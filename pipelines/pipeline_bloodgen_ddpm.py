@@ -95,7 +95,8 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
     DiTPipeline; one label or None gives `num_images` (default 8) of it or of the classes in turn.
     `generator` may be one torch.Generator or a list with one per image (then every image is
     reproducible on its own, whatever the batch it was drawn in). `with_scheduler("dpm++")` gives a
-    copy sampling with another scheduler (see SCHEDULERS). `provenance` records the data it was trained on
+    copy sampling with another scheduler (see SCHEDULERS). `output_type` is pil, np, pt or latent (the
+    undecoded samples). `provenance` records the data it was trained on
     (see bloodgen_hf/provenance.py); saved in provenance.json (a summary in model_index.json).
     """
 
@@ -190,7 +191,8 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
             model_input = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
             prediction = self.guided_prediction(model_input, t, labels, guidance_scale)
             x = self.scheduler.step(prediction, t, x, **step_kwargs).prev_sample
-        images = postprocess(self.decode(x), output_type)
+        # "latent": the denoised samples as they are (a latent model's latents, undecoded), as diffusers' pipelines do
+        images = x if output_type == "latent" else postprocess(self.decode(x), output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:

@@ -27,10 +27,12 @@ def inference(method):
 
 
 class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
-    """Decode z = latent_bias + temperature * eps, eps ~ N(0, I), with the requested class.
+    """Decode a prior draw z with the requested class: z = latent_bias + temperature * eps, eps ~ N(0, I), or,
+    for a VAE that holds a fitted class-conditional mixture prior (`vae.config.prior_components` > 0),
+    z = latent_bias + mean_k + temperature * L_k eps, component k of the class's mixture drawn by its weight.
 
-    `temperature` scales the prior noise (0 gives the decoded prior mean, < 1 trades variety for
-    typical-looking cells) and `latent_bias` shifts it; both are the reparameterization knobs of
+    `temperature` scales the prior noise, the deviation from the (component) mean: 0 gives the decoded mean,
+    < 1 trades variety for typical-looking cells; `latent_bias` shifts z; both are the reparameterization knobs of
     the blood-cell VAE literature. Images given to `encode`, `reconstruct`, `variations` or
     `interpolate` may be PIL images, uint8 [N,H,W,3] arrays or [-1, 1] float [N,3,H,W] tensors at
     the model's resolution. Their class is inferred (see `classify`) unless given. `class_labels` of a call:
@@ -61,22 +63,35 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
         labels = resolve_class_labels(class_labels, num_images, self.class_names, self.num_classes)
         return labels.to(self.vae.device)
 
+    def noise(self, num_images: int, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """eps ~ N(0, I): [num_images, *vae.latent_shape], image i from generator i when given a list."""
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise UsageError(f"got {len(generator)} generators for {num_images} images")
+        param = next(self.vae.parameters())
+        shape = (num_images, *self.vae.latent_shape)
+        return randn_tensor(shape, generator=generator, device=param.device, dtype=param.dtype)
+
     def prior_latents(
         self,
         num_images: int,
         generator: torch.Generator | list[torch.Generator] | None = None,
         temperature: float = 1.0,
         latent_bias: float | torch.Tensor = 0.0,
+        class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """z = latent_bias + temperature * eps: [num_images, *vae.latent_shape]."""
+        """z from the prior: [num_images, *vae.latent_shape]. N(0, I): latent_bias + temperature * eps. A mixture
+        prior (which needs `class_labels`): each image's generator draws eps, then the uniform that picks the
+        component, so image i is the same whatever the batch."""
         if not temperature >= 0:
             raise UsageError(f"temperature must be >= 0, got {temperature}")
-        if isinstance(generator, list) and len(generator) != num_images:
-            raise UsageError(f"got {len(generator)} generators for {num_images} images")
-        param = next(self.vae.parameters())
-        shape = (num_images, *self.vae.latent_shape)
-        eps = randn_tensor(shape, generator=generator, device=param.device, dtype=param.dtype)
-        return torch.as_tensor(latent_bias, dtype=param.dtype, device=param.device) + temperature * eps
+        eps = self.noise(num_images, generator)
+        bias = torch.as_tensor(latent_bias, dtype=eps.dtype, device=eps.device)
+        if not self.vae.config.prior_components:
+            return bias + temperature * eps
+        if class_labels is None:
+            raise UsageError("this VAE's prior is a mixture per class: pass the class_labels to draw from")
+        uniforms = uniform_draws(num_images, generator).to(eps.device)
+        return bias + self.vae.prior_sample(class_labels.to(eps.device), eps, uniforms, temperature)
 
     @inference
     def __call__(
@@ -90,7 +105,7 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
         latent_bias: float | torch.Tensor = 0.0,
     ):
         labels = self._labels(class_labels, num_images)
-        z = self.prior_latents(len(labels), generator, temperature, latent_bias)
+        z = self.prior_latents(len(labels), generator, temperature, latent_bias, labels)
         return self._output(self.vae.decode(z, labels).sample, output_type, return_dict)
 
     # --- image to image ----------------------------------------------------------------------
@@ -152,14 +167,16 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
     ):
-        """Resample around one image's posterior: z = mean + temperature * std * eps, decoded with its class."""
+        """Resample around one image's posterior: z = mean + temperature * std * eps, decoded with its class
+        (the posterior, not the prior, whatever prior the VAE holds)."""
+        if not temperature >= 0:
+            raise UsageError(f"temperature must be >= 0, got {temperature}")
         x = self.preprocess(image)
         if len(x) != 1:
             raise UsageError(f"variations takes one image, got {len(x)}")
         label = self.classify(x) if class_label is None else self._labels(class_label, 1)
         posterior = self.vae.encode(x, label).latent_dist
-        eps = self.prior_latents(num_variations, generator, temperature)
-        z = posterior.mean + posterior.std * eps
+        z = posterior.mean + posterior.std * (temperature * self.noise(num_variations, generator))
         return self._output(self.vae.decode(z, label.expand(num_variations)).sample, output_type, return_dict)
 
     @inference
@@ -177,30 +194,50 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
 
         An image endpoint gives its posterior mean and its (inferred) class's embedding; a class
         endpoint gives that class's embedding and the other endpoint's z, or, between two classes,
-        one shared prior draw (at `temperature`) so only the cell type changes.
+        each class's prior draw (at `temperature`) from one shared noise, so only the cell type changes
+        (with an N(0, I) prior the two draws are one z).
         """
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
             raise UsageError(f"num_steps must be an integer >= 2, got {num_steps!r}")
-        ends = [self._endpoint(e) for e in (start, end)]
-        shared = next((z for z, _ in ends if z is not None), None)
-        if shared is None:
-            shared = self.prior_latents(1, generator, temperature)
-        (z0, e0), (z1, e1) = [(shared if z is None else z, e) for z, e in ends]
+        (z0, e0, y0), (z1, e1, y1) = [self._endpoint(e) for e in (start, end)]
+        if z0 is None and z1 is None:
+            draws = self._class_draws(torch.cat([y0, y1]), generator, temperature)
+            z0, z1 = draws[:1], draws[1:]
+        z0, z1 = (z1 if z0 is None else z0), (z0 if z1 is None else z1)
         t = torch.linspace(0, 1, num_steps, device=z0.device, dtype=z0.dtype)
         z = torch.lerp(z0, z1, t.view(-1, 1, 1, 1))
         embeds = torch.lerp(e0, e1, t.view(-1, 1))
         return self._output(self.vae.decode(z, class_embeds=embeds).sample, output_type, return_dict)
 
-    def _endpoint(self, value) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(z or None, class embedding [1, E]) for one end of an interpolation."""
+    def _class_draws(self, labels: torch.Tensor, generator, temperature: float) -> torch.Tensor:
+        """One prior draw per label ([2, *latent_shape]) from the same noise: what `generator` gives one image."""
+        if not self.vae.config.prior_components:
+            shared = self.prior_latents(1, generator, temperature)
+            return torch.cat([shared, shared])
+        eps = self.noise(1, generator).expand(len(labels), -1, -1, -1)
+        uniforms = uniform_draws(1, generator).to(eps.device).expand(len(labels))
+        return self.vae.prior_sample(labels, eps, uniforms, temperature)
+
+    def _endpoint(self, value) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(z or None, class embedding [1, E], label [1]) for one end of an interpolation."""
         if isinstance(value, (int, str, np.integer)):
-            return None, self.vae.class_embedding(self._labels(value, 1))
+            label = self._labels(value, 1)
+            return None, self.vae.class_embedding(label), label
         x = self.preprocess(value)
         if len(x) != 1:
             raise UsageError(f"an interpolation endpoint is one image, got {len(x)}")
         label = self.classify(x)
-        return self.vae.encode(x, label).latent_dist.mode(), self.vae.class_embedding(label)
+        return self.vae.encode(x, label).latent_dist.mode(), self.vae.class_embedding(label), label
 
     def _output(self, images: torch.Tensor, output_type: str, return_dict: bool):
         images = postprocess(images, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def uniform_draws(num_images: int, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """One uniform number in [0, 1) per image (float64, on the generators' device), from generator i for image i
+    when given a list, as diffusers' randn_tensor draws the noise."""
+    if isinstance(generator, list):
+        return torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generator])
+    device = generator.device if generator is not None else "cpu"
+    return torch.rand(num_images, generator=generator, device=device, dtype=torch.float64)

@@ -18,6 +18,7 @@ from bloodgen_hf.data import load_data, to_model_range
 from bloodgen_hf.evaluation.features import FeatureExtractor, Features
 from bloodgen_hf.evaluation.reconstruction import evaluate_autoencoder, reconstruct, reconstruction_report
 from bloodgen_hf.image_quality import psnr, ssim
+from bloodgen_hf.models.patch_discriminator import PatchDiscriminator
 from bloodgen_hf.training import TRAIN_ENTRY_POINTS
 from bloodgen_hf.training.autoencoder import (
     AutoencoderOptions,
@@ -137,6 +138,32 @@ def test_progress_grid_shows_real_rows_over_their_reconstructions(trained):
     assert not np.array_equal(real_row, recon_row)
 
 
+def test_init_from_a_saved_autoencoder_starts_from_its_weights_and_records_it(trained, tmp_path):
+    """Two stages, as the 64 px autoencoder trains: L1 first, then the adversarial term from its weights
+    (--init-from), with any discriminator settings. The fitted scaling_factor may differ; the data are recorded."""
+    data, first = trained
+    second = train(
+        data, tmp_path / "second", "--init-from", str(first / "pipeline"), "--max-steps", "1", "--lr", "1e-12",
+        "--disc-start", "0", "--disc-norm", "none", "--checkpoint-every", "1",
+    )  # fmt: skip
+    start = AutoencoderKL.from_pretrained(first / "pipeline").state_dict()
+    after = AutoencoderKL.from_pretrained(second).state_dict()
+    assert start.keys() == after.keys()
+    gap = max((start[k] - after[k]).abs().max().item() for k in start)
+    assert gap < 1e-6, gap  # one Adam step of lr 1e-12 away; a fresh start would be ~0.1 away
+    record = json.loads((second / "provenance.json").read_text())
+    assert str(first / "pipeline") in json.dumps(record) and '"split": "train"' in json.dumps(record)
+
+
+def test_init_from_a_different_autoencoder_is_refused_in_one_line(trained, tmp_path, capsys):
+    data, first = trained
+    with pytest.raises(SystemExit) as err:
+        train(data, tmp_path / "other", "--init-from", str(first / "pipeline"), "--latent-channels", "8")
+    line = capsys.readouterr().err.strip()
+    assert err.value.code == 2 and "\n" not in line
+    assert "has a different architecture from this run's (latent_channels: 4 there, 8 here)" in line
+
+
 def test_bloodgen_hf_train_knows_the_autoencoder():
     assert TRAIN_ENTRY_POINTS["autoencoder"].__name__ == "_autoencoder_main"
 
@@ -176,6 +203,8 @@ def test_resume_reproduces_uninterrupted_training(tmp_path):
         (["--spatial-factor", "8"], "has 3 levels, which halve the image 2 times; --spatial-factor 8 needs 4"),
         (["--latent-channels", "0"], "--latent-channels must be at least 1"),
         (["--block-out-channels", "4,6,8"], "must be multiples of --norm-num-groups 4"),
+        (["--block-out-channels", "4;8"], "--block-out-channels takes comma-separated integers such as 32,64,64"),
+        (["--block-out-channels", "0,8,8"], "--block-out-channels must be positive, got '0,8,8'"),
         (["--disc-layers", "5"], "leave no patch to score in a 32-pixel image"),
         (["--kl-weight", "-1"], "--kl-weight must be >= 0"),
         (["--split", "all"], "trains on --split train (or val), not 'all'"),
@@ -187,6 +216,34 @@ def test_bad_shapes_and_options_are_refused_in_one_line_before_reading_data(tmp_
     assert err.value.code == 2
     line = capsys.readouterr().err.strip()
     assert line.startswith("error: ") and message in line and "\n" not in line, line
+
+
+@pytest.mark.parametrize("norm, layer", [("batch", torch.nn.BatchNorm2d), ("spectral", None), ("none", None)])
+def test_disc_norm_builds_the_discriminator_it_names(norm, layer):
+    disc = PatchDiscriminator(base_channels=8, num_layers=3, norm=norm)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in disc.modules()) == (layer is not None)
+    assert any(hasattr(m, "weight_orig") for m in disc.modules()) == (norm == "spectral")
+    assert disc(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+
+
+def test_the_default_discriminator_starts_with_logits_that_tell_images_apart():
+    """Why --disc-norm defaults to batch: a spectral-norm PatchGAN at 64 px starts with logits about 30 times
+    flatter, so its adversarial gradient is tiny, the adaptive weight huge, and the autoencoder, driven by the
+    adversarial term alone, kept it at chance (models/patch_discriminator.py)."""
+    torch.manual_seed(0)
+    images = torch.rand(16, 3, 64, 64) * 2 - 1
+    spreads = {}
+    for norm in ("batch", "spectral"):
+        disc = PatchDiscriminator(base_channels=32, num_layers=3, norm=norm)
+        for _ in range(5):  # let spectral norm's power iteration settle, as it does in training
+            disc(images)
+        spreads[norm] = disc(images).std().item()
+    assert spreads["batch"] > 10 * spreads["spectral"], spreads
+
+
+def test_an_unknown_disc_norm_is_refused():
+    with pytest.raises(ValueError, match="norm must be one of batch, spectral, none"):
+        PatchDiscriminator(norm="layer")
 
 
 def test_latent_shape_for_the_latent_model():
@@ -257,6 +314,8 @@ def test_reconstruction_report_psnr_ssim_and_fd():
     assert exact["ssim"] == 1.0 and exact["psnr"] == float("inf") and exact["fd_pixels"] == pytest.approx(0, abs=1e-6)
     shifted = reconstruct(ShiftingAutoencoder(10), images)
     assert np.abs(shifted.astype(int) - images).max() == 10
+    np.testing.assert_array_equal(reconstruct(ShiftingAutoencoder(10), images, batch_size=4), shifted)
+    assert reconstruct(ShiftingAutoencoder(10), images[:0]).shape == (0, 32, 32, 3)
     noisy = reconstruction_report(ShiftingAutoencoder(10), images, PixelFeatures(), reconstructions=shifted)
     assert noisy["psnr"] == pytest.approx(20 * np.log10(255 / 10)) == noisy["psnr_of_mean_mse"]
     assert noisy["l1"] == pytest.approx(10 / 255) and 0 < noisy["ssim"] < 1 and noisy["fd_pixels"] > 0

@@ -195,3 +195,49 @@ def test_the_default_rule_puts_quality_first_then_speed():
     assert choose_default(models) == "teacher"
     with pytest.raises(ValueError, match="no compare results"):
         choose_default({})
+
+
+@pytest.mark.parametrize("family", ["ldm", "gan", "bloodnet"])
+def test_train_family_help_is_the_train_scripts_own(family, tmp_path, monkeypatch):
+    """`train <family> --help` lists the script's argparse options and exits 0, training nothing."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", family, "--help")
+    assert result.exit_code == 0, result.output
+    assert "usage:" in result.output and "--output-dir OUTPUT_DIR" in result.output
+    if family == "ldm":
+        assert "--autoencoder" in result.output and "latent" in result.output
+    assert not list(tmp_path.iterdir())  # no run folder
+
+
+def test_train_help_before_a_family_is_typers_and_lists_the_families():
+    result = invoke("train", "--help")
+    assert result.exit_code == 0, result.output
+    assert "usage:" not in result.output  # not a script's argparse help
+    for family in ("gan", "ddpm", "vae", "student", "autoencoder", "ldm", "bloodnet"):
+        assert family in result.output
+
+
+def test_augment_folder_shares_the_png_writer_manifest_and_refusal(tmp_path):
+    """`augment`'s PNG folder goes through sampling.write_class_folder: its own names and columns, atomic."""
+    from bloodgen_hf.augment import write_augmented_folder
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 28, 28, 3), dtype=np.uint8)
+    rows = [(images[0], 2, "real", -1), (images[1], 0, "synthetic", 7), (images[2], 2, "synthetic", 8)]
+    out = tmp_path / "aug"
+    assert write_augmented_folder(rows, out, {"recipe": "2x"}, CLASS_NAMES) == {"real": 1, "synthetic": 2}
+    with open(out / "manifest.csv", newline="") as f:
+        manifest = list(csv.reader(f))
+    assert manifest == [
+        ["file", "label", "class_name", "source", "seed"],
+        [f"{CLASS_NAMES[2]}/real_000000.png", "2", CLASS_NAMES[2], "real", ""],
+        [f"{CLASS_NAMES[0]}/synthetic_000001.png", "0", CLASS_NAMES[0], "synthetic", "7"],
+        [f"{CLASS_NAMES[2]}/synthetic_000002.png", "2", CLASS_NAMES[2], "synthetic", "8"],
+    ]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / manifest[2][0])), images[1])
+    info = json.loads((out / "info.json").read_text())
+    assert info == {"recipe": "2x", "num_images": {"real": 1, "synthetic": 2}}
+    with pytest.raises(FileExistsError):
+        write_augmented_folder(rows[:1], out, {}, CLASS_NAMES)
+    assert len((out / "manifest.csv").read_text().splitlines()) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aug"]  # no temporary left behind

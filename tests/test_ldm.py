@@ -285,9 +285,15 @@ def test_leak_checks_follow_the_autoencoder():
     check_unseen(clean, "ldm", "test", "bloodmnist", "augment-study")
 
 
-def test_the_student_refuses_a_latent_teacher(tmp_path):
+def test_the_student_takes_a_flow_ldm_teacher_and_refuses_another(tmp_path):
+    """A flow-matching LDM is a teacher (tests/test_student.py distils one); a v-prediction one is refused."""
+    from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import make_scheduler
+    from bloodgen_hf.training.ddpm import build_noise_scheduler
     from bloodgen_hf.training.student import load_teacher
 
-    folder = save_pipeline(tiny_ldm_pipeline(), tmp_path / "ldm")
-    with pytest.raises(UsageError, match=r"is a BloodLDMPipeline \(a latent model\); distillation needs"):
+    assert type(load_teacher(str(save_pipeline(tiny_ldm_pipeline(), tmp_path / "ldm")))) is BloodLDMPipeline
+    pipe = tiny_ldm_pipeline()
+    v_prediction = make_scheduler("dpm++", build_noise_scheduler("squaredcos_cap_v2", "v_prediction").config)
+    folder = save_pipeline(BloodLDMPipeline(vae=pipe.vae, unet=pipe.unet, scheduler=v_prediction), tmp_path / "v")
+    with pytest.raises(UsageError, match=r"is a BloodLDMPipeline without flow matching; distillation needs"):
         load_teacher(str(folder))

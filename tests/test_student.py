@@ -15,13 +15,14 @@ from typer.testing import CliRunner
 from bloodgen_hf.cli import app
 from bloodgen_hf.data import CLASS_NAMES
 from bloodgen_hf.pipelines import pipeline_bloodgen_ddpm
-from bloodgen_hf.provenance import LeakError, check_unseen, portable_path
+from bloodgen_hf.pipelines.blood_pipeline_utils import postprocess
+from bloodgen_hf.provenance import LeakError, check_unseen, portable_path, training_provenance
 from bloodgen_hf.registry import load_pipeline, save_pipeline
 from bloodgen_hf.sampling import resolve_precision
 from bloodgen_hf.training import student
 from bloodgen_hf.training.checkpoint import load_state
 from bloodgen_hf.training.core import TrainConfig
-from tests.conftest import tiny_ddpm_pipeline
+from tests.conftest import tiny_ddpm_pipeline, tiny_ldm_pipeline
 from tests.test_ddpm import sample
 
 
@@ -348,3 +349,191 @@ def test_bad_adversarial_settings_get_one_clear_error(teacher, fake_data_dir, tm
     with pytest.raises(SystemExit, match="--adversarial-weight is for --method reflow"):
         student.main(student_args(teacher, tmp_path / "s", *consistency))
     assert not (tmp_path / "s").exists()
+
+
+# --- an LDM teacher: the latent student (issue 34) ---------------------------------------------------------
+
+
+def tiny_latent_teacher(folder: Path, autoencoder_split: str = "train") -> Path:
+    """A saved flow BloodLDMPipeline (tests/conftest.py's tiny autoencoder: 4x8x8 latents, 32 px images), guidance 2
+    at 3 steps, trained on the train split as its record says, with its autoencoder's record (`autoencoder_split`)."""
+    from bloodgen_hf.pipelines import BloodLDMPipeline
+
+    pipe = tiny_ldm_pipeline()
+    with torch.no_grad():  # a UNet whose output depends on its input, so latents differ from noise
+        for p in pipe.unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    own = training_provenance("bloodmnist", 32, "train", 48)
+    autoencoder = {"model": "ae", "provenance": training_provenance("bloodmnist", 32, autoencoder_split, 48)}
+    teacher = BloodLDMPipeline(
+        vae=pipe.vae,
+        unet=pipe.unet,
+        scheduler=pipe.scheduler,
+        class_names=list(CLASS_NAMES),
+        default_guidance_scale=2.0,
+        default_num_inference_steps=3,
+        provenance={**own, "autoencoder": {**autoencoder, "scaling_factor": 1.7, "latent_shape": [4, 8, 8]}},
+    )
+    return save_pipeline(teacher, folder)
+
+
+@pytest.fixture
+def latent_teacher(tmp_path: Path) -> Path:
+    """The teacher, on one torch thread (as tests/test_ldm.py: on a busy shared CPU two threads wait on each other,
+    which costs many times the work; results are the same)."""
+    torch.set_num_threads(1)
+    return tiny_latent_teacher(tmp_path / "ldm-teacher")
+
+
+def latent_args(teacher: Path, out: Path, pairs: Path, *extra: str) -> list[str]:
+    return student_args(teacher, out, "--pairs", str(pairs), "--num-pairs", "16", "--cpu-threads", "1", *extra)
+
+
+def test_latent_pairs_are_the_teachers_latents_and_a_stopped_draw_goes_on(latent_teacher, tmp_path, monkeypatch):
+    """The cache holds the teacher's own output latents (decoded: its images) for seeds --pairs-seed on, with the
+    noise it drew; a draw that lost a file (and left a temporary) draws that file alone, the same bits again."""
+    monkeypatch.setattr(student, "PAIRS_CHUNK", 5)
+    teacher, folder = load_pipeline(str(latent_teacher)), tmp_path / "pairs"
+    o = student.StudentOptions(teacher=str(latent_teacher), pairs=[str(folder)], num_pairs=12, pairs_seed=3)
+    drawn = []
+    real_randn = pipeline_bloodgen_ddpm.randn_tensor
+    monkeypatch.setattr(
+        pipeline_bloodgen_ddpm, "randn_tensor", lambda *a, **k: drawn.append(real_randn(*a, **k)) or drawn[-1]
+    )
+    pairs, record = student.latent_pairs(o, teacher)
+    names = ["pairs-000000003-000000007.npz", "pairs-000000008-000000012.npz", "pairs-000000013-000000014.npz"]
+    assert sorted(p.name for p in folder.iterdir()) == names
+    assert len(pairs) == 12 and torch.equal(pairs.noise, torch.cat(drawn)) and pairs.noise.shape == (12, 4, 8, 8)
+    latents, labels, noise = pairs.batch(torch.tensor([4, 0]))
+    assert latents.shape == noise.shape == (2, 4, 8, 8) and labels.tolist() == [7, 3]
+    seeds, classes = [7, 3], [7, 3]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    own = teacher(class_labels=classes, generator=generators, output_type="latent").images
+    torch.testing.assert_close(latents, own, atol=1e-5, rtol=1e-5)
+    images = sample(teacher, seeds=seeds, labels=classes)  # what the teacher makes of that noise, at its defaults
+    with torch.no_grad():
+        np.testing.assert_allclose(postprocess(teacher.decode(latents), "np"), images, atol=1e-5)
+    assert record == {
+        "num_pairs": 12,
+        "guidance_scale": 2.0,
+        "num_inference_steps": 3,
+        "scheduler": type(teacher.scheduler).__name__,
+        "space": "latent",
+        "files": [{"file": str(folder), "num_pairs": 12, "seed": 3, "precision": "fp32"}],
+    }
+
+    middle = folder / names[1]
+    middle.unlink()
+    (folder / f".{names[1]}.abcd1234.tmp").write_bytes(b"cut short")
+    before = {name: (folder / name).stat().st_mtime_ns for name in (names[0], names[2])}
+    calls = []
+    draw = student.teacher_latents
+    monkeypatch.setattr(student, "teacher_latents", lambda t, s: calls.append(s.tolist()) or draw(t, s))
+    again, _ = student.latent_pairs(o, teacher)
+    assert calls == [[8, 9, 10, 11, 12]] and sorted(p.name for p in folder.iterdir()) == names
+    assert {name: (folder / name).stat().st_mtime_ns for name in before} == before
+    assert torch.equal(again.latents, pairs.latents) and torch.equal(again.noise, pairs.noise)
+    student.latent_pairs(o, teacher)
+    assert len(calls) == 1  # all there: nothing drawn
+
+    retrained = load_pipeline(str(latent_teacher))
+    with torch.no_grad():
+        next(retrained.unet.parameters()).add_(0.01)
+    with pytest.raises(ValueError, match=r"pairs-000000003-000000007.npz was drawn by other weights than --teacher"):
+        student.latent_pairs(o, retrained)
+
+
+def test_latent_student_trains_saves_an_ldm_pipeline_that_loads_as_remote_code(latent_teacher, tmp_path):
+    """Reflow on latent pairs saves a BloodLDMPipeline with the teacher's autoencoder and a 2-step flow sampler at
+    guidance 1; the registry and diffusers' remote code (without bloodgen_hf) load it and draw the same images,
+    the same seed giving the same image in any batch; its provenance follows the teacher and its autoencoder."""
+    from bloodgen_hf.pipelines import BloodLDMPipeline
+
+    out = tmp_path / "student"
+    student.main(latent_args(latent_teacher, out, tmp_path / "pairs", "--max-steps", "3"))
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    pipe, teacher = load_pipeline(str(out / "pipeline")), load_pipeline(str(latent_teacher))
+    assert type(pipe) is BloodLDMPipeline and pipe.vae.config.scaling_factor == teacher.vae.config.scaling_factor
+    assert all(torch.equal(v, teacher.vae.state_dict()[k]) for k, v in pipe.vae.state_dict().items())
+    assert not all(torch.equal(v, teacher.unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
+    assert pipe.config.default_guidance_scale == 1.0 and pipe.config.default_num_inference_steps == 2
+    assert pipe.scheduler.config.use_flow_sigmas
+    together = sample(pipe)
+    assert together.shape == (4, 32, 32, 3) and np.isfinite(together).all()
+    np.testing.assert_array_equal(together, sample(pipe))
+    np.testing.assert_allclose(sample(pipe, seeds=(9, 2), labels=(1, 5))[1], together[2], atol=1e-5)
+
+    provenance = pipe.config.provenance
+    assert provenance["split"] == "train" and provenance["distilled_from"]["model"] == recorded(latent_teacher)
+    assert provenance["distilled_from"]["pairs"]["space"] == "latent"
+    assert provenance["distilled_from"]["pairs"]["num_pairs"] == 16
+    assert provenance["autoencoder"]["provenance"]["split"] == "train"
+    check_unseen(provenance, "student", "test", "bloodmnist", "augment-study")
+
+    from tests.test_remote_code import reference_images, run_without_bloodgen_hf
+
+    (work := tmp_path / "remote").mkdir()
+    images, seen = work / "images", work / "provenance.json"
+    job = {"source": str(out / "pipeline"), "out": str(images), "call": {"num_inference_steps": 2}}
+    run_without_bloodgen_hf(work, {"jobs": [{**job, "provenance": str(seen)}], "threads": 1})
+    np.testing.assert_array_equal(np.load(f"{images}.npy"), reference_images(pipe))
+    assert json.loads(seen.read_text())["distilled_from"]["pairs"]["space"] == "latent"
+
+
+def test_the_latent_students_leak_check_follows_the_teachers_autoencoder(tmp_path):
+    torch.set_num_threads(1)
+    teacher = tiny_latent_teacher(tmp_path / "leaky", autoencoder_split="all")
+    options = student_options(teacher, pairs=[str(tmp_path / "pairs")], num_pairs=8)
+    _, provenance = student.load_student_data(TrainConfig(flip=False, batch_size=8, extra=options))
+    with pytest.raises(LeakError, match=r"decoded by ae\) was trained on split 'all'"):
+        check_unseen(provenance, "student", "test", "bloodmnist", "augment-study")
+
+
+def test_latent_student_with_an_adversarial_term_resumes_exactly(latent_teacher, fake_data_dir, tmp_path):
+    """4 steps in one go == 2, stop, resume to 4, with the discriminator on decoded 32 px estimates against real
+    32 px train images; both runs read one pairs folder, the second without drawing."""
+    pairs = tmp_path / "pairs"
+    common = ["--data-dir", str(fake_data_dir), "--resolution", "32", "--adversarial-weight", "0.5"]
+    common += ["--checkpoint-every", "2", "--lr-schedule", "constant"]
+    student.main(latent_args(latent_teacher, tmp_path / "full", pairs, *common, "--max-steps", "4"))
+    student.main(latent_args(latent_teacher, tmp_path / "split", pairs, *common, "--max-steps", "2"))
+    resumed = ("--max-steps", "4", "--resume", "latest")
+    student.main(latent_args(latent_teacher, tmp_path / "split", pairs, *common, *resumed))
+    full, split = (tmp_path / run / "checkpoints" / "checkpoint-0000004" for run in ("full", "split"))
+    for name in ("unet", "discriminator"):
+        a, b = load_file(str(full / f"{name}.safetensors")), load_file(str(split / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    state_a, state_b = load_state(full / "training_state"), load_state(split / "training_state")
+    for x, y in zip(state_a["extra"]["ema"]["shadow_params"], state_b["extra"]["ema"]["shadow_params"]):
+        assert torch.equal(x, y)
+    logged = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2, 3, 4] and all("loss_adversarial" in row for row in logged)
+    adversarial = load_pipeline(str(tmp_path / "split" / "pipeline")).config.provenance["adversarial"]
+    assert adversarial == {"dataset": "bloodmnist", "resolution": 32, "split": "train", "num_images": 48}
+
+
+def test_bad_latent_student_settings_get_one_clear_error(latent_teacher, teacher, fake_data_dir, tmp_path):
+    pairs, npz = tmp_path / "pairs", tmp_path / "images.npz"
+    npz.write_bytes(b"")
+    cases = [
+        ((), "--method reflow of an LDM teacher needs --pairs DIR and --num-pairs N"),
+        (("--pairs", str(pairs)), "needs --pairs DIR and --num-pairs N"),
+        (("--pairs", str(pairs), str(npz), "--num-pairs", "8"), "an LDM teacher's --pairs is one folder .*got 2"),
+        (("--pairs", str(npz), "--num-pairs", "8"), "images.npz is a file; an LDM teacher's --pairs is the folder"),
+        (("--pairs", str(pairs), "--num-pairs", "0"), "--num-pairs must be at least 1, got 0"),
+        (("--pairs", str(pairs), "--num-pairs", "8", "--pairs-seed", "-1"), "--pairs-seed must be >= 0"),
+        (("--method", "consistency", "--data-dir", str(fake_data_dir)), "--method consistency needs a pixel teacher"),
+        (
+            ("--pairs", str(pairs), "--num-pairs", "8", "--adversarial-weight", "1"),
+            r"compares the student's 32x32 images with real ones at --resolution 28; pass --resolution 32",
+        ),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message) as refused:
+            student.main(student_args(latent_teacher, tmp_path / "s", *extra))
+        assert refused.value.code == 2 and "\n" not in str(refused.value)
+    pixel_pairs = draw_pairs(teacher, tmp_path / "pixel.npz", 8)
+    with pytest.raises(SystemExit, match="--num-pairs and --pairs-seed draw an LDM teacher's latent pairs"):
+        student.main(student_args(teacher, tmp_path / "s", "--pairs", str(pixel_pairs), "--num-pairs", "8"))
+    assert not (tmp_path / "s").exists() and not pairs.exists()

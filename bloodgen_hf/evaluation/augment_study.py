@@ -34,6 +34,10 @@ is trained by the family's train script on exactly that R_f (`--split train --su
 --subset-seed seed`), into generators/<f>-seed<seed>/, checked by the indices its provenance records, and
 draws its own pool (pools/<f>-seed<seed>.npz). `resume` keeps finished generators and continues one that
 was stopped from its last checkpoint. Their training budgets go in the report.
+
+Everything happens at the generator's image size: real train/val/test images are read at it and the
+classifiers are built for it. A `resolution` asked for must be that size (a generator of another size is
+refused: its images would have to be resized, which this study does not do); results.json records it.
 """
 
 from __future__ import annotations
@@ -428,12 +432,14 @@ def run_study(
     generator: GeneratorPlan | None = None,
     device: str = "cpu",
     report_only: bool = False,
+    resolution: int | None = None,
 ):
     """Train every (setting, fraction, seed) classifier; write results.json, report.md and plots to `out`.
 
     The synthetic images come from `pipe`, or with `generator` (and `pipe` None) from one generator per
-    (seed, fraction) trained on that R_f. A generator that may have seen the test split is refused first.
-    `report_only` trains nothing: it writes the report of the runs finished so far (a study still running).
+    (seed, fraction) trained on that R_f. A generator that may have seen the test split, or (with `resolution`)
+    that makes images of another size, is refused first. `report_only` trains nothing: it writes the report of
+    the runs finished so far (a study still running).
     """
     config.check()
     if (pipe is None) == (generator is None):
@@ -446,6 +452,7 @@ def run_study(
         check_unseen(pipeline_provenance(pipe), model or "the model", EVAL_SPLIT, dataset, "augment-study")
         size = image_size(pipe, sampling_kwargs)
         sampling_kwargs = sampling_record(pipe, sampling_kwargs)  # the precision it will sample at, recorded
+    check_study_resolution(model or "the generator", size, resolution)
     train_images, train_labels, names, _ = load_data(dataset, "train", size, data_dir)
     holdout = load_data(dataset, SELECT_SPLIT, size, data_dir)[:2]
     test_images, test_labels = load_data(dataset, EVAL_SPLIT, size, data_dir)[:2]
@@ -460,7 +467,7 @@ def run_study(
         if not (out / "study.json").is_file():
             raise UsageError(f"--report-only: {out} holds no study (no study.json)")
         record_study(out / "study.json", study, resume=True)
-        return write_results(out, config, model, names, pipe, [], html, sampling_kwargs)
+        return write_results(out, config, model, names, pipe, [], html, sampling_kwargs, size)
     out.mkdir(parents=True, exist_ok=True)
     record_study(out / "study.json", study, resume)
     generators = []
@@ -518,13 +525,31 @@ def run_study(
             if accepted is not None:
                 run["filter_acceptance"] = filter_acceptance(pool, accepted, num_classes)
             write_json({**run, **report}, done)
-    return write_results(out, config, model, names, pipe, generators, html, sampling_kwargs)
+    return write_results(out, config, model, names, pipe, generators, html, sampling_kwargs, size)
+
+
+def check_study_resolution(model: str, size: int, resolution: int | None) -> None:
+    """--resolution must be the generator's own size: the study reads real images and builds classifiers at it."""
+    if resolution is not None and size != resolution:
+        raise UsageError(
+            f"{model} makes {size} px images, not {resolution} px (--resolution {resolution}): the study trains and "
+            f"scores its classifiers at the generator's size; pass a {resolution} px generator, or --resolution {size}"
+        )
 
 
 def write_results(
-    out: Path, config: StudyConfig, model: str, names, pipe, generators: list, html: bool, sampling: dict
+    out: Path,
+    config: StudyConfig,
+    model: str,
+    names,
+    pipe,
+    generators: list,
+    html: bool,
+    sampling: dict,
+    resolution: int = 28,
 ) -> dict:
-    """results.json (every finished run of any recipe, and their summary), report.md and the plots."""
+    """results.json (every finished run of any recipe, and their summary, and the image size of them all),
+    report.md and the plots."""
     runs = finished_runs(out / "runs")
     if not runs:
         raise UsageError(f"{out} holds no finished run yet")
@@ -535,6 +560,7 @@ def write_results(
         "protocol": config.protocol,
         "classifier": config.classifier,
         "class_names": list(names),
+        "resolution": resolution,
         "provenance": None if pipe is None else pipeline_provenance(pipe),
         "generators": generators,
         "summary": summarize_study(runs),
@@ -627,6 +653,7 @@ def per_fraction_pools(
         folder = train_generator(plan, out / "generators" / name, fraction, seed, context, resume, log)
         pipe = load_pipeline(str(folder), context["device"])
         label = f"the {plan.family} generator for {name} ({folder})"
+        check_study_resolution(label, image_size(pipe, sampling_kwargs), plan.resolution)
         provenance = check_trained_on_subset(pipe, label, subset, context["dataset"])
         check_generator_classes(pipe, label, context["names"], context["dataset"])
         path = out / "pools" / f"{name}.npz"
@@ -821,6 +848,8 @@ def write_study_report(results: dict, out: Path, html: bool = False) -> None:
     summary = results["summary"]
     fractions = sorted({e["fraction"] for e in summary})
     lines = ["# Augmentation study", "", protocol_sentence(results)]
+    if results.get("resolution"):
+        lines[-1] += f" Images at {results['resolution']} px."
     lines[-1] += f" {max(len(e['seeds']) for e in summary)} seeds; mean ± std over seeds."
     if results.get("model"):
         lines[-1] += f" Synthetic images from `{results['model']}`"

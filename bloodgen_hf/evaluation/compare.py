@@ -6,6 +6,10 @@
 <out>/grids/*.png      8 images per class (rows) for the real data and every model
 <out>/models/<name>/   each model's results.json, eval_results.json, summary.md
 <out>/tstr/, tstr.json with --tstr N: train on N synthetic vs N real images, test on real (evaluation/tstr.py)
+
+Every model is scored at one resolution (`resolution`, by default the size the models share); with
+`upsample`, smaller models are upsampled to it and labelled so ('ddpm-fast (28->64 bicubic)', folder
+models/ddpm-fast-28to64-bicubic), so a 64 px model and the upsampled 28 px default share one table.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 
 from bloodgen_hf.data import CLASS_NAMES, DEFAULT_DATASET
 from bloodgen_hf.errors import UsageError
-from bloodgen_hf.evaluation.protocol import Protocol, RealData, pipeline_fingerprint
+from bloodgen_hf.evaluation.protocol import Protocol, RealData, Upsample, pipeline_fingerprint
 from bloodgen_hf.evaluation.report import (
     bar_chart,
     comparison_table,
@@ -25,7 +29,17 @@ from bloodgen_hf.evaluation.report import (
     protocol_line,
     write_markdown_report,
 )
-from bloodgen_hf.evaluation.runner import check_classes, evaluate_to_folder, image_size, model_label, parameter_count
+from bloodgen_hf.evaluation.runner import (
+    check_classes,
+    check_evaluator_resolution,
+    evaluate_to_folder,
+    file_stem,
+    image_size,
+    parameter_count,
+    scored_label,
+    scoring_resolution,
+    upsampling,
+)
 from bloodgen_hf.evaluation.tstr import TSTRConfig, run_tstr, split_models, tstr_lines
 from bloodgen_hf.io import labelled_class_grid, save_image
 from bloodgen_hf.sampling import generate, pipeline_class_names, recorded_sampling, sampling_record
@@ -39,6 +53,8 @@ PROTOCOL_KEYS = (
     "metrics",
     "dataset",
     "split",
+    "size",
+    "upsample",
     "extractor",
     "classifier",
     "sampling",
@@ -56,14 +72,24 @@ def class_grid(
     rng = np.random.default_rng(seed)
     members = [np.flatnonzero(labels == c) for c in range(len(class_names))]
     rows = [images[rng.choice(m, per_class, replace=len(m) < per_class)] for m in members]
-    return labelled_class_grid(np.stack(rows), list(class_names), scale=2)
+    return labelled_class_grid(np.stack(rows), list(class_names), scale=grid_scale(images.shape[1]))
 
 
-def model_grid(pipe, sampling_kwargs: dict, per_class: int = GRID_PER_CLASS, seed: int = 0):
+def model_grid(
+    pipe, sampling_kwargs: dict, per_class: int = GRID_PER_CLASS, seed: int = 0, upsample: Upsample | None = None
+):
+    """`per_class` images of every class, upsampled as they were scored."""
     names = pipeline_class_names(pipe)
     labels = np.repeat(np.arange(len(names)), per_class)
     images = np.concatenate([b[0] for b in generate(pipe, labels, seed=seed, progress=False, **sampling_kwargs)])
-    return labelled_class_grid(images.reshape(len(names), per_class, *images.shape[1:]), list(names), scale=2)
+    images = images if upsample is None else upsample(images)
+    rows = images.reshape(len(names), per_class, *images.shape[1:])
+    return labelled_class_grid(rows, list(names), scale=grid_scale(images.shape[1]))
+
+
+def grid_scale(size: int) -> int:
+    """Grids are enlarged to be readable: 2x at 28 px, as they are from 56 px on."""
+    return max(1, 56 // size)
 
 
 def training_curves(folder: Path) -> list[dict]:
@@ -87,7 +113,9 @@ def reusable(folder: Path, protocol: dict, fingerprint: str) -> dict | None:
     return results if same and results.get("model_sha256") == fingerprint else None
 
 
-def expected_protocol(protocol: Protocol, extractor, classifier, split: str, sampling: dict, dataset: str) -> dict:
+def expected_protocol(
+    protocol: Protocol, extractor, classifier, split: str, sampling: dict, dataset: str, size: int = 28, upsample=None
+) -> dict:
     return {
         "runs": protocol.runs,
         "n": protocol.n,
@@ -96,6 +124,8 @@ def expected_protocol(protocol: Protocol, extractor, classifier, split: str, sam
         "metrics": list(protocol.metrics),
         "dataset": dataset,
         "split": split,
+        "size": size,
+        "upsample": None if upsample is None else upsample.record(),
         "extractor": {"name": extractor.name, "identity": extractor.identity},
         "classifier": None if classifier is None else {"name": "bloodnet", "identity": classifier.identity},
         "sampling": sampling,
@@ -119,32 +149,36 @@ def compare(
     log=print,
     dataset: str = DEFAULT_DATASET,
     tstr: TSTRConfig | None = None,
+    resolution: int | None = None,
+    upsample: str | None = None,
 ) -> Path:
-    """Every model is loaded, and checked against the real data and the evaluator (and with `tstr`, against
-    the test split it would be scored on), before anything is written."""
+    """Every model is loaded, and checked against the resolution (`resolution`, else the models' shared size;
+    smaller models are upsampled with `upsample`, a method name), the real data and the evaluator (and with
+    `tstr`, against the test split it would be scored on), before anything is written."""
     from bloodgen_hf.registry import resolve_model
 
     sampling_kwargs = sampling_kwargs or {}
-    labels = [model_label(m) for m in models]
-    if len(set(labels)) != len(labels):
+    pipes = {model: load_pipeline(model) for model in models}
+    sizes = {model: image_size(pipe, sampling_kwargs) for model, pipe in pipes.items()}
+    resolution = scoring_resolution(sizes, resolution, upsample)
+    plans = {model: upsampling(model, sizes[model], resolution, upsample) for model in models}
+    labels = [scored_label(m, plans[m]) for m in models]
+    if len({file_stem(label) for label in labels}) != len(labels):
         raise UsageError(f"two models share a name ({', '.join(labels)}); give their folders distinct names")
-    pipes, sizes, reals = {}, {}, {}
+    real = RealData.load(split, resolution, data_dir, dataset)
     for model in models:
-        pipes[model] = load_pipeline(model)
-        size = sizes[model] = image_size(pipes[model], sampling_kwargs)
-        if size not in reals:
-            reals[size] = RealData.load(split, size, data_dir, dataset)
-        check_classes(pipes[model], model, reals[size], dataset, (extractor, classifier))
+        check_classes(pipes[model], model, real, dataset, (extractor, classifier))
+    check_evaluator_resolution((extractor, classifier), resolution)
     if tstr is not None:
         tstr.check()
         split_models({label: pipes[model] for model, label in zip(models, labels)}, dataset)
     out.mkdir(parents=True, exist_ok=True)
     entries, facts, grids, curves = {}, {}, {}, {}
     for model, label in zip(models, labels):
-        pipe, real = pipes[model], reals[sizes[model]]
-        folder = out / "models" / label
+        pipe, plan = pipes[model], plans[model]
+        folder = out / "models" / file_stem(label)
         sampling = sampling_record(pipe, sampling_kwargs)  # each model's precision, as its results record it
-        expected = expected_protocol(protocol, extractor, classifier, split, sampling, real.dataset)
+        expected = expected_protocol(protocol, extractor, classifier, split, sampling, real.dataset, real.size, plan)
         results = reusable(folder, expected, pipeline_fingerprint(pipe)) if reuse else None
         if results is None:
             log(f"== {label}: evaluating")
@@ -162,6 +196,7 @@ def compare(
                 log,
                 dataset=dataset,
                 real=real,
+                upsample=upsample,
             )
         else:
             log(f"== {label}: reusing {folder / 'results.json'}")
@@ -169,9 +204,8 @@ def compare(
         timing = results["timing"]["images_per_s"]
         machine = results.get("machine", "not recorded")
         facts[label] = {"parameters": parameter_count(pipe)["total"], "images_per_s": timing, "machine": machine}
-        grids[label] = model_grid(pipe, sampling_kwargs, seed=protocol.seed)
+        grids[label] = model_grid(pipe, sampling_kwargs, seed=protocol.seed, upsample=plan)
         curves[label] = training_curves(resolve_model(model))
-    real = reals[sizes[models[-1]]]
     grids = {"real": class_grid(real.images, real.labels, seed=protocol.seed, class_names=real.class_names), **grids}
     tstr_results = {}
     if tstr is not None:
@@ -184,11 +218,12 @@ def write_report(
     out: Path, entries: dict, facts: dict, grids: dict, curves: dict, html: bool = False, tstr: dict | None = None
 ) -> Path:
     for name, grid in grids.items():
-        save_image(grid, out / "grids" / f"{name}.png")
+        save_image(grid, out / "grids" / f"{file_stem(name)}.png")
     bar_chart(entries, out / "metrics.png")
     curves_file = curves_chart(curves, out / "curves.png")
     first = next(iter(entries.values()))
-    lines = ["# Model comparison", "", protocol_line(first["protocol"]), "", *comparison_table(entries), ""]
+    shared = {**first["protocol"], "upsample": None}  # each model's label says whether it was upsampled
+    lines = ["# Model comparison", "", protocol_line(shared), "", *comparison_table(entries), ""]
     lines += ["![metrics](metrics.png)", *tstr_lines(tstr or {}), ""]
     lines += ["## Models", "", "| model | parameters | sampling (images/s) | ms/image | measured on |"]
     lines.append("|---|---|---|---|---|")
@@ -198,7 +233,7 @@ def write_report(
     lines += ["", "## Samples per class", ""]
     lines.append("| " + " | ".join(grids) + " |")
     lines.append("|---" * len(grids) + "|")
-    lines.append("| " + " | ".join(f"![{n}](grids/{n}.png)" for n in grids) + " |")
+    lines.append("| " + " | ".join(f"![{n}](grids/{file_stem(n)}.png)" for n in grids) + " |")
     if curves_file is not None:
         lines += ["", "## Training curves", "", "![training curves](curves.png)"]
     return write_markdown_report(lines, out, html)

@@ -226,6 +226,11 @@ class BloodNetExtractor(FeatureExtractor):
         names = self.model.config.get("class_names")
         return tuple(names) if names else tuple(str(i) for i in range(self.model.config.num_classes))
 
+    @property
+    def resolution(self) -> int:
+        """The image size it was trained at (it resizes other sizes to it, so evaluation refuses them)."""
+        return int(self.model.config.resolution)
+
     def extract(self, images: np.ndarray, progress: bool = True, desc: str = "bloodnet") -> Features:
         from bloodgen_hf.evaluation.bloodnet import predict
 

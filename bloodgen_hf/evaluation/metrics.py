@@ -109,9 +109,11 @@ def _as_tensor(x: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
 
 
-def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[len(a), len(b)] squared Euclidean distances via ||a||^2 + ||b||^2 - 2ab (clamped at 0)."""
-    sq = a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1)[None, :] - 2 * a @ b.T
+def squared_distances(a: torch.Tensor, b: torch.Tensor, b_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(a), len(b)] squared Euclidean distances via ||a||^2 + ||b||^2 - 2ab (clamped at 0); `b_norms`, the
+    ||b||^2 of every row, saves squaring all of `b` again for every chunk (64 px pixel vectors are large)."""
+    b_norms = b.pow(2).sum(1) if b_norms is None else b_norms
+    sq = a.pow(2).sum(1, keepdim=True) + b_norms[None, :] - 2 * a @ b.T
     return sq.clamp_min_(0)
 
 
@@ -121,9 +123,10 @@ def nearest_neighbours(
     """Distance to and index of each query's nearest reference row; `exclude[i]` (a reference index,
     or -1) is skipped for query i, which gives leave-one-out distances when queries come from reference."""
     q, ref = _as_tensor(queries), _as_tensor(reference)
+    norms = ref.pow(2).sum(1)
     index = []
     for start in range(0, len(q), CHUNK):
-        block = squared_distances(q[start : start + CHUNK], ref)
+        block = squared_distances(q[start : start + CHUNK], ref, norms)
         if exclude is not None:
             rows = torch.arange(len(block))
             skip = torch.as_tensor(exclude[start : start + CHUNK], dtype=torch.long)

@@ -5,6 +5,10 @@ generates n images whose image i has seed `(seed + r) * 1_000_000 + i`, with the
 distribution (or balanced). Real features come from the on-disk cache. Every distance is also
 measured between two disjoint random halves of the real data of the same size (or N // 2 when the
 dataset has fewer than 2n images): the real-vs-real floor a perfect model would get at that n.
+
+Everything is scored at the real data's resolution (`RealData.size`, recorded as the protocol's `size`).
+A model that makes smaller images is scored there only through an explicit `Upsample` (its images resized
+bicubically first, recorded as `upsample`): the honest baseline a higher-resolution model must beat.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ METRIC_HELP = {
 }
 ALIASES = {"fid": "fd", "prdc": None, "precision": "pr", "recall": "pr", "density": "dc", "coverage": "dc"}
 GEN_SEED_STRIDE = 1_000_000
+UPSAMPLE_METHODS = ("bicubic",)
 
 
 def parse_metrics(names: Sequence[str] | None) -> tuple[str, ...]:
@@ -102,6 +107,40 @@ class RealData:
     @property
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=len(self.class_names))
+
+
+@dataclass(frozen=True)
+class Upsample:
+    """Generated images resized from `source` to `target` px by `method` (PIL, uint8 in and out) before
+    scoring: a small model scored at a larger resolution, and labelled so, never silently."""
+
+    method: str
+    source: int
+    target: int
+
+    def __post_init__(self) -> None:
+        if self.method not in UPSAMPLE_METHODS:
+            raise UsageError(f"unknown --upsample {self.method!r}; choose from: {', '.join(UPSAMPLE_METHODS)}")
+        if self.target <= self.source:
+            raise UsageError(f"--upsample only enlarges: {self.source} px images cannot be upsampled to {self.target}")
+
+    @property
+    def suffix(self) -> str:
+        """What a model's label gains: ' (28->64 bicubic)'."""
+        return f" ({self.source}->{self.target} {self.method})"
+
+    def record(self) -> dict:
+        return {"method": self.method, "from": self.source, "to": self.target}
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """uint8 NHWC at `source` -> uint8 NHWC at `target` (PIL's bicubic rounds and clamps to 0..255)."""
+        from PIL import Image
+
+        if images.shape[1:3] != (self.source, self.source):
+            raise ValueError(f"expected {self.source} px images to upsample, got shape {images.shape}")
+        size = (self.target, self.target)
+        resized = [np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BICUBIC)) for im in images]
+        return np.stack(resized) if resized else np.zeros((0, *size, images.shape[-1]), np.uint8)
 
 
 @dataclass
@@ -178,11 +217,13 @@ def evaluate(
     progress: bool = True,
     log: Callable[[str], None] = print,
     resume_dir: Path | None = None,
+    upsample: Upsample | None = None,
 ) -> Evaluation:
     """Run the protocol for one pipeline; `classifier` (a BloodNetExtractor) scores class accuracy.
 
-    With `resume_dir`, each finished run is kept there, so an interrupted evaluation goes on from the
-    next run; a kept run is only used for the same protocol and the same weights (`run_key`)."""
+    The generated images must come out at `real.size`, or be brought there by `upsample`. With `resume_dir`,
+    each finished run is kept there, so an interrupted evaluation goes on from the next run; a kept run is
+    only used for the same protocol and the same weights (`run_key`)."""
     check_protocol(protocol, real, extractor, classifier)
     sampling_kwargs = sampling_kwargs or {}
     names = metric_names(extractor.name)
@@ -205,7 +246,8 @@ def evaluate(
         )
     real_accuracy = reference_accuracy(real, classifier, extractor, real_features, protocol)
 
-    record = protocol_record(protocol, real, extractor, classifier, threshold, sampling_record(pipe, sampling_kwargs))
+    sampling = sampling_record(pipe, sampling_kwargs)
+    record = protocol_record(protocol, real, extractor, classifier, threshold, sampling, upsample)
     fingerprint = pipeline_fingerprint(pipe)
     key = run_key(record, fingerprint)
     runs, pairs = [], None
@@ -222,7 +264,7 @@ def evaluate(
         index = rng.choice(len(real.labels), protocol.n, replace=False)
         real_sample = Sample(real_features.subset(index), real.labels[index], real.images[index], index)
         fake, timing = generated_sample(
-            pipe, extractor, protocol, seed * GEN_SEED_STRIDE, sampling_kwargs, progress, real.class_counts
+            pipe, extractor, protocol, seed * GEN_SEED_STRIDE, sampling_kwargs, progress, real, upsample
         )
         if "accuracy" in protocol.metrics:
             fake.predictions = predictions(classifier, extractor, fake)
@@ -304,16 +346,25 @@ def kept_run(folder: Path | None, r: int, key: dict | None) -> tuple[dict, np.nd
 
 
 def generated_sample(
-    pipe, extractor, protocol: Protocol, gen_seed: int, sampling_kwargs: dict, progress: bool, class_counts
+    pipe,
+    extractor,
+    protocol: Protocol,
+    gen_seed: int,
+    sampling_kwargs: dict,
+    progress: bool,
+    real: RealData,
+    upsample: Upsample | None = None,
 ):
-    """n generated images, their classes in the real data's proportions (`class_counts`) or balanced."""
-    labels = plan_labels(protocol.n, None, protocol.distribution, class_counts)
+    """n generated images, their classes in the real data's proportions or balanced, at the real data's size
+    (upsampled first with `upsample`; the sampling time leaves the resize out)."""
+    labels = plan_labels(protocol.n, None, protocol.distribution, real.class_counts)
     started = time.perf_counter()
     batches = list(
         generate(pipe, labels, seed=gen_seed, batch_size=protocol.batch_size, progress=progress, **sampling_kwargs)
     )
     sampling_s = time.perf_counter() - started
     images = np.concatenate([b[0] for b in batches])
+    images = at_real_size(images, real.size, upsample)
     started = time.perf_counter()
     features = extractor.extract(images, progress=progress, desc=f"generated {extractor.name}")
     timing = {
@@ -322,6 +373,18 @@ def generated_sample(
         "features_s": time.perf_counter() - started,
     }
     return Sample(features, labels, images), timing
+
+
+def at_real_size(images: np.ndarray, size: int, upsample: Upsample | None) -> np.ndarray:
+    """Generated images at the real data's `size`: as they are, or upsampled; any other size is refused (a
+    feature extractor would resize them silently and the pixel metrics could not compare them)."""
+    made = images.shape[1]
+    if upsample is not None and made == upsample.source:
+        images = upsample(images)
+    if images.shape[1:3] != (size, size):
+        how = f" after --upsample to {upsample.target} px" if upsample is not None else ""
+        raise UsageError(f"the model makes {made} px images{how}, but the real images are {size} px")
+    return images
 
 
 def predictions(classifier, extractor: FeatureExtractor, sample: Sample) -> np.ndarray:
@@ -416,16 +479,22 @@ def pairs_picture(generated: np.ndarray, reference: np.ndarray, copies: dict, co
         [M.flips(generated[q : q + 1])[copies["flip"][i]][0] for i, q in zip(closest, copies["query"][closest])]
     )
     bottom = reference[copies["index"][closest]]
-    return upscale(make_grid(np.concatenate([top, bottom]), nrow=len(closest)), 3)
+    scale = max(1, 84 // reference.shape[1])  # 3x at 28 px, as they are from 64 px on
+    return upscale(make_grid(np.concatenate([top, bottom]), nrow=len(closest)), scale)
 
 
-def protocol_record(protocol: Protocol, real: RealData, extractor, classifier, threshold, sampling_kwargs) -> dict:
+def protocol_record(
+    protocol: Protocol, real: RealData, extractor, classifier, threshold, sampling_kwargs, upsample=None
+) -> dict:
+    """The protocol as results record it: `size` is the resolution everything was scored at, `upsample` how
+    the generated images got there (None: made at that size)."""
     record = asdict(protocol)
     record.update(
         dataset=real.dataset,
         class_names=list(real.class_names),
         split=real.split,
         size=real.size,
+        upsample=None if upsample is None else upsample.record(),
         num_real_images=len(real.labels),
         metrics=list(protocol.metrics),
         seeds=[protocol.seed + r for r in range(protocol.runs)],

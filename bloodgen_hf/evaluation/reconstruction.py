@@ -18,23 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bloodgen_hf.data import DEFAULT_DATASET, load_data, to_model_range, to_uint8
+from bloodgen_hf.data import DEFAULT_DATASET, load_data
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.features import FeatureExtractor
 from bloodgen_hf.evaluation.metrics import fd_from_features
 from bloodgen_hf.image_quality import psnr, ssim
+from bloodgen_hf.training.autoencoder import posterior_mean_reconstructions
 
 
-@torch.no_grad()
 def reconstruct(vae, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """uint8 NHWC reconstructions of uint8 NHWC `images`: decode(posterior mean of encode(x))."""
-    device = next(vae.parameters()).device
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = to_model_range(torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))).to(device)
-        decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        out.append(to_uint8(decoded.float()).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros_like(images)
+    """uint8 NHWC reconstructions of uint8 NHWC `images`: decode(posterior mean of encode(x)), as training's grids."""
+    images_uint8 = torch.from_numpy(np.ascontiguousarray(images))
+    return posterior_mean_reconstructions(vae, images_uint8, batch_size).numpy()
 
 
 def unit_range(images: np.ndarray) -> torch.Tensor:

@@ -134,9 +134,11 @@ def per_class_table(results: dict) -> list[str]:
 def protocol_line(protocol: dict) -> str:
     extractor = protocol["extractor"]
     floor = f"; real-vs-real floor at n={protocol['floor_n']}" if protocol.get("floor_n") else ""
+    upsample = protocol.get("upsample")
+    made = f", made at {upsample['from']}px and upsampled ({upsample['method']})" if upsample else ""
     return (
         f"{protocol['runs']} runs (seeds {protocol['seeds'][0]}..{protocol['seeds'][-1]}), n={protocol['n']} real "
-        f"images from {protocol['dataset']} {protocol['split']} at {protocol['size']}px vs n generated "
+        f"images from {protocol['dataset']} {protocol['split']} at {protocol['size']}px vs n generated{made} "
         f"({protocol['distribution']} class distribution), features: {extractor['name']} "
         f"({extractor['identity'][:40]}…){floor}"
     )

@@ -1,9 +1,11 @@
 """What `evaluate` and `compare` share: building the extractor/classifier, reading a model's image size,
-checking that generator, real data and evaluator share their classes, naming models, and evaluating one
-model into a results folder."""
+settling the resolution everything is scored at (and refusing a model or BloodNet made for another one,
+unless the model is explicitly upsampled), checking that generator, real data and evaluator share their
+classes, naming models, and evaluating one model into a results folder."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 from bloodgen_hf.data import DEFAULT_DATASET, describe_classes, same_classes
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.features import BloodNetExtractor, FeatureExtractor, build_extractor
-from bloodgen_hf.evaluation.protocol import Protocol, RealData, evaluate
+from bloodgen_hf.evaluation.protocol import UPSAMPLE_METHODS, Protocol, RealData, Upsample, evaluate
 from bloodgen_hf.evaluation.report import write_evaluation
 from bloodgen_hf.sampling import generate, pipeline_class_names
 
@@ -42,6 +44,75 @@ def image_size(pipe, sampling_kwargs: dict) -> int:
         generate(pipe, np.zeros(1, dtype=np.int64), seed=0, batch_size=1, progress=False, **sampling_kwargs)
     )
     return int(images.shape[1])
+
+
+def check_resolution_option(resolution: int | None) -> None:
+    """None (the model's own size) or a positive size."""
+    if resolution is not None and (isinstance(resolution, bool) or resolution < 1):
+        raise UsageError(f"--resolution must be a positive number of pixels, got {resolution}")
+
+
+def check_scoring_options(resolution: int | None, upsample: str | None) -> None:
+    """--resolution and --upsample, checked before anything is loaded."""
+    check_resolution_option(resolution)
+    if upsample is not None and upsample not in UPSAMPLE_METHODS:
+        raise UsageError(f"unknown --upsample {upsample!r}; choose from: {', '.join(UPSAMPLE_METHODS)}")
+
+
+def scoring_resolution(sizes: dict[str, int], resolution: int | None, upsample: str | None) -> int:
+    """The resolution every model is scored at: --resolution, else the models' own size, which they must share
+    (with --upsample, the largest: the smaller ones are upsampled to it)."""
+    check_resolution_option(resolution)
+    if resolution is not None:
+        return resolution
+    if len(set(sizes.values())) > 1 and upsample is None:
+        made = ", ".join(f"{model_label(m)}: {s} px" for m, s in sizes.items())
+        raise UsageError(
+            f"the models make images of different sizes ({made}); one table needs one resolution: pass "
+            f"--resolution {max(sizes.values())} --upsample bicubic"
+        )
+    return max(sizes.values())
+
+
+def upsampling(model: str, size: int, resolution: int, upsample: str | None) -> Upsample | None:
+    """How `model`'s `size` px images reach `resolution`: as they are (None), or upsampled by --upsample. A model
+    of another size without --upsample, and any downsampling, are refused in one line naming both sizes."""
+    if size == resolution:
+        return None
+    if size > resolution:
+        raise UsageError(
+            f"{model} makes {size} px images; scoring them at --resolution {resolution} would downsample them, "
+            f"which evaluation does not do: score it at --resolution {size}"
+        )
+    if upsample is None:
+        raise UsageError(
+            f"{model} makes {size} px images, not {resolution} px (--resolution {resolution}): pass --upsample "
+            f"bicubic to score them upsampled, or --resolution {size}"
+        )
+    return Upsample(upsample, size, resolution)
+
+
+def check_evaluator_resolution(tools, resolution: int) -> None:
+    """BloodNet resizes what it is given to the size it was trained at: scoring at another size would compare
+    features of resized images, so a BloodNet of another resolution is refused, saying how to train one."""
+    for tool in tools:
+        if isinstance(tool, BloodNetExtractor) and tool.resolution != resolution:
+            raise UsageError(
+                f"BloodNet at {tool.folder} was trained at {tool.resolution} px; scoring at {resolution} px needs one "
+                f"trained at {resolution}: bloodgen-hf train bloodnet --resolution {resolution} --split train "
+                f"--output-dir runs/bloodnet-{resolution}, then --bloodnet runs/bloodnet-{resolution}/pipeline"
+            )
+
+
+def scored_label(name_or_path: str, upsample: Upsample | None) -> str:
+    """The model's name in results and tables, saying how it was upsampled: 'ddpm-fast (28->64 bicubic)'."""
+    return model_label(name_or_path) + (upsample.suffix if upsample is not None else "")
+
+
+def file_stem(label: str) -> str:
+    """A label as a file or folder name: 'ddpm-fast (28->64 bicubic)' -> 'ddpm-fast-28to64-bicubic'
+    (plain names are kept as they are)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label.replace("->", "to")).strip("-")
 
 
 def check_classes(pipe, model: str, real: RealData, dataset: str, tools=()) -> None:
@@ -97,13 +168,21 @@ def evaluate_to_folder(
     log=print,
     dataset: str = DEFAULT_DATASET,
     real: RealData | None = None,
+    resolution: int | None = None,
+    upsample: str | None = None,
 ) -> dict:
-    """Run the protocol for one pipeline against the real data (`real`, else `dataset` loaded at the
-    pipeline's image size), after checking the classes agree; write `out`. Finished runs are kept in
+    """Run the protocol for one pipeline against the real data (`real`, else `dataset` loaded at `resolution`,
+    by default the pipeline's image size), after checking that the model (upsampled with `upsample`, a method
+    name) and the evaluator fit that resolution and the classes agree; write `out`. Finished runs are kept in
     `kept_runs_folder(out)` until `out` is written, so an interrupted evaluation goes on where it stopped."""
     sampling_kwargs = sampling_kwargs or {}
-    real = real or RealData.load(split, image_size(pipe, sampling_kwargs), data_dir, dataset)
+    size = image_size(pipe, sampling_kwargs)
+    resolution = real.size if real is not None else resolution
+    check_resolution_option(resolution)
+    plan = upsampling(model, size, resolution or size, upsample)
+    real = real or RealData.load(split, resolution or size, data_dir, dataset)
     check_classes(pipe, model, real, dataset, (extractor, classifier))
+    check_evaluator_resolution((extractor, classifier), real.size)
     evaluation = evaluate(
         pipe,
         extractor,
@@ -114,8 +193,10 @@ def evaluate_to_folder(
         sampling_kwargs=sampling_kwargs,
         log=log,
         resume_dir=kept_runs_folder(out),
+        upsample=plan,
     )
     evaluation.results["parameters"] = parameter_count(pipe)
-    write_evaluation(evaluation, out, model)
+    label = model + (plan.suffix if plan is not None else "")
+    write_evaluation(evaluation, out, label)
     shutil.rmtree(kept_runs_folder(out), ignore_errors=True)
-    return {"model": model, **evaluation.results}
+    return {"model": label, **evaluation.results}

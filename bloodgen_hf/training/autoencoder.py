@@ -28,6 +28,7 @@ after training, which is where diffusers keeps the factor a latent model multipl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,11 +40,11 @@ from bloodgen_hf.data import LabelledImages, to_model_range, to_uint8
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.image_quality import ssim
 from bloodgen_hf.io import make_grid
-from bloodgen_hf.models.patch_discriminator import PatchDiscriminator, patch_side
+from bloodgen_hf.models.patch_discriminator import PATCH_NORMS, PatchDiscriminator, patch_side
 from bloodgen_hf.pipelines.blood_pipeline_utils import write_provenance
 from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training
-from bloodgen_hf.training.gan_losses import discriminator_loss, frozen, generator_loss
-from bloodgen_hf.training.options import option, options_of
+from bloodgen_hf.training.gan_losses import hinge_discriminator_step, reconstruction_adversarial_term
+from bloodgen_hf.training.options import option, options_of, parse_channels
 from bloodgen_hf.training.sources import load_training_data
 
 # preset -> (first level's width, resnet blocks per encoder level, group-norm groups); widths go
@@ -74,6 +75,9 @@ class AutoencoderOptions:
     disc_weight_mode: str = option("adaptive", "adaptive: scaled by the gradient ratio", choices=DISC_WEIGHT_MODES)
     disc_channels: int = option(32, "the discriminator's first width")
     disc_layers: int = option(3, "the discriminator's stride-2 layers (3: 70x70 patches)")
+    disc_norm: str = option(
+        "batch", "the discriminator's normalisation (spectral: its logits start too flat at 64 px)", choices=PATCH_NORMS
+    )
     lr: float = option(2e-4, "the autoencoder's learning rate")
     lr_d: float = option(2e-4, "the discriminator's learning rate")
     beta1: float = option(0.5)
@@ -83,18 +87,6 @@ class AutoencoderOptions:
 
 
 # --- shapes ------------------------------------------------------------------------------------------
-
-
-def parse_channels(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        channels = tuple(int(c) for c in text.split(","))
-    except ValueError:
-        raise UsageError(f"--block-out-channels takes integers such as 32,64,64; got {text!r}") from None
-    if min(channels) < 1:
-        raise UsageError(f"--block-out-channels must be positive, got {text!r}")
-    return channels
 
 
 def num_halvings(spatial_factor: int) -> int:
@@ -126,7 +118,7 @@ def architecture(o: AutoencoderOptions) -> tuple[tuple[int, ...], int, int]:
     """(block_out_channels, layers_per_block, norm_num_groups): the preset's, with the flags' overrides."""
     width, layers, groups = PRESETS[o.preset]
     levels = num_halvings(o.spatial_factor) + 1
-    channels = parse_channels(o.block_out_channels) or (width, *[2 * width] * (levels - 1))
+    channels = parse_channels(o.block_out_channels, "--block-out-channels") or (width, *[2 * width] * (levels - 1))
     layers = layers if o.layers_per_block is None else o.layers_per_block
     groups = groups if o.norm_num_groups is None else o.norm_num_groups
     if len(channels) != levels:
@@ -202,25 +194,49 @@ def stock_autoencoder(model: AutoencoderKL, scaling_factor: float) -> Autoencode
 
 
 @torch.no_grad()
+def posterior_means(
+    vae: AutoencoderKL,
+    images_uint8: torch.Tensor,
+    batch_size: int,
+    flip_dims: tuple[int, ...] = (),
+    progress: Callable[[int], object] | None = None,
+) -> torch.Tensor:
+    """The posterior means (modes) [N, C, h, w] of uint8 NHWC images, flipped along `flip_dims` of NCHW if any,
+    encoded `batch_size` at a time on the autoencoder's device, as float32 on the CPU: the one encode loop of the
+    scale measured here and of the latent model's training latents (training/latent.py). The mode depends on no
+    seed; `progress` gets each batch's image count."""
+    device = next(vae.parameters()).device
+    means = []
+    for start in range(0, len(images_uint8), batch_size):
+        x = to_model_range(images_uint8[start : start + batch_size]).to(device)
+        means.append(vae.encode(x.flip(flip_dims) if flip_dims else x).latent_dist.mode().float().cpu())
+        if progress is not None:
+            progress(len(x))
+    return torch.cat(means)
+
+
 def latent_scaling_factor(vae: AutoencoderKL, images_uint8: torch.Tensor, batch_size: int = 256) -> float:
     """1 / std of the posterior means of `images_uint8` (NHWC), over every latent number: the factor that
     gives a latent model unit-variance inputs (Rombach et al. 2022, as diffusers' `scaling_factor`)."""
+    return float(1.0 / posterior_means(vae, images_uint8, batch_size).double().std())
+
+
+@torch.no_grad()
+def posterior_mean_reconstructions(
+    vae: AutoencoderKL, images_uint8: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """uint8 NHWC decode(posterior mean of encode(x)) of uint8 NHWC images, `batch_size` at a time on the
+    autoencoder's device, on the CPU: no random numbers drawn, so a progress grid never shifts the training RNG,
+    and the same reconstructions the evaluation scores (evaluation/reconstruction.py)."""
     device = next(vae.parameters()).device
-    latents = [
-        vae.encode(to_model_range(images_uint8[i : i + batch_size]).to(device)).latent_dist.mode().double().cpu()
-        for i in range(0, len(images_uint8), batch_size)
-    ]
-    return float(1.0 / torch.cat(latents).std())
+    out = []
+    for start in range(0, len(images_uint8), batch_size):
+        x = to_model_range(images_uint8[start : start + batch_size]).to(device)
+        out.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mode()).sample.float()).cpu())
+    return torch.cat(out) if out else torch.zeros_like(images_uint8)
 
 
 # --- the loss -----------------------------------------------------------------------------------------
-
-
-def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """||d rec / d W|| / ||d adv / d W|| at the decoder's last weights W (VQGAN's balance), clamped to [0, 1e4]."""
-    (rec_grad,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
-    (adv_grad,) = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)
-    return (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
 def psnr_of_mse(mse: float) -> float:
@@ -240,10 +256,11 @@ class AutoencoderTask(TrainTask):
         o = options_of(AutoencoderOptions, config.extra)
         check_options(o, config.resolution)
         vae = build_autoencoder(o, config.resolution)
-        disc = PatchDiscriminator(base_channels=o.disc_channels, num_layers=o.disc_layers)
+        disc = PatchDiscriminator(base_channels=o.disc_channels, num_layers=o.disc_layers, norm=o.disc_norm)
         betas = (o.beta1, o.beta2)
         return cls(
             models={"autoencoder": vae, "discriminator": disc},
+            init_components={"autoencoder": ""},  # --init-from a saved AutoencoderKL folder (e.g. an L1-only run's)
             optimizers={
                 "autoencoder": torch.optim.Adam(vae.parameters(), lr=o.lr, betas=betas),
                 "discriminator": torch.optim.Adam(disc.parameters(), lr=o.lr_d, betas=betas),
@@ -273,7 +290,7 @@ class AutoencoderTask(TrainTask):
         kl = kl.mean()
         loss = rec + o.kl_weight * kl
         if self.disc_active:
-            adv, weight = self.adversarial_term(rec, decoded, accelerator)
+            adv, weight = self.adversarial_term(rec, images, decoded, accelerator)
             loss = loss + weight * adv
             logged |= {"loss_adv": adv.item(), "adv_weight": float(weight)}
         accelerator.backward(loss)
@@ -288,26 +305,20 @@ class AutoencoderTask(TrainTask):
         return logged
 
     def adversarial_term(
-        self, rec: torch.Tensor, decoded: torch.Tensor, accelerator: Accelerator
+        self, rec: torch.Tensor, images: torch.Tensor, decoded: torch.Tensor, accelerator: Accelerator
     ) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """The hinge generator loss on the reconstructions, through the frozen discriminator, and its weight."""
-        with frozen(accelerator, self.models["discriminator"]) as critic:
-            adv = generator_loss("hinge", critic(decoded))
-        weight = self.options.disc_weight
-        if self.options.disc_weight_mode == "adaptive":
-            last_layer = accelerator.unwrap_model(self.models["autoencoder"]).decoder.conv_out.weight
-            weight = weight * adaptive_weight(rec, adv, last_layer)
-        return adv, weight
+        """The hinge generator loss on the reconstructions (gan_losses.reconstruction_adversarial_term)."""
+        last_layer = accelerator.unwrap_model(self.models["autoencoder"]).decoder.conv_out.weight
+        o = self.options
+        return reconstruction_adversarial_term(
+            accelerator, self.models["discriminator"], last_layer, rec, images, decoded, o.disc_weight,
+            o.disc_weight_mode == "adaptive",
+        )  # fmt: skip
 
     def discriminator_step(self, images: torch.Tensor, decoded: torch.Tensor, accelerator: Accelerator) -> dict:
         """Hinge loss on real and reconstructed patches, in one forward (which DDP needs)."""
-        disc, opt_d, n = self.models["discriminator"], self.optimizers["discriminator"], images.shape[0]
-        scores = disc(torch.cat([images, decoded]))
-        d_loss = discriminator_loss("hinge", scores[:n], scores[n:])
-        accelerator.backward(d_loss)
-        opt_d.step()
-        opt_d.zero_grad(set_to_none=True)
-        return {"loss_d": d_loss.item(), "score_real": scores[:n].mean().item(), "score_fake": scores[n:].mean().item()}
+        disc, opt_d = self.models["discriminator"], self.optimizers["discriminator"]
+        return hinge_discriminator_step(accelerator, disc, opt_d, images, decoded)
 
     def after_optimizer_step(self) -> None:
         self.step += 1
@@ -318,16 +329,10 @@ class AutoencoderTask(TrainTask):
     def load_extra_state(self, state: dict) -> None:
         self.step = state["step"]
 
-    @torch.no_grad()
-    def reconstruct(self, accelerator: Accelerator, images_uint8: torch.Tensor) -> torch.Tensor:
-        """Posterior-mean reconstructions (no random numbers drawn, so a grid never shifts the training RNG)."""
-        vae = accelerator.unwrap_model(self.models["autoencoder"])
-        x = to_model_range(images_uint8).to(accelerator.device)
-        return to_uint8(vae.decode(vae.encode(x).latent_dist.mode()).sample).cpu()
-
     def sample_grid(self, accelerator: Accelerator) -> torch.Tensor:
         """Rows of GRID_ROW real training images, each row above its reconstructions."""
-        real, recon = self.grid_images, self.reconstruct(accelerator, self.grid_images)
+        vae = accelerator.unwrap_model(self.models["autoencoder"])
+        real, recon = self.grid_images, posterior_mean_reconstructions(vae, self.grid_images)
         rows = [part[i : i + GRID_ROW] for i in range(0, len(real), GRID_ROW) for part in (real, recon)]
         return make_grid(torch.cat(rows).numpy(), nrow=GRID_ROW)
 

@@ -416,10 +416,15 @@ def init_from_pretrained(task: TrainTask, source: str) -> None:
     task.after_init_from()
 
 
+# Config keys that a run measures from its data rather than builds (AutoencoderKL's latent scale, which
+# training/autoencoder.py writes at the end): a model that starts from another may differ in them.
+FITTED_CONFIG_KEYS = frozenset({"scaling_factor", "shift_factor"})
+
+
 def check_same_architecture(model: torch.nn.Module, pretrained: torch.nn.Module, what: str) -> None:
-    """Both models' configs (ConfigMixin) must agree on every public key."""
-    ours = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
-    theirs = {k: v for k, v in dict(pretrained.config).items() if not k.startswith("_")}
+    """Both models' configs (ConfigMixin) must agree on every public key but the fitted ones."""
+    ours = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k not in FITTED_CONFIG_KEYS}
+    theirs = {k: v for k, v in dict(pretrained.config).items() if not k.startswith("_") and k not in FITTED_CONFIG_KEYS}
     differing = sorted(k for k in ours.keys() | theirs.keys() if normalise(ours.get(k)) != normalise(theirs.get(k)))
     if differing:
         shown = ", ".join(

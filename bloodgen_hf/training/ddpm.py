@@ -38,7 +38,7 @@ from bloodgen_hf.errors import UsageError
 from bloodgen_hf.io import make_grid
 from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import FLOW_SCHEDULERS, SCHEDULERS, BloodDDPMPipeline, make_scheduler
 from bloodgen_hf.training.core import EMATask, TrainConfig, run_training, total_optimizer_steps
-from bloodgen_hf.training.options import option, options_of
+from bloodgen_hf.training.options import option, options_of, parse_channels
 from bloodgen_hf.training.sources import load_training_data
 
 
@@ -138,15 +138,6 @@ def check_unet_shape(channels, resolution: int, layers: int, attention_levels: i
         raise UsageError(f"--layers-per-block must be at least 1, got {layers}")
     if not 0 <= attention_levels <= len(channels):
         raise UsageError(f"--attention-levels must be between 0 and {len(channels)}, got {attention_levels}")
-
-
-def parse_channels(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(c) for c in str(text).split(","))
-    except ValueError:
-        raise UsageError(f"--channels takes comma-separated integers such as 32,64,64; got {text!r}") from None
 
 
 def build_noise_scheduler(

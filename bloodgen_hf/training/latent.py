@@ -39,23 +39,23 @@ from accelerate import Accelerator, PartialState
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from bloodgen_hf.data import CLASS_NAMES, to_model_range
+from bloodgen_hf.data import CLASS_NAMES
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.pipelines import BloodLDMPipeline
 from bloodgen_hf.pipelines.blood_pipeline_utils import PROVENANCE_NAME, read_provenance_file
 from bloodgen_hf.pipelines.pipeline_bloodgen_ldm import vae_scale_factor
 from bloodgen_hf.provenance import content_sha256
 from bloodgen_hf.registry import ModelLoadError, load_component
+from bloodgen_hf.training.autoencoder import posterior_means
 from bloodgen_hf.training.core import TrainConfig, run_training
 from bloodgen_hf.training.ddpm import (
     PREDICTION_TYPES,
     DDPMOptions,
     DDPMTask,
     check_options,
-    parse_channels,
     unet_layout,
 )
-from bloodgen_hf.training.options import option, options_of
+from bloodgen_hf.training.options import option, options_of, parse_channels
 from bloodgen_hf.training.sources import load_training_data
 
 ENCODE_BATCH = 64  # images per autoencoder pass while encoding (fixed: the latents must not depend on a setting)
@@ -149,22 +149,14 @@ def scale_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
 
-@torch.no_grad()
 def encode_images(vae: AutoencoderKL, images: torch.Tensor, flip: bool, device: torch.device) -> torch.Tensor:
     """Scaled posterior modes [F, N, C, h, w] of uint8 NHWC `images`, for each of FLIPS (F = 4) or unflipped (1)."""
     flips = FLIPS if flip else FLIPS[:1]
     vae = vae.to(device)
-    latents = []
     with tqdm(total=len(flips) * len(images), desc="encode", disable=not PartialState().is_local_main_process) as bar:
-        for dims in flips:
-            parts = []
-            for start in range(0, len(images), ENCODE_BATCH):
-                x = to_model_range(images[start : start + ENCODE_BATCH]).to(device)
-                x = x.flip(dims) if dims else x
-                parts.append(scale_latents(vae, vae.encode(x).latent_dist.mode()).float().cpu())
-                bar.update(len(x))
-            latents.append(torch.cat(parts))
-    return torch.stack(latents)
+        return torch.stack(
+            [scale_latents(vae, posterior_means(vae, images, ENCODE_BATCH, dims, bar.update)) for dims in flips]
+        )
 
 
 def autoencoder_provenance(folder: Path) -> dict[str, Any] | None:

@@ -20,6 +20,8 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from bloodgen_hf.errors import UsageError
+
 T = TypeVar("T")
 
 
@@ -70,6 +72,20 @@ def value_type(hint: Any) -> Any:
         kinds = [k for k in typing.get_args(hint) if k is not type(None)]
         return kinds[0] if len(kinds) == 1 else str
     return hint
+
+
+def parse_channels(text: str | None, flag: str = "--channels") -> tuple[int, ...] | None:
+    """A comma-separated widths option ("32,64,64") as a tuple, None when not given (the preset's); `flag` names
+    the option in the error, as a string flag is parsed only when the model is built (a recorded run's too)."""
+    if text is None:
+        return None
+    try:
+        channels = tuple(int(c) for c in str(text).split(","))
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers such as 32,64,64; got {text!r}") from None
+    if min(channels) < 1:
+        raise UsageError(f"{flag} must be positive, got {text!r}")
+    return channels
 
 
 def options_from_args(args: argparse.Namespace, cls: type[T]) -> T:

@@ -23,11 +23,24 @@ Euler step gives x at t_n. The student's image estimate f(x, t) = x - t v(x, t) 
 onto its own no-gradient estimate at the teacher's point. f(x, 0) = x holds by construction, so
 f(noise, 1) is an image in one pass.
 
-Both save a BloodDDPMPipeline: flow DPM-Solver++ (a plain Euler step at 1 step), guidance 1,
+An LDM teacher (BloodLDMPipeline, training/latent.py) is distilled by reflow in its latent space. Its pairs are
+(noise latent, the teacher's output latent, undecoded): the student draws them itself with the teacher's default
+sampler, steps and guidance (fp32, output_type="latent") into the folder `--pairs`, `--num-pairs` of them from seed
+`--pairs-seed` on (the label of seed s is s mod the class count), PAIRS_CHUNK to a file, each file written whole or
+not at all. A stopped draw keeps its finished files and the next run draws only the missing ones; a resumed or
+later student reads the same files, refused if other weights drew them. The noise is regenerated from the seeds as
+for pixels. The student UNet (the teacher's, copied) trains on them exactly as on pixels. `--adversarial-weight`
+decodes the one-step latent estimates through the teacher's frozen decoder, gradients passing through it, and
+scores the decoded images against real images at the teacher's image size (`--resolution 64` for 16x16 latents
+of a 4x autoencoder): one more decoder pass, forward and backward, per step. Consistency distillation needs a
+pixel teacher.
+
+Both save the teacher's pipeline class (an LDM teacher's: BloodLDMPipeline with its autoencoder, the same weights
+and latent scale): flow DPM-Solver++ (a plain Euler step at 1 step), guidance 1,
 `--sampler-steps` steps by default, its sigmas shifted towards noise by `--sampler-shift` (diffusers'
 `flow_shift`: sigma' = s sigma / (1 + (s - 1) sigma); at 2 steps, s = 2 moves the middle step from 0.5 to 0.67).
 Its provenance is the teacher's data, with the teacher in `distilled_from`, so the checks of
-bloodgen_hf/provenance.py follow the teacher.
+bloodgen_hf/provenance.py follow the teacher (and an LDM teacher's `autoencoder` entry, which the student keeps).
 """
 
 from __future__ import annotations
@@ -46,15 +59,20 @@ import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from diffusers import UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
 
 from bloodgen_hf.data import CLASS_NAMES, LabelledImages, same_classes
 from bloodgen_hf.errors import UsageError
+from bloodgen_hf.guard import output_lock
+from bloodgen_hf.io import atomic_path, remove_temporaries
 from bloodgen_hf.models.gan import ConditionalDiscriminator
+from bloodgen_hf.pipelines import BloodLDMPipeline
 from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import BloodDDPMPipeline, is_flow
 from bloodgen_hf.provenance import ALL_SPLITS, origin_record, pipeline_provenance, splits_seen
 from bloodgen_hf.training.core import TrainConfig, run_training
 from bloodgen_hf.training.ddpm import DDPMTask, UNetOptimization, build_noise_scheduler, unet_optimization
 from bloodgen_hf.training.gan_losses import discriminator_loss, frozen_scores, generator_loss
+from bloodgen_hf.training.latent import LatentImages
 from bloodgen_hf.training.options import add_dataclass_arguments, option, options_of
 from bloodgen_hf.training.sources import load_training_data, weights_origin
 
@@ -63,6 +81,8 @@ REFLOW_TIMES = ("uniform", "u-shaped")  # the first of each is the default
 REFLOW_LOSSES = ("mse", "pseudo-huber")
 U_SHAPE = 4.0  # a in p(t) ∝ exp(a t) + exp(a (1 - t)); Lee et al. 2024 use a = 4
 MINIBATCH_STD_GROUP = 4  # the discriminator's, as the GAN's default
+PAIRS_CHUNK = 1000  # an LDM teacher's latent pairs per cache file: a stopped draw loses at most one file's work
+DRAW_BATCH = 250  # pairs per teacher call while drawing (fixed: a file's latents must not depend on a setting)
 
 
 @dataclass
@@ -71,15 +91,22 @@ class StudentOptions(UNetOptimization):
 
     lr: float = option(1e-4, "AdamW peak learning rate")
     ema_max_decay: float = option(0.999)
-    teacher: str = option("", "the flow-matching DDPM to distil: a bundled name, folder or Hub id", required=True)
+    teacher: str = option(
+        "", "the flow-matching DDPM or LDM to distil: a bundled name, folder or Hub id", required=True
+    )
     method: str = option("reflow", "see bloodgen_hf/training/student.py", choices=METHODS)
     # A run from before several files recorded one string; load_pairs takes either.
     pairs: list[str] | str | None = option(
         None,
-        "reflow: `bloodgen-hf sample --model TEACHER --format npz` output; several files join (seeds apart)",
+        "reflow: `bloodgen-hf sample --model TEACHER --format npz` output; several files join (seeds apart). "
+        "An LDM teacher: one folder, where the student draws --num-pairs latent pairs and keeps them",
         nargs="+",
-        metavar="NPZ",
+        metavar="NPZ_OR_DIR",
     )
+    num_pairs: int | None = option(
+        None, "reflow of an LDM teacher: how many (noise, latent) pairs to draw into --pairs (a stopped draw goes on)"
+    )
+    pairs_seed: int = option(0, "reflow of an LDM teacher: the seed of its first pair (pair i: seed + i)")
     teacher_guidance: float | None = option(
         None,
         "consistency: guidance of the teacher's steps (default: the teacher's own); reflow takes it from the pairs",
@@ -174,18 +201,30 @@ def pipeline_noise(seeds: np.ndarray, shape: tuple[int, ...], init_noise_sigma: 
 
 
 def load_teacher(name: str) -> BloodDDPMPipeline:
+    """The teacher: a flow-matching BloodDDPMPipeline (pixel pairs) or BloodLDMPipeline (latent pairs), exactly
+    those classes, whose kind decides the pairs and the student's saved class."""
     from bloodgen_hf.registry import load_pipeline, resolve_model
 
     teacher = load_pipeline(name, PartialState().device)
-    # exactly the pixel-space class: a BloodLDMPipeline (a subclass) denoises latents, which these pairs are not
-    if type(teacher) is not BloodDDPMPipeline or not is_flow(teacher.scheduler.config):
-        latent = isinstance(teacher, BloodDDPMPipeline) and type(teacher) is not BloodDDPMPipeline
-        kind = type(teacher).__name__ + (" (a latent model)" if latent else " without flow matching")
+    if type(teacher) not in (BloodDDPMPipeline, BloodLDMPipeline) or not is_flow(teacher.scheduler.config):
+        kind = type(teacher).__name__ + (" without flow matching" if isinstance(teacher, BloodDDPMPipeline) else "")
         raise UsageError(
             f"--teacher {name} ({resolve_model(name)}) is a {kind}; distillation needs a "
-            "BloodDDPMPipeline trained with --prediction-type flow"
+            "BloodDDPMPipeline or BloodLDMPipeline trained with --prediction-type flow"
         )
     return teacher
+
+
+def is_latent(teacher: BloodDDPMPipeline) -> bool:
+    return isinstance(teacher, BloodLDMPipeline)
+
+
+def teacher_image_shape(teacher: BloodDDPMPipeline) -> tuple[int, int]:
+    """(channels, size) of the teacher's images: its samples, or an LDM's samples decoded by its autoencoder."""
+    size = teacher.unet.config.sample_size
+    if is_latent(teacher):
+        return teacher.vae.config.out_channels, size * teacher.vae_scale_factor
+    return teacher.unet.config.in_channels, size
 
 
 class PairsFile(NamedTuple):
@@ -208,7 +247,7 @@ def load_pairs(
     Refused, in one line each: a file of another kind, pairs drawn by another model or by other weights in the
     same folder (a retrained teacher), other classes or image size; across files, another sampler setting (the
     student would learn two different maps) or a seed drawn twice (the same noise would count twice)."""
-    files = [paths] if isinstance(paths, str) else list(paths)  # a run from before several files: one string
+    files = pairs_paths(paths)
     parts = [load_pairs_file(path, teacher_name, teacher) for path in files]
     shared = ("guidance_scale", "num_inference_steps", "scheduler")
     first = parts[0].drawn
@@ -282,18 +321,144 @@ def load_pairs_file(path: str, teacher_name: str, teacher: BloodDDPMPipeline) ->
     return PairsFile(images, labels, arrays["seeds"], noise, names, drawn)
 
 
+class LatentPairs(LatentImages):
+    """An LDM teacher's output latents with the noise latent each was drawn from: `batch` gives (latents, labels,
+    noise). Never flipped: a flipped latent is not what the teacher made from that noise."""
+
+    def __init__(self, latents: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor, class_names) -> None:
+        super().__init__(latents.unsqueeze(0), labels, flip=False, class_names=class_names)
+        self.noise = noise
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        latents, labels = super().batch(indices)
+        return latents, labels, self.noise[indices]
+
+
+def pair_files(folder: Path, first_seed: int, count: int) -> list[tuple[Path, np.ndarray]]:
+    """The cache files of seeds first_seed .. first_seed + count - 1, PAIRS_CHUNK a file, each with its seeds; a
+    file is named by its first and last seed, so other counts or seeds add files and never change one."""
+    end = first_seed + count
+    chunks = [np.arange(start, min(start + PAIRS_CHUNK, end)) for start in range(first_seed, end, PAIRS_CHUNK)]
+    return [(folder / f"pairs-{seeds[0]:09d}-{seeds[-1]:09d}.npz", seeds) for seeds in chunks]
+
+
+def latent_pairs_info(teacher_name: str, teacher: BloodLDMPipeline) -> dict[str, Any]:
+    """How latent pairs are drawn, as each cache file records it: the weights (and settings) by their hash."""
+    from bloodgen_hf.evaluation.protocol import pipeline_fingerprint
+
+    return {
+        "model": teacher_name,
+        "model_sha256": pipeline_fingerprint(teacher),
+        "guidance_scale": teacher.config.default_guidance_scale,
+        "num_inference_steps": teacher.default_steps(),
+        "scheduler": type(teacher.scheduler).__name__,
+        "precision": "fp32",
+    }
+
+
+@torch.no_grad()
+def teacher_latents(teacher: BloodLDMPipeline, seeds: np.ndarray) -> torch.Tensor:
+    """The teacher's output latents [N, C, h, w] at its default sampler, steps and guidance (fp32), image i of
+    class seeds[i] mod the class count, drawn with its own CPU generator seeded seeds[i]: pipeline_noise
+    regenerates its starting noise bit for bit, on any device."""
+    parts = []
+    for start in range(0, len(seeds), DRAW_BATCH):
+        batch = seeds[start : start + DRAW_BATCH]
+        generators = [torch.Generator().manual_seed(int(s)) for s in batch]
+        labels = (batch % teacher.num_classes).tolist()
+        parts.append(teacher(class_labels=labels, generator=generators, output_type="latent").images.float().cpu())
+    return torch.cat(parts)
+
+
+def draw_missing_pairs(files: list[tuple[Path, np.ndarray]], info: dict[str, Any], teacher: BloodLDMPipeline) -> None:
+    """Draw the cache files not there yet, holding the folder's lock (a second drawer is refused), after clearing
+    the temporaries of a killed draw; each file is written whole or not at all, and none is replaced."""
+    if all(path.exists() for path, _ in files):
+        return
+    folder = files[0][0].parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with output_lock(folder):
+        for path, _ in files:
+            remove_temporaries(path)
+        missing = [(path, seeds) for path, seeds in files if not path.exists()]
+        teacher.set_progress_bar_config(disable=True)
+        with tqdm(total=sum(len(seeds) for _, seeds in missing), desc="pairs", unit="pair") as bar:
+            for path, seeds in missing:
+                arrays = {
+                    "latents": teacher_latents(teacher, seeds).numpy(),
+                    "labels": seeds % teacher.num_classes,
+                    "seeds": seeds,
+                    "info": np.asarray(json.dumps(info)),
+                }
+                with atomic_path(path, overwrite=False) as tmp, open(tmp, "wb") as f:
+                    np.savez(f, **arrays)
+                bar.update(len(seeds))
+
+
+def load_latent_pairs_file(
+    path: Path, seeds: np.ndarray, info: dict[str, Any], teacher: BloodLDMPipeline
+) -> torch.Tensor:
+    """The latents [N, C, h, w] of one cache file, refused in one line unless these weights drew them for `seeds`."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in ("latents", "labels", "seeds", "info")}
+        drawn = json.loads(str(arrays["info"]))
+    except (OSError, KeyError, ValueError) as err:
+        raise UsageError(f"{path} is not a file of latent pairs drawn by `train student` ({err}); delete it") from None
+    drawn_sha, teacher_sha = str(drawn.get("model_sha256")), info["model_sha256"]
+    if drawn_sha != teacher_sha:
+        raise UsageError(
+            f"{path} was drawn by other weights than --teacher {info['model']} holds now "
+            f"(model_sha256 {drawn_sha[:12]}, not {teacher_sha[:12]}); pass another --pairs folder"
+        )
+    size = teacher.unet.config.sample_size
+    shape = (len(seeds), teacher.unet.config.in_channels, size, size)
+    labels = seeds % teacher.num_classes
+    same_seeds = np.array_equal(arrays["seeds"], seeds) and np.array_equal(arrays["labels"], labels)
+    if arrays["latents"].shape != shape or not same_seeds:
+        raise UsageError(
+            f"{path} does not hold the latents {shape} of seeds {seeds[0]}-{seeds[-1]} its name says; delete it"
+        )
+    return torch.from_numpy(arrays["latents"]).float()
+
+
+def latent_pairs(o: StudentOptions, teacher: BloodLDMPipeline) -> tuple[LatentPairs, dict[str, Any]]:
+    """An LDM teacher's pairs from the folder --pairs, the missing files drawn first (by the main process, the
+    others waiting), and how they were drawn, as load_pairs records pixel pairs."""
+    folder = Path(pairs_paths(o.pairs)[0]).expanduser()
+    files = pair_files(folder, o.pairs_seed, o.num_pairs)
+    info = latent_pairs_info(o.teacher, teacher)
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            draw_missing_pairs(files, info, teacher)
+    latents = torch.cat([load_latent_pairs_file(path, seeds, info, teacher) for path, seeds in files])
+    seeds = np.concatenate([seeds for _, seeds in files])
+    noise = pipeline_noise(seeds, tuple(latents.shape[1:]), getattr(teacher.scheduler, "init_noise_sigma", 1.0))
+    labels = torch.from_numpy(seeds % teacher.num_classes)
+    dataset = LatentPairs(latents, labels, noise, tuple(teacher.class_names or CLASS_NAMES))
+    shared = {key: info[key] for key in ("guidance_scale", "num_inference_steps", "scheduler")}
+    drawn = {"file": str(folder), "num_pairs": len(seeds), "seed": o.pairs_seed, "precision": info["precision"]}
+    return dataset, {"num_pairs": len(seeds), **shared, "space": "latent", "files": [drawn]}
+
+
+def pairs_paths(pairs: list[str] | str | None) -> list[str]:
+    """--pairs as a list (a run from before several files recorded one string)."""
+    return [pairs] if isinstance(pairs, str) else list(pairs or [])
+
+
 def load_student_data(config: TrainConfig) -> tuple[LabelledImages, dict[str, Any]]:
     """reflow: the teacher's pairs, with the teacher's provenance; consistency: the real images of --split.
     Either way `distilled_from` names the teacher and its own provenance, and `init_from` the student's
     --init-from (on --resume, the one its run started with)."""
     o = options_of(StudentOptions, config.extra)
-    check_student_options(o, config)
     teacher = load_teacher(o.teacher)
+    check_student_options(o, config, teacher)
     if o.method == "consistency":
         dataset, provenance = load_training_data(config)
         provenance["distilled_from"] = origin_record(o.teacher)
         return dataset, provenance
-    dataset, drawn = load_pairs(o.pairs, o.teacher, teacher)
+    dataset, drawn = latent_pairs(o, teacher) if is_latent(teacher) else load_pairs(o.pairs, o.teacher, teacher)
     provenance = dict(pipeline_provenance(teacher) or {})
     if not provenance:
         raise UsageError(f"--teacher {o.teacher} records no training data (provenance); retrain it with a script")
@@ -317,9 +482,20 @@ def adversarial_record(config: TrainConfig, teacher_provenance: dict[str, Any]) 
     return {"dataset": config.dataset, "split": config.split, "resolution": config.resolution, "num_images": len(real)}
 
 
-def check_student_options(o: StudentOptions, config: TrainConfig) -> None:
+def check_student_options(o: StudentOptions, config: TrainConfig, teacher: BloodDDPMPipeline) -> None:
+    """Refuse, in one line and before any pair is drawn, options that do not fit the method or the teacher."""
+    latent = is_latent(teacher)
+    if latent and o.method != "reflow":
+        raise UsageError(f"--method {o.method} needs a pixel teacher; distil an LDM teacher with --method reflow")
+    if not latent and (o.num_pairs is not None or o.pairs_seed != 0):
+        raise UsageError(
+            "--num-pairs and --pairs-seed draw an LDM teacher's latent pairs; draw a pixel teacher's with "
+            "`bloodgen-hf sample --model TEACHER --format npz`"
+        )
     if o.method == "reflow":
-        if not o.pairs:
+        if latent:
+            check_latent_pairs_options(o)
+        elif not o.pairs:
             raise UsageError(
                 "--method reflow needs --pairs, teacher images with their seeds: "
                 "`bloodgen-hf sample --model TEACHER --format npz --n 20000 --out pairs.npz`"
@@ -337,6 +513,12 @@ def check_student_options(o: StudentOptions, config: TrainConfig) -> None:
                 f"--adversarial-weight needs a --batch-size divisible by {MINIBATCH_STD_GROUP} (the discriminator's "
                 f"minibatch-std groups), got {config.batch_size}"
             )
+        size = teacher_image_shape(teacher)[1]
+        if o.adversarial_weight > 0 and config.resolution != size:
+            raise UsageError(
+                f"--adversarial-weight compares the student's {size}x{size} images with real ones at --resolution "
+                f"{config.resolution}; pass --resolution {size}"
+            )
     elif o.pairs:
         raise UsageError("--pairs is for --method reflow; consistency distillation trains on the real images")
     elif o.adversarial_weight:
@@ -351,6 +533,27 @@ def check_student_options(o: StudentOptions, config: TrainConfig) -> None:
         raise UsageError(f"--sampler-shift must be above 0 (1 leaves the sigmas as they are), got {o.sampler_shift}")
 
 
+def check_latent_pairs_options(o: StudentOptions) -> None:
+    """An LDM teacher's --pairs is one folder (not `bloodgen-hf sample` output) with --num-pairs to draw there."""
+    paths = pairs_paths(o.pairs)
+    if not paths or o.num_pairs is None:
+        raise UsageError(
+            "--method reflow of an LDM teacher needs --pairs DIR and --num-pairs N: the folder where the student "
+            "draws N (noise, latent) pairs with the teacher and keeps them"
+        )
+    if len(paths) != 1:
+        raise UsageError(f"an LDM teacher's --pairs is one folder (its latent pairs are kept there), got {len(paths)}")
+    if Path(paths[0]).expanduser().is_file():
+        raise UsageError(
+            f"--pairs {paths[0]} is a file; an LDM teacher's --pairs is the folder where the student draws the "
+            "teacher's latents (`bloodgen-hf sample` writes decoded images, not those)"
+        )
+    if o.num_pairs < 1:
+        raise UsageError(f"--num-pairs must be at least 1, got {o.num_pairs}")
+    if o.pairs_seed < 0:
+        raise UsageError(f"--pairs-seed must be >= 0, got {o.pairs_seed}")
+
+
 @dataclass
 class StudentTask(DDPMTask):
     options: StudentOptions = field(default_factory=StudentOptions)
@@ -362,7 +565,9 @@ class StudentTask(DDPMTask):
     def build(cls, config: TrainConfig, num_images: int, class_names: tuple[str, ...] = CLASS_NAMES) -> StudentTask:
         o = options_of(StudentOptions, config.extra)
         teacher = load_teacher(o.teacher)
-        teacher.unet.requires_grad_(False).eval()
+        for model in teacher.components.values():  # the UNet, and an LDM's autoencoder (decoded through, not trained)
+            if isinstance(model, torch.nn.Module):
+                model.requires_grad_(False).eval()
         if not same_classes(tuple(class_names), teacher.class_names or CLASS_NAMES):
             raise UsageError(f"the data's classes {list(class_names)} are not the teacher's {teacher.class_names}")
         unet = UNet2DModel.from_config(teacher.unet.config)
@@ -372,11 +577,12 @@ class StudentTask(DDPMTask):
         guidance = teacher.config.default_guidance_scale if o.teacher_guidance is None else o.teacher_guidance
         models, optimizers, real = {"unet": unet}, {"unet": optimizer}, None
         if o.method == "reflow" and o.adversarial_weight > 0:
+            channels, size = teacher_image_shape(teacher)  # --resolution (check_student_options)
             models["discriminator"] = ConditionalDiscriminator(
-                resolution=config.resolution,
+                resolution=size,
                 num_classes=len(class_names),
                 base_channels=o.d_base_channels,
-                in_channels=teacher.unet.config.in_channels,
+                in_channels=channels,
                 minibatch_std_group=MINIBATCH_STD_GROUP,
             )
             optimizers["discriminator"] = torch.optim.Adam(
@@ -401,6 +607,16 @@ class StudentTask(DDPMTask):
             real=real,
         )
 
+    @property
+    def pipeline_class(self) -> type[BloodDDPMPipeline]:
+        """What it saves: the teacher's class (BloodDDPMPipeline, or BloodLDMPipeline for an LDM teacher)."""
+        return type(self.teacher)
+
+    def pipeline_components(self, accelerator: Accelerator) -> dict[str, torch.nn.Module]:
+        """The EMA UNet with the teacher's other models: an LDM teacher's autoencoder (its latents and scale)."""
+        kept = {name: c for name, c in self.teacher.components.items() if name not in ("unet", "scheduler")}
+        return {**kept, **super().pipeline_components(accelerator)}
+
     def training_step(
         self, images: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator, noise: torch.Tensor | None = None
     ) -> dict[str, float]:
@@ -409,7 +625,8 @@ class StudentTask(DDPMTask):
         loss, estimate = self.reflow_loss(images, labels, noise)
         if self.real is None:
             return self.optimize(loss, accelerator)
-        adversarial, metrics = self.adversarial_loss(estimate, labels, accelerator)
+        # the estimate as an image: an LDM's latents decoded, with gradients through the frozen decoder
+        adversarial, metrics = self.adversarial_loss(self.teacher.decode(estimate), labels, accelerator)
         total = loss + self.options.adversarial_weight * adversarial
         return {**self.optimize(total, accelerator), "loss_reflow": loss.item(), **metrics}
 
@@ -432,8 +649,8 @@ class StudentTask(DDPMTask):
     def adversarial_loss(
         self, estimate: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """One hinge update of the discriminator on class-matched real images against the (detached)
-        estimates, then the student's hinge term through the frozen discriminator (as GANTask does)."""
+        """One hinge update of the discriminator on class-matched real images against the (detached) estimated
+        images, then the student's hinge term through the frozen discriminator (as GANTask does)."""
         d, optimizer = self.models["discriminator"], self.optimizers["discriminator"]
         real = self.real.draw(labels).to(estimate.device)
         scores = d(torch.cat([real, estimate.detach()]), torch.cat([labels, labels])).float()
@@ -470,7 +687,7 @@ class StudentTask(DDPMTask):
 def main(argv: list[str] | None = None) -> Path:
     """Entry point of `train_scripts/train_student.py` and `bloodgen-hf train student`."""
     return run_training(
-        "Distil a flow-matching DDPM teacher into a few-step student (reflow or consistency distillation).",
+        "Distil a flow-matching DDPM or LDM teacher into a few-step student (reflow or consistency distillation).",
         StudentTask.build,
         StudentOptions,
         load_student_data,

@@ -1,0 +1,177 @@
+"""Recipe ablation at an equal CPU budget: which training options buy quality per CPU-minute, per family.
+
+    python benchmarks/ablate.py --family ddpm --data-dir ../shared/data [--cpu-minutes 14] [--configs base,snr5]
+    python benchmarks/ablate.py --family gan --cpu-minutes 30 --out experiments/reports/ablation-gan
+
+Every config trains its family's train script from the same seed on the same data until it has used
+`--cpu-minutes` of process CPU time (`--cpu-budget-minutes`; CPU time rather than wall time, so other work
+on the machine does not shift the budget). Each is then scored by `bloodgen-hf evaluate` on 2,000 samples
+(one run, BloodNet features, the saved pipeline's default sampling settings): Fréchet distance, class
+accuracy per class, recall and near-copies. Training images/s come from the run's own log.
+
+Writes <out>/results.json and <out>/report.md; finished configs are kept, so a rerun continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bloodgen_hf.process import cpu_name
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_FOREVER = ["--log-with", "none", "--checkpoint-every", "100000", "--epochs", "1000", "--seed", "0"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family's ablation: its train script, the options every config shares, and the configs
+    (name -> (what it changes, extra options)), one factor at a time against `base`."""
+
+    script: str
+    common: tuple[str, ...]
+    configs: dict[str, tuple[str, tuple[str, ...]]]
+    setting: str  # the shared settings, in words, for the report
+
+
+FAMILIES = {
+    "ddpm": Family(
+        script="train_scripts/train_ddpm.py",
+        common=("--lr-schedule", "constant", "--lr-warmup-steps", "200", "--split", "all", "--grid-per-class", "4"),
+        configs={
+            "base": ("v-prediction, plain MSE, uniform batches, small UNet 32/64/64", ()),
+            "snr5": ("+ min-SNR-5 loss weighting", ("--snr-gamma", "5")),
+            "balanced": ("+ class-balanced batches", ("--balanced-batches",)),
+            "flow": ("flow matching instead of v-prediction", ("--prediction-type", "flow")),
+            "wide": ("UNet 64/128/128", ("--channels", "64,128,128")),
+            "deep": ("2 resnets per level", ("--layers-per-block", "2")),
+            "attn2": ("self-attention at 14x14 too", ("--attention-levels", "2")),
+        },
+        setting="all 17,092 images, batch 64, constant LR 3e-4 after 200 warm-up steps; sampled with DPM-Solver++ "
+        "10 steps, guidance 1",
+    ),
+    "gan": Family(
+        script="train_scripts/train_gan.py",
+        common=("--split", "train"),
+        configs={
+            "base": ("v1 recipe: hinge, TTUR, projection D with spectral norm, minibatch-std, EMA", ()),
+            "r1": ("+ lazy R1, gamma 0.01 every 16 D steps", ("--r1-gamma", "0.01", "--r1-every", "16")),
+            "balanced": ("+ class-balanced batches", ("--balanced-batches",)),
+            "ada": ("+ adaptive augmentation, target 0.6", ("--ada-target", "0.6")),
+            "all": (
+                "R1 + balanced + ADA",
+                ("--r1-gamma", "0.01", "--r1-every", "16", "--balanced-batches", "--ada-target", "0.6"),
+            ),
+        },
+        setting="train split (11,959 images), batch 64, the EMA generator",
+    ),
+}
+
+
+def run(command: list[str], log: Path) -> None:
+    print("+", " ".join(command), flush=True)
+    with open(log, "a") as f:
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if done.returncode:
+        raise SystemExit(f"error: {command[1]} failed (exit {done.returncode}); see {log}")
+
+
+def score_samples(model: str, out: Path, n: int, data_dir: str, log: Path, *options: str) -> dict:
+    """`bloodgen-hf evaluate` of one run of n samples (FD, precision/recall, near-copies, class accuracy) into
+    `out`, with any sampling `options` (e.g. `--steps 2`); returns its results.json."""
+    command = [sys.executable, "-m", "bloodgen_hf.cli", "evaluate", "--model", model, "--runs", "1", "--n", str(n)]
+    command += ["--extractor", "bloodnet", "--metrics", "fd,pr,memorization,accuracy", "--no-floor"]
+    run([*command, "--data-dir", data_dir, "--out", str(out), "--overwrite", *options], log)
+    return json.loads((out / "results.json").read_text())
+
+
+def train_and_score(family: Family, name: str, args, out: Path) -> dict:
+    folder = out / "runs" / name
+    result_file = folder / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    shutil.rmtree(folder, ignore_errors=True)  # an unfinished run starts again from scratch
+    folder.mkdir(parents=True)
+    log = folder / "log.txt"
+    options = list(family.configs[name][1])
+    train = [sys.executable, family.script, "--data-dir", args.data_dir, "--output-dir", str(folder)]
+    train += [*RUN_FOREVER, *family.common, "--cpu-budget-minutes", str(args.cpu_minutes), *options]
+    run(train, log)
+    scores = score_samples(str(folder / "pipeline"), folder / "eval", args.n, args.data_dir, log)
+    logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    metrics = scores["metrics"]
+    result = {
+        "config": name,
+        "options": options,
+        "steps": logged[-1]["step"],
+        "epochs": logged[-1].get("epoch"),
+        "cpu_minutes": logged[-1]["cpu_minutes"],
+        "train_images_per_s": logged[-1]["images_per_s"],
+        "parameters": scores["parameters"]["total"],
+        "fd_bloodnet": metrics["fd_bloodnet"]["mean"],
+        "class_accuracy": metrics["class_accuracy"]["mean"],
+        "recall": metrics["recall_bloodnet"]["mean"],
+        "near_copies": metrics["memorization"]["mean"] if "memorization" in metrics else None,
+        "per_class_accuracy": {k: v["mean"] for k, v in scores["per_class"]["class_accuracy"].items()},
+        "sampling_images_per_s": scores["timing"]["images_per_s"],
+        "machine": cpu_name(),  # CPU time buys different work on another CPU: rows compare on one machine
+    }
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def report(family_name: str, results: list[dict], args, out: Path) -> None:
+    family = FAMILIES[family_name]
+    command = f"python benchmarks/ablate.py --family {family_name} --cpu-minutes {args.cpu_minutes} --n {args.n}"
+    lines = [
+        f"# {family_name.upper()} recipe ablation",
+        "",
+        f"Each config: {args.cpu_minutes} CPU-minutes of training (seed 0, {family.setting}), then {args.n:,} samples",
+        f"scored in BloodNet features (one run). Command: `{command} --out {out}`.",
+        "",
+        "| config | change | params | train img/s | steps | FD_bloodnet | class acc. | worst class | recall "
+        "| near-copies | CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        worst = min(r["per_class_accuracy"].items(), key=lambda kv: kv[1])
+        near = "–" if r.get("near_copies") is None else f"{r['near_copies']:.3f}"
+        lines.append(
+            f"| {r['config']} | {family.configs[r['config']][0]} | {r['parameters'] / 1e6:.2f}M "
+            f"| {r['train_images_per_s']:.1f} | {r['steps']} | {r['fd_bloodnet']:.2f} | {r['class_accuracy']:.3f} "
+            f"| {worst[0]} {worst[1]:.2f} | {r['recall']:.3f} | {near} | {r.get('machine', 'not recorded')} |"
+        )
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="ddpm")
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--cpu-minutes", type=float, default=14.0)
+    parser.add_argument("--n", type=int, default=2000, help="samples scored per config")
+    parser.add_argument("--configs", default=None, help="comma-separated config names (default: all of the family's)")
+    parser.add_argument("--out", default=None, help="default: reports/ablation-<family>")
+    args = parser.parse_args()
+    family = FAMILIES[args.family]
+    names = [c.strip() for c in (args.configs or ",".join(family.configs)).split(",") if c.strip()]
+    unknown = [c for c in names if c not in family.configs]
+    if unknown:
+        raise SystemExit(f"error: unknown {args.family} configs {unknown}; choose from: {', '.join(family.configs)}")
+    out = Path(args.out or f"reports/ablation-{args.family}")
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in names:
+        results.append(train_and_score(family, name, args, out))
+        report(args.family, results, args, out)
+
+
+if __name__ == "__main__":
+    main()
