@@ -153,7 +153,7 @@ def test_init_from_a_saved_autoencoder_starts_from_its_weights_and_records_it(tr
     assert gap < 1e-6, gap  # one Adam step of lr 1e-12 away; a fresh start would be ~0.1 away
     record = json.loads((second / "provenance.json").read_text())
     origin = record["records"][record["model"]]["init_from"]
-    assert origin and str(origin["model"]).endswith("pipeline")  # stored portably, without the tmp folder
+    assert origin and str(origin["model"]).startswith("pipeline@sha256:")  # portable: folder name and content hash
     earlier = [r for key, r in record["records"].items() if key != record["model"]]
     assert any(r["split"] == "train" and r["init_from"] is None for r in earlier)  # the first stage's data
 
