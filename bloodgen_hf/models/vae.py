@@ -69,6 +69,16 @@ def latent_size(resolution: int, num_blocks: int) -> int:
     return resolution // factor
 
 
+def film_options(cond_channels: int, norm_num_groups: int) -> dict:
+    """diffusers block options that make every residual block scale and shift its features by `cond` (FiLM)."""
+    return {
+        "temb_channels": cond_channels,
+        "resnet_groups": norm_num_groups,
+        "resnet_eps": 1e-6,
+        "resnet_time_scale_shift": "scale_shift",
+    }
+
+
 class ResNetEncoder(nn.Module):
     """Image -> 2 x `out_channels` moments map: conv, one DownBlock2D per level (all but the last halve the
     image), a mid block, GroupNorm/SiLU/conv; every residual block is FiLM-conditioned on `cond`."""
@@ -84,8 +94,7 @@ class ResNetEncoder(nn.Module):
         add_attention: bool,
     ):
         super().__init__()
-        film = {"temb_channels": cond_channels, "resnet_groups": norm_num_groups, "resnet_eps": 1e-6}
-        film["resnet_time_scale_shift"] = "scale_shift"
+        film = film_options(cond_channels, norm_num_groups)
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
         widths = (block_out_channels[0], *block_out_channels)
         last = len(block_out_channels) - 1
@@ -120,8 +129,7 @@ class ResNetDecoder(nn.Module):
         add_attention: bool,
     ):
         super().__init__()
-        film = {"temb_channels": cond_channels, "resnet_groups": norm_num_groups, "resnet_eps": 1e-6}
-        film["resnet_time_scale_shift"] = "scale_shift"
+        film = film_options(cond_channels, norm_num_groups)
         widths = tuple(reversed(block_out_channels))
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         self.mid_block = mid_block(widths[0], add_attention, film)
