@@ -158,6 +158,33 @@ def test_init_from_a_saved_autoencoder_starts_from_its_weights_and_records_it(tr
     assert any(r["split"] == "train" and r["init_from"] is None for r in earlier)  # the first stage's data
 
 
+def test_freeze_encoder_tunes_the_decoder_and_keeps_the_latents(trained, tmp_path):
+    """Stage 2 with --freeze-encoder: the encoder, its quant_conv and the latent scale are the first stage's
+    exactly, so a latent model trained on the first stage's latents fits; the decoder moves."""
+    data, first = trained
+    second = train(
+        data, tmp_path / "decoder", "--init-from", str(first / "pipeline"), "--freeze-encoder", "--max-steps", "2",
+        "--disc-start", "0", "--lr", "1e-3",
+    )  # fmt: skip
+    start, after = AutoencoderKL.from_pretrained(first / "pipeline"), AutoencoderKL.from_pretrained(second)
+    before_w, after_w = start.state_dict(), after.state_dict()
+    encoder_keys = [k for k in before_w if k.startswith(("encoder.", "quant_conv."))]
+    decoder_keys = [k for k in before_w if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder_keys and decoder_keys
+    assert all(torch.equal(before_w[k], after_w[k]) for k in encoder_keys)
+    assert any(not torch.equal(before_w[k], after_w[k]) for k in decoder_keys)
+    assert after.config.scaling_factor == start.config.scaling_factor
+
+
+def test_freeze_encoder_without_init_from_is_refused_in_one_line(trained, tmp_path, capsys):
+    data, _ = trained
+    with pytest.raises(SystemExit) as err:
+        train(data, tmp_path / "frozen", "--freeze-encoder")
+    line = capsys.readouterr().err.strip()
+    assert err.value.code == 2 and "\n" not in line and "--freeze-encoder needs --init-from" in line
+    assert not (tmp_path / "frozen").exists()  # refused before anything was written
+
+
 def test_init_from_a_different_autoencoder_is_refused_in_one_line(trained, tmp_path, capsys):
     data, first = trained
     with pytest.raises(SystemExit) as err:

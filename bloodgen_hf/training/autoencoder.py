@@ -7,6 +7,9 @@ The loss is the one of Stable Diffusion's and MONAI's 2D LDM autoencoders, witho
 restores the texture L1 blurs. Its weight is `--disc-weight`, times, by default (`--disc-weight-mode
 adaptive`, Esser et al. 2021), the ratio of the reconstruction and adversarial gradients at the decoder's last
 layer, so neither swamps the other. The discriminator is updated after the autoencoder on the same batch.
+At 64 px it trains in two stages (experiments/README.md): L1 + KL, then `--init-from` that with the
+discriminator and `--freeze-encoder`, which fine-tunes the decoder alone as Stable Diffusion's released decoders
+were: the latents stay the first stage's, so the latent model can train on them while the decoder is tuned.
 
 The encoder halves the image `log2(--spatial-factor)` times: at 64 px and the default factor 4, a 64x64x3
 cell becomes a 16x16x`--latent-channels` latent. Size presets (`--preset`; `--block-out-channels`,
@@ -83,6 +86,11 @@ class AutoencoderOptions:
     beta1: float = option(0.5)
     beta2: float = option(0.9)
     max_grad_norm: float = option(1.0, "the autoencoder's gradient clipping; 0 = none")
+    freeze_encoder: bool = option(
+        False,
+        "train the decoder only, from --init-from (Stable Diffusion's decoder fine-tune): the latents and their "
+        "scaling_factor stay the first stage's, so a latent model trained on them fits either decoder",
+    )
     scale_images: int = option(2000, "training images whose latents' std sets the saved scaling_factor")
 
 
@@ -176,6 +184,17 @@ def build_autoencoder(o: AutoencoderOptions, resolution: int) -> TrainingAutoenc
     )
 
 
+def freeze_encoder(vae: AutoencoderKL) -> None:
+    """Stop the encoder (and its quant_conv) learning: no gradient, so no optimizer state either."""
+    for module in (vae.encoder, vae.quant_conv):
+        if module is not None:
+            module.requires_grad_(False)
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class TrainingAutoencoderKL(AutoencoderKL):
     """The stock AutoencoderKL whose forward also gives each image's KL, so one forward (one DDP forward
     with several processes) yields the whole loss. Its weights are the stock class's; it is saved as that."""
@@ -256,13 +275,15 @@ class AutoencoderTask(TrainTask):
         o = options_of(AutoencoderOptions, config.extra)
         check_options(o, config.resolution)
         vae = build_autoencoder(o, config.resolution)
+        if o.freeze_encoder:
+            freeze_encoder(vae)
         disc = PatchDiscriminator(base_channels=o.disc_channels, num_layers=o.disc_layers, norm=o.disc_norm)
         betas = (o.beta1, o.beta2)
         return cls(
             models={"autoencoder": vae, "discriminator": disc},
             init_components={"autoencoder": ""},  # --init-from a saved AutoencoderKL folder (e.g. an L1-only run's)
             optimizers={
-                "autoencoder": torch.optim.Adam(vae.parameters(), lr=o.lr, betas=betas),
+                "autoencoder": torch.optim.Adam(trainable(vae), lr=o.lr, betas=betas),
                 "discriminator": torch.optim.Adam(disc.parameters(), lr=o.lr_d, betas=betas),
             },
             options=o,
@@ -295,7 +316,7 @@ class AutoencoderTask(TrainTask):
             logged |= {"loss_adv": adv.item(), "adv_weight": float(weight)}
         accelerator.backward(loss)
         if accelerator.sync_gradients and o.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(vae.parameters(), o.max_grad_norm)
+            accelerator.clip_grad_norm_(trainable(vae), o.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         mse = (decoded - images).detach().pow(2).mean().item()
@@ -361,7 +382,10 @@ def scale_images(dataset: LabelledImages, count: int, seed: int) -> torch.Tensor
 def load_data(config: TrainConfig) -> tuple[LabelledImages, dict]:
     """Refuse a bad shape or split before reading any image, then the training images (sources.py)."""
     check_split(config.split)
-    check_options(options_of(AutoencoderOptions, config.extra), config.resolution)
+    options = options_of(AutoencoderOptions, config.extra)
+    check_options(options, config.resolution)
+    if options.freeze_encoder and not config.init_from:
+        raise UsageError("--freeze-encoder needs --init-from <a trained AutoencoderKL folder>: it keeps that encoder")
     return load_training_data(config)
 
 
