@@ -409,6 +409,22 @@ def export_imagefolder(
     typer.echo(f"wrote {len(data.labels)} images of {len(data.class_names)} classes to {out}")
 
 
+@app.command("replace-decoder")
+@clean_errors
+def replace_decoder(
+    model: str = typer.Argument(..., help="A latent pipeline (BloodLDMPipeline): bundled name, folder or Hub repo."),
+    autoencoder: Path = typer.Argument(..., help="An AutoencoderKL folder tuned from its own with --freeze-encoder."),
+    out: Path = typer.Option(..., help="The pipeline folder to write."),
+    overwrite: Overwrite = False,
+):
+    """Give a latent pipeline a fine-tuned decoder for the same latents (its encoder is checked to be the same)."""
+    from bloodgen_hf.training.replace_decoder import replace_decoder as write_with_decoder
+
+    claim_output(out, overwrite)
+    write_with_decoder(model, str(autoencoder), out, overwrite=overwrite)
+    typer.echo(f"wrote {out}: {model} decoding with {autoencoder}")
+
+
 @app.command()
 @clean_errors
 def models():
@@ -841,7 +857,6 @@ def augment(
     from bloodgen_hf.augment import Recipe, augment
     from bloodgen_hf.data import describe_classes, load_data, same_classes
     from bloodgen_hf.evaluation.protocol import pipeline_fingerprint
-    from bloodgen_hf.evaluation.runner import image_size
     from bloodgen_hf.registry import load_pipeline
     from bloodgen_hf.sampling import configure_sampling, pipeline_class_names
 
@@ -849,7 +864,7 @@ def augment(
     recipe.check()
     claim_output(out, overwrite)
     pipe = load_pipeline(model, pick_device(device))
-    real = load_data(dataset, split, image_size(pipe, {}), data_dir)  # read at the model's size
+    real = load_data(dataset, split, pipe.resolution, data_dir)  # read at the model's size
     names = pipeline_class_names(pipe)
     if not same_classes(names, real.class_names):
         raise UsageError(

@@ -296,7 +296,8 @@ class BloodPipelineMixin:
 
     Class labels as diffusers' DiTPipeline has them: `id2label` (index -> name), `labels` (name -> index) and
     `get_label_ids(names)`; `pipe(class_labels=[...])` makes one image per label. A pipeline using the mixin
-    defines `class_names` (None if saved without names) and `num_classes`.
+    defines `class_names` (None if saved without names), `num_classes` and `resolution` (the side in pixels of its
+    square images, read from its components' configs, so callers need not sample an image to learn it).
 
     `remote_code_modules` maps each custom component to the file stem its code is shipped as (unique per
     model family: diffusers caches remote code by file name). `pipe.push_to_hub(repo_id)` is diffusers' own

@@ -137,6 +137,12 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
     def null_class(self) -> int:
         return self.num_classes
 
+    @property
+    def resolution(self) -> int:
+        """The side in pixels of the images it makes, known without sampling: the UNet's sample_size (a subclass
+        that decodes latents scales it, see BloodLDMPipeline)."""
+        return square_side(self.unet.config.sample_size)
+
     def with_scheduler(self, name: str) -> BloodDDPMPipeline:
         """A copy sampling with scheduler `name` (ddpm, ddim, dpm++, unipc, euler); shares the other components
         (the UNet, and a subclass's own, such as BloodLDMPipeline's autoencoder)."""
@@ -214,6 +220,15 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
         both = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample.to(x.dtype)
         conditional, unconditional = both.chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
+
+
+def square_side(size: int | tuple[int, int] | list[int]) -> int:
+    """The side of a square sample_size (an int, or equal height and width); images here are square, so a
+    UNet configured for another shape is refused rather than given a side it does not have."""
+    height, width = (size, size) if isinstance(size, int) else size
+    if height != width:
+        raise UsageError(f"the UNet's sample_size {list(size)} is not square; bloodgen pipelines make square images")
+    return int(height)
 
 
 def check_sampling_arguments(guidance_scale: float, steps: int, max_steps: int | None = None) -> None:

@@ -36,6 +36,11 @@ class BloodGANPipeline(BloodPipelineMixin, DiffusionPipeline):
     def num_classes(self) -> int:
         return self.gan.config.num_classes
 
+    @property
+    def resolution(self) -> int:
+        """The side in pixels of the images it makes: the generator's configured size, known without sampling."""
+        return int(self.gan.config.resolution)
+
     @torch.no_grad()
     def __call__(
         self,

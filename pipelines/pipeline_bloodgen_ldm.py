@@ -73,6 +73,12 @@ class BloodLDMPipeline(BloodDDPMPipeline):
         """How many pixels one latent covers along each side (see the module's vae_scale_factor)."""
         return vae_scale_factor(self.vae)
 
+    @property
+    def resolution(self) -> int:
+        """The side in pixels of the decoded images, known without sampling: the latent side times the
+        autoencoder's scale factor."""
+        return super().resolution * self.vae_scale_factor
+
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Denoised latents (scaled to unit variance) -> [-1, 1] images, through the autoencoder's decoder."""
         config = self.vae.config

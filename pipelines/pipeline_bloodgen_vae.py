@@ -59,6 +59,11 @@ class BloodVAEPipeline(BloodPipelineMixin, DiffusionPipeline):
     def num_classes(self) -> int:
         return self.vae.config.num_classes
 
+    @property
+    def resolution(self) -> int:
+        """The side in pixels of the images it makes and encodes: the VAE's configured size, known without sampling."""
+        return int(self.vae.config.resolution)
+
     def _labels(self, class_labels, num_images: int | None) -> torch.Tensor:
         labels = resolve_class_labels(class_labels, num_images, self.class_names, self.num_classes)
         return labels.to(self.vae.device)

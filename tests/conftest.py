@@ -120,9 +120,64 @@ def tiny_ldm_pipeline(seed: int = 0, scaling_factor: float = 1.7):
     )
 
 
-def tiny_vae_pipeline(seed: int = 0, resolution: int = 28, latent_dim: int | None = 8):
+# --- evaluation at 64 px: a tiny 64 px LDM, a tiny 64 px BloodNet, evaluate's options with them --------------
+
+SMALL_EVAL = ["--runs", "1", "--n", "20", "--memorization-n", "10", "--batch-size", "10"]  # 20 of the 80 fake images
+
+
+def tiny_ldm_64():
+    """A BloodLDMPipeline of random weights that makes 64 px images: tiny_autoencoder (4x) on 4x16x16 latents, two
+    sampling steps by default."""
+    from bloodgen_hf.pipelines import BloodLDMPipeline
+    from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import make_scheduler
+    from bloodgen_hf.training.ddpm import build_noise_scheduler, build_unet
+
+    vae = tiny_autoencoder(0)
+    unet = build_unet("tiny", 16, in_channels=4)
+    scheduler = make_scheduler("dpm++", build_noise_scheduler("squaredcos_cap_v2", "flow").config)
+    return BloodLDMPipeline(
+        vae=vae, unet=unet, scheduler=scheduler, class_names=list(CLASS_NAMES), default_num_inference_steps=2
+    )
+
+
+def saved_bloodnet(folder: Path, resolution: int) -> Path:
+    """A tiny BloodNet of random weights for `resolution` px, saved as <folder>/classifier."""
+    from bloodgen_hf.evaluation.bloodnet import BloodNet
+
+    torch.manual_seed(0)
+    net = BloodNet(resolution=resolution, channels=[4, 8], blocks_per_stage=1, class_names=list(CLASS_NAMES))
+    net.save_pretrained(folder / "classifier")
+    return folder
+
+
+@pytest.fixture
+def ldm_64_dir(tmp_path: Path) -> Path:
+    from bloodgen_hf.registry import save_pipeline
+
+    return save_pipeline(tiny_ldm_64(), tmp_path / "ldm-64")
+
+
+@pytest.fixture
+def args_64(fake_data_dir, tmp_path) -> list:
+    """Evaluation options with a BloodNet trained at 64 px (extractor and classifier)."""
+    bloodnet = saved_bloodnet(tmp_path / "bloodnet-64", 64)
+    return [
+        "--extractor", "bloodnet", "--bloodnet", bloodnet, "--data-dir", fake_data_dir,
+        "--cache-dir", tmp_path / "cache", "--device", "cpu",
+    ]  # fmt: skip
+
+
+def one_error_line(result, code: int = 2) -> str:
+    """The one `error:` line a CLI refusal prints (typer's CliRunner result), after checking its exit code."""
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def tiny_vae(seed: int = 0, resolution: int = 28, latent_dim: int | None = 8, backbone: str = "autoencoder_kl"):
+    """A ConditionalAutoencoderKL of random weights, v1's backbone or v2's ("resnet"), 2x downsampling."""
     from bloodgen_hf.models.vae import ConditionalAutoencoderKL
-    from bloodgen_hf.pipelines import BloodVAEPipeline
 
     torch.manual_seed(seed)
     vae = ConditionalAutoencoderKL(
@@ -134,12 +189,26 @@ def tiny_vae_pipeline(seed: int = 0, resolution: int = 28, latent_dim: int | Non
         latent_dim=latent_dim,
         decoder_sigma=0.2,
         class_names=list(CLASS_NAMES),
+        backbone=backbone,
     )
     with torch.no_grad():  # livelier than the initialisation: larger class embeddings and posterior spread
         vae.class_embedding.weight.mul_(3.0)
         for p in vae.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return BloodVAEPipeline(vae=vae)
+    return vae
+
+
+def tiny_vae_pipeline(
+    seed: int = 0, resolution: int = 28, latent_dim: int | None = 8, backbone: str = "autoencoder_kl"
+):
+    from bloodgen_hf.pipelines import BloodVAEPipeline
+
+    return BloodVAEPipeline(vae=tiny_vae(seed, resolution, latent_dim, backbone))
+
+
+def seeded(*seeds: int) -> list[torch.Generator]:
+    """One generator per image, as the pipelines take them."""
+    return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 @pytest.fixture

@@ -3,27 +3,25 @@ it names, and bad config names are refused in one line."""
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bloodgen_hf.training import ddpm, gan
-from bloodgen_hf.training.core import add_train_arguments, config_from_args
-from bloodgen_hf.training.options import add_dataclass_arguments
+from bloodgen_hf.training import ddpm, gan, vae
+from bloodgen_hf.training.core import config_from_args, train_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import ablate  # noqa: E402
 
-OPTIONS = {"ddpm": ddpm.DDPMOptions, "gan": gan.GANOptions}
+OPTIONS = {"ddpm": ddpm.DDPMOptions, "gan": gan.GANOptions, "vae": vae.VAEOptions}
 
 
 def parse(family: str, argv: list[str]):
-    parser = add_dataclass_arguments(add_train_arguments(argparse.ArgumentParser()), OPTIONS[family])
-    return config_from_args(parser.parse_args(argv), OPTIONS[family])
+    """The TrainConfig (its `extra` the family's options) the family's train script makes of `argv`."""
+    return config_from_args(train_parser("", OPTIONS[family]).parse_args(argv), OPTIONS[family])
 
 
 def test_every_family_has_its_options_class():
@@ -42,6 +40,25 @@ def test_every_config_parses_and_changes_only_its_options(family):
         changed = {k for k, v in vars(config.extra).items() if getattr(base.extra, k) != v}
         changed |= {k for k in ("balanced_batches",) if getattr(config, k) != getattr(base, k)}
         assert bool(changed) == (name != "base"), (family, name, changed)
+
+
+def test_the_vae_configs_add_v2s_changes_one_at_a_time_and_pass_the_vaes_checks():
+    spec = ablate.FAMILIES["vae"]
+    shared = [*ablate.RUN_FOREVER, *spec.common, "--cpu-budget-minutes", "30"]
+    configs = {name: parse("vae", [*shared, *options]) for name, (_, options) in spec.configs.items()}
+    assert all(config.split == "train" for config in configs.values())
+    steps = [(name, config.extra) for name, config in configs.items()]
+    assert [name for name, _ in steps] == ["base", "resnet", "resnet-prior", "resnet-prior-adv"]
+    assert [(o.backbone, o.prior_components, o.adv_weight) for _, o in steps] == [
+        ("autoencoder_kl", 0, 0.0),
+        ("resnet", 0, 0.0),
+        ("resnet", 4, 0.0),
+        ("resnet", 4, 300.0),
+    ]
+    adversarial = configs["resnet-prior-adv"].extra
+    assert adversarial.adv_weight_mode == "fixed" and adversarial.adv_start == adversarial.kl_warmup_steps == 500
+    for config in configs.values():  # what the script refuses before training: nothing here
+        vae.check_options(config.extra, config.resolution)
 
 
 def test_unknown_config_is_refused_in_one_line():

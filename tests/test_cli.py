@@ -1,7 +1,10 @@
-"""End-to-end tests of `bloodgen-hf sample`, `grid`, `models` and `info` through typer's runner."""
+"""End-to-end tests of `bloodgen-hf sample`, `grid`, `models`, `info` and `train <family>`'s usage through typer's
+runner, and the CLI's one-line refusals (`sample`'s, and `evaluate`'s at 64 px)."""
 
 import csv
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ from typer.testing import CliRunner
 from bloodgen_hf.cli import DEFAULT_MODEL, app
 from bloodgen_hf.data import CLASS_NAMES
 from bloodgen_hf.registry import bundled_models, load_pipeline
+from tests.conftest import SMALL_EVAL, one_error_line
 
 runner = CliRunner()
 REPORT = Path(__file__).resolve().parents[1] / "experiments" / "reports" / "compare"
@@ -77,26 +81,53 @@ def test_real_distribution_follows_bloodmnist_proportions(tiny_gan_dir, tmp_path
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("command", "model", "args", "messages"),
     [
-        (("--n", 0), "--n must be a positive number"),
-        (("--n", -3), "--n must be a positive number"),
-        (("--n", 2, "--class", "blast"), "unknown class 'blast'"),
-        (("--n", 2, "--model", "/no/such/model"), "not a bundled model"),
-        (("--n", 2, "--out", "/no/such/dir/out"), "does not exist"),
-        (("--n", 2, "--balanced", "--real-distribution"), "choose one of"),
-        (("--n", 2, "--temperature", "0.5"), "--temperature does not apply to BloodGANPipeline"),
+        ("sample", "tiny_gan_dir", ("--n", 0), ("--n must be a positive number",)),
+        ("sample", "tiny_gan_dir", ("--n", -3), ("--n must be a positive number",)),
+        ("sample", "tiny_gan_dir", ("--n", 2, "--class", "blast"), ("unknown class 'blast'",)),
+        ("sample", None, ("--n", 2, "--model", "/no/such/model"), ("not a bundled model",)),
+        ("sample", "tiny_gan_dir", ("--n", 2, "--out", "/no/such/dir/out"), ("does not exist",)),
+        ("sample", "tiny_gan_dir", ("--n", 2, "--balanced", "--real-distribution"), ("choose one of",)),
+        (
+            "sample",
+            "tiny_gan_dir",
+            ("--n", 2, "--temperature", "0.5"),
+            ("--temperature does not apply to BloodGANPipeline",),
+        ),
+        # scoring at 64 px (a 64 px BloodNet, the fake 64 px archive): a 28 px model only upsampled, never downsampling
+        (
+            "evaluate",
+            "tiny_gan_dir",
+            ("--resolution", 64),
+            ("makes 28 px images, not 64 px (--resolution 64)", "--upsample bicubic"),
+        ),
+        (
+            "evaluate",
+            "ldm_64_dir",
+            ("--resolution", 28, "--upsample", "bicubic"),
+            ("makes 64 px images; scoring them at --resolution 28 would downsample them",),
+        ),
+        (
+            "evaluate",
+            "tiny_gan_dir",
+            ("--upsample", "lanczos"),
+            ("unknown --upsample 'lanczos'; choose from: bicubic",),
+        ),
+        ("evaluate", "tiny_gan_dir", ("--upsample", "bicubic"), ("--upsample needs --resolution",)),
     ],
 )
-def test_bad_input_gives_one_error_line_and_exit_2(tiny_gan_dir, tmp_path, args, message):
-    if "--model" not in args:
-        args = (*args, "--model", tiny_gan_dir)
+def test_bad_input_gives_one_error_line_and_exit_2(command, model, args, messages, request, tmp_path):
+    """`model` is the fixture of the model to pass (None: the case names its own); evaluate's cases score at 64 px
+    with conftest's args_64, on 20 samples."""
+    if model is not None:
+        args = ("--model", request.getfixturevalue(model), *args)
+    if command == "evaluate":
+        args = (*args, *SMALL_EVAL, *request.getfixturevalue("args_64"))
     if "--out" not in args:
         args = (*args, "--out", tmp_path / "o")
-    result = invoke("sample", *args)
-    assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    line = one_error_line(invoke(command, *args))
+    assert all(message in line for message in messages), line
     assert not (tmp_path / "o").exists()
 
 
@@ -197,15 +228,38 @@ def test_the_default_rule_puts_quality_first_then_speed():
         choose_default({})
 
 
-@pytest.mark.parametrize("family", ["ldm", "gan", "bloodnet"])
+@pytest.mark.parametrize("family", ["ldm", "gan", "vae", "bloodnet"])
 def test_train_family_help_is_the_train_scripts_own(family, tmp_path, monkeypatch):
-    """`train <family> --help` lists the script's argparse options and exits 0, training nothing."""
+    """`train <family> --help` lists the script's argparse options under the command's name and exits 0, training
+    nothing (vae parses its flags itself first, for --fit-prior)."""
     monkeypatch.chdir(tmp_path)
     result = invoke("train", family, "--help")
     assert result.exit_code == 0, result.output
-    assert "usage:" in result.output and "--output-dir OUTPUT_DIR" in result.output
+    assert result.output.startswith(f"usage: bloodgen-hf train {family} [-h] ")
+    assert "--output-dir OUTPUT_DIR" in result.output
     if family == "ldm":
         assert "--autoencoder" in result.output and "latent" in result.output
+    assert not list(tmp_path.iterdir())  # no run folder
+
+
+@pytest.mark.parametrize(("family", "module"), [("gan", "gan"), ("vae", "vae"), ("ldm", "latent")])
+def test_train_usage_errors_name_the_command_or_the_script(family, module, tmp_path, monkeypatch, capsys):
+    """argparse's refusal names `bloodgen-hf train <family>` through the CLI, the script's file name when it runs as
+    `python train_scripts/train_<family>.py` or under `accelerate launch` (sys.argv[0] is the script then)."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", family, "--no-such-flag")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith(f"usage: bloodgen-hf train {family} [-h] ")
+    assert lines[-1] == f"bloodgen-hf train {family}: error: unrecognized arguments: --no-such-flag"
+
+    script_main = importlib.import_module(f"bloodgen_hf.training.{module}").main
+    monkeypatch.setattr(sys, "argv", [f"train_scripts/train_{family}.py", "--no-such-flag"])
+    with pytest.raises(SystemExit) as exited:
+        script_main()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and lines[0].startswith(f"usage: train_{family}.py [-h] ")
+    assert lines[-1] == f"train_{family}.py: error: unrecognized arguments: --no-such-flag"
     assert not list(tmp_path.iterdir())  # no run folder
 
 

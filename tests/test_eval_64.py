@@ -1,6 +1,8 @@
 """Issue 34 (5, 6): evaluation at 64 px. `evaluate`, `compare` and `augment-study` at `--resolution`, a BloodNet of
-another resolution refused, 28 px models refused at 64 unless `--upsample bicubic` (then labelled), `grid` and
-`sample` with a 64 px latent model; on the fake 64 px archive, a tiny 64 px LDM and tiny BloodNets."""
+another resolution refused, 28 px models scored at 64 with `--upsample bicubic` (and labelled), `grid` and `sample`
+with a 64 px latent model; on the fake 64 px archive, a tiny 64 px LDM and tiny BloodNets (tests/conftest.py).
+evaluate's one-line refusals of a 28 px model at 64 px without --upsample, of downsampling and of a bad --upsample
+are among the CLI's in tests/test_cli.py."""
 
 from __future__ import annotations
 
@@ -17,37 +19,19 @@ from bloodgen_hf.cli import app
 from bloodgen_hf.data import CLASS_NAMES
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation import cache as C
-from bloodgen_hf.evaluation.bloodnet import BloodNet
 from bloodgen_hf.evaluation.features import INCEPTION_FILE, FeatureExtractor, Features
 from bloodgen_hf.evaluation.protocol import Upsample
 from bloodgen_hf.evaluation.runner import file_stem, scoring_resolution, upsampling
 from bloodgen_hf.provenance import training_provenance
 from bloodgen_hf.registry import save_pipeline
-from tests.conftest import tiny_autoencoder, tiny_gan_pipeline
+from tests.conftest import SMALL_EVAL, one_error_line, saved_bloodnet, tiny_gan_pipeline
 from tests.test_eval_features import StandInInception
-
-SMALL = ["--runs", "1", "--n", "20", "--memorization-n", "10", "--batch-size", "10"]
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
     """One torch thread: on a shared, busy CPU two threads wait on each other; results are the same."""
     torch.set_num_threads(1)
-
-
-def tiny_ldm_64():
-    """A BloodLDMPipeline of random weights that makes 64 px images: tiny_autoencoder (4x) on 4x16x16 latents, two
-    sampling steps by default, recorded as trained on the train split."""
-    from bloodgen_hf.pipelines import BloodLDMPipeline
-    from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import make_scheduler
-    from bloodgen_hf.training.ddpm import build_noise_scheduler, build_unet
-
-    vae = tiny_autoencoder(0)
-    unet = build_unet("tiny", 16, in_channels=4)
-    scheduler = make_scheduler("dpm++", build_noise_scheduler("squaredcos_cap_v2", "flow").config)
-    return BloodLDMPipeline(
-        vae=vae, unet=unet, scheduler=scheduler, class_names=list(CLASS_NAMES), default_num_inference_steps=2
-    )
 
 
 def tiny_gan_64(provenance: dict | None = None):
@@ -59,28 +43,6 @@ def tiny_gan_64(provenance: dict | None = None):
         resolution=64, latent_dim=16, base_channels=8, embed_dim=8, class_names=list(CLASS_NAMES)
     )
     return BloodGANPipeline(gan=gan, provenance=provenance)
-
-
-def saved_bloodnet(folder: Path, resolution: int) -> Path:
-    torch.manual_seed(0)
-    net = BloodNet(resolution=resolution, channels=[4, 8], blocks_per_stage=1, class_names=list(CLASS_NAMES))
-    net.save_pretrained(folder / "classifier")
-    return folder
-
-
-@pytest.fixture
-def ldm_64_dir(tmp_path: Path) -> Path:
-    return save_pipeline(tiny_ldm_64(), tmp_path / "ldm-64")
-
-
-@pytest.fixture
-def args_64(fake_data_dir, tmp_path) -> list:
-    """Evaluation options with a BloodNet trained at 64 px (extractor and classifier)."""
-    bloodnet = saved_bloodnet(tmp_path / "bloodnet-64", 64)
-    return [
-        "--extractor", "bloodnet", "--bloodnet", bloodnet, "--data-dir", fake_data_dir,
-        "--cache-dir", tmp_path / "cache", "--device", "cpu",
-    ]  # fmt: skip
 
 
 @pytest.fixture
@@ -96,20 +58,13 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def one_error_line(result, code: int = 2) -> str:
-    assert result.exit_code == code, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
-
-
 # --- evaluate ----------------------------------------------------------------------------------------------
 
 
 def test_evaluate_a_64px_model_scores_every_metric_at_64_by_default(ldm_64_dir, args_64, tmp_path):
     """No --resolution: the model's own 64 px; real images, features, classifier and near-copies all at 64."""
     out = tmp_path / "eval"
-    result = invoke("evaluate", "--model", ldm_64_dir, *SMALL, *args_64, "--out", out)
+    result = invoke("evaluate", "--model", ldm_64_dir, *SMALL_EVAL, *args_64, "--out", out)
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["protocol"]["size"] == 64 and results["protocol"]["upsample"] is None
@@ -123,25 +78,6 @@ def test_evaluate_a_64px_model_scores_every_metric_at_64_by_default(ldm_64_dir, 
     assert [p.name for p in (tmp_path / "cache").iterdir()][0].startswith("bloodmnist-64px-all-bloodnet-")
     pairs = np.asarray(Image.open(out / "memorization_pairs.png"))
     assert pairs.shape[0] == 2 * 64 + 3 * 2  # two rows of 64 px images, not enlarged
-
-
-def test_a_28px_model_at_64_is_refused_without_upsample_and_downsampling_always(
-    tiny_gan_dir, ldm_64_dir, args_64, tmp_path
-):
-    refused = invoke("evaluate", "--model", tiny_gan_dir, "--resolution", 64, *SMALL, *args_64, "--out", tmp_path / "e")
-    line = one_error_line(refused)
-    assert "makes 28 px images, not 64 px (--resolution 64)" in line and "--upsample bicubic" in line
-    down = invoke(
-        "evaluate", "--model", ldm_64_dir, "--resolution", 28, "--upsample", "bicubic", *SMALL, *args_64,
-        "--out", tmp_path / "e",
-    )  # fmt: skip
-    line = one_error_line(down)
-    assert "makes 64 px images; scoring them at --resolution 28 would downsample them" in line
-    unknown = invoke("evaluate", "--model", tiny_gan_dir, "--upsample", "lanczos", *SMALL, *args_64)
-    assert "unknown --upsample 'lanczos'; choose from: bicubic" in one_error_line(unknown)
-    to_what = invoke("evaluate", "--model", tiny_gan_dir, "--upsample", "bicubic", *SMALL, *args_64)
-    assert "--upsample needs --resolution" in one_error_line(to_what)
-    assert not (tmp_path / "e").exists()
 
 
 def test_evaluate_at_64_with_clean_fid_inception(ldm_64_dir, args_64, inception_file, tmp_path):
@@ -164,7 +100,7 @@ def test_a_bloodnet_of_another_resolution_is_refused_naming_how_to_train_one(
     for extractor in ("bloodnet", "inception"):  # as the feature extractor, or only as the class-accuracy judge
         args = ["--extractor", extractor, "--bloodnet", bloodnet_28, "--data-dir", fake_data_dir, "--device", "cpu"]
         args += ["--inception-weights", inception_file]
-        result = invoke("evaluate", "--model", ldm_64_dir, *SMALL, *args, "--out", tmp_path / "e")
+        result = invoke("evaluate", "--model", ldm_64_dir, *SMALL_EVAL, *args, "--out", tmp_path / "e")
         line = one_error_line(result)
         assert f"BloodNet at {bloodnet_28 / 'classifier'} was trained at 28 px; scoring at 64 px" in line
         assert "bloodgen-hf train bloodnet --resolution 64" in line
@@ -173,7 +109,7 @@ def test_a_bloodnet_of_another_resolution_is_refused_naming_how_to_train_one(
 def test_evaluate_upsampled_is_labelled_and_recorded(tiny_gan_dir, args_64, tmp_path):
     out = tmp_path / "eval"
     args = ["--resolution", 64, "--upsample", "bicubic", "--metrics", "fd,accuracy,memorization"]
-    result = invoke("evaluate", "--model", tiny_gan_dir, *SMALL, *args_64, *args, "--out", out)
+    result = invoke("evaluate", "--model", tiny_gan_dir, *SMALL_EVAL, *args_64, *args, "--out", out)
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == f"{tiny_gan_dir} (28->64 bicubic)"
@@ -193,7 +129,7 @@ def test_compare_scores_a_64px_model_and_an_upsampled_28px_one_in_one_table(
 ):
     out = tmp_path / "report"
     models = ["--models", ldm_64_dir, tiny_gan_dir, "--resolution", 64, "--upsample", "bicubic"]
-    result = invoke("compare", *models, *SMALL, *args_64, "--metrics", "fd,accuracy", "--no-floor", "--out", out)
+    result = invoke("compare", *models, *SMALL_EVAL, *args_64, "--metrics", "fd,accuracy", "--no-floor", "--out", out)
     assert result.exit_code == 0, result.output
     report = (out / "report.md").read_text()
     assert "| metric | | ldm-64 | tiny_gan (28->64 bicubic) | real vs real |" in report
@@ -207,13 +143,13 @@ def test_compare_scores_a_64px_model_and_an_upsampled_28px_one_in_one_table(
     )
 
     again = invoke(
-        "compare", *models, *SMALL, *args_64, "--metrics", "fd,accuracy", "--no-floor", "--out", out, "--reuse"
+        "compare", *models, *SMALL_EVAL, *args_64, "--metrics", "fd,accuracy", "--no-floor", "--out", out, "--reuse"
     )
     assert again.exit_code == 0 and again.output.count("reusing") == 2, again.output
 
 
 def test_compare_of_models_of_different_sizes_needs_one_resolution(ldm_64_dir, tiny_gan_dir, args_64, tmp_path):
-    result = invoke("compare", "--models", ldm_64_dir, tiny_gan_dir, *SMALL, *args_64, "--out", tmp_path / "r")
+    result = invoke("compare", "--models", ldm_64_dir, tiny_gan_dir, *SMALL_EVAL, *args_64, "--out", tmp_path / "r")
     line = one_error_line(result)
     assert "different sizes (ldm-64: 64 px, tiny_gan: 28 px)" in line and "--resolution 64 --upsample bicubic" in line
 
@@ -281,7 +217,9 @@ def test_train_bloodnet_at_64_then_evaluate_with_it(ldm_64_dir, fake_data_dir, t
 
     args = ["--extractor", "bloodnet", "--bloodnet", net / "pipeline", "--data-dir", fake_data_dir, "--device", "cpu"]
     out = tmp_path / "eval"
-    result = invoke("evaluate", "--model", ldm_64_dir, *SMALL, *args, "--metrics", "fd", "--no-floor", "--out", out)
+    result = invoke(
+        "evaluate", "--model", ldm_64_dir, *SMALL_EVAL, *args, "--metrics", "fd", "--no-floor", "--out", out
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((out / "results.json").read_text())["protocol"]["size"] == 64
 

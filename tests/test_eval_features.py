@@ -189,6 +189,21 @@ def test_train_bloodnet_refuses_other_splits(fake_data_dir, tmp_path):
         main(["--data-dir", str(fake_data_dir), "--output-dir", str(tmp_path / "x"), "--split", "all"])
 
 
+@pytest.mark.parametrize(
+    ("channels", "reason"),
+    [("8;16", "takes comma-separated integers such as 32,64,64; got '8;16'"), ("8,0", "must be positive, got '8,0'")],
+)
+def test_train_bloodnet_refuses_bad_channels_in_one_error_line(channels, reason, tmp_path, capsys):
+    """--channels is parsed by argparse (the shared options.channel_widths): its error line names the flag once."""
+    from bloodgen_hf.evaluation.bloodnet_train import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--output-dir", str(tmp_path / "x"), "--channels", channels], prog="train_bloodnet.py")
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2 and not (tmp_path / "x").exists()
+    assert last_line == f"train_bloodnet.py: error: argument --channels: {reason}"
+
+
 def test_bundled_bloodnet_classifies_real_test_images(real_data_dir):
     """The bundled classifier is what the domain metrics stand on: it must recognise real held-out cells."""
     from bloodgen_hf.data import load_arrays

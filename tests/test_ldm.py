@@ -174,7 +174,7 @@ def test_precision_auto_is_bf16_and_close_to_fp32(monkeypatch):
 def test_remote_code_load_without_bloodgen_hf(tmp_path):
     """The saved folder (the LDM's file, the DDPM's it derives from, the helper) loads with
     DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) in an interpreter without bloodgen_hf, draws
-    the same images, takes class_labels=[0, 1, 2], and saves the same layout again."""
+    the same images, takes class_labels=[0, 1, 2], knows its decoded size, and saves the same layout again."""
     pipe = tiny_ldm_pipeline()
     folder = save_pipeline(pipe, tmp_path / "ldm")
     assert {"pipeline_bloodgen_ldm.py", "pipeline_bloodgen_ddpm.py", "blood_pipeline_utils.py"} <= {
@@ -196,7 +196,7 @@ def test_remote_code_load_without_bloodgen_hf(tmp_path):
     np.testing.assert_array_equal(np.load(f"{out}.npy"), expected)
     np.testing.assert_array_equal(np.load(f"{out}-resaved.npy"), expected)
     found = json.loads(Path(f"{out}.json").read_text())
-    assert found["shape"] == [3, 32, 32, 3] and found["label_ids"] == [7, 0]
+    assert found["shape"] == [3, 32, 32, 3] and found["resolution"] == 32 and found["label_ids"] == [7, 0]
     assert found["id2label"] == {str(i): name for i, name in enumerate(CLASS_NAMES)}
 
 

@@ -1,6 +1,7 @@
 """Issue 13: plain `save_pretrained` writes the remote-code layout, the bundled folders load as remote code,
 and the pipelines install as `bloodgen_hf.pipelines` (no top-level `pipelines` module). Issue 32: loaded so,
-every bundled folder takes diffusers' class labels (`class_labels=[0, 1, 2]` gives 3 images, `id2label`).
+every bundled folder takes diffusers' class labels (`class_labels=[0, 1, 2]` gives 3 images, `id2label`) and knows
+its image size (`resolution`).
 
 Remote-code loading runs in a fresh interpreter where a meta-path blocker makes `bloodgen_hf` and
 `pipelines` unimportable, as in a Python without bloodgen-hf; unlike `python -I -S` this works for an
@@ -90,6 +91,7 @@ def label_conventions(pipe, call):
         mismatch = [type(err).__name__, str(err)]
     return {
         "shape": list(made.shape),
+        "resolution": pipe.resolution,
         "id2label": pipe.id2label,
         "label_ids": pipe.get_label_ids(["platelet", "Basophil"]),
         "mismatch": mismatch,
@@ -241,6 +243,7 @@ def test_bundled_folders_take_diffusers_class_labels_without_bloodgen_hf(family,
     """DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)(class_labels=[0, 1, 2]) makes 3 images."""
     found = json.loads((remote["work"] / f"bundled-{family}.json").read_text())
     assert found["shape"] == [3, *remote["expected"][f"bundled-{family}"].shape[1:]]
+    assert found["resolution"] == found["shape"][1] == found["shape"][2]  # known to the remote code, without sampling
     id2label = load_pipeline(family).id2label
     assert found["id2label"] == {str(i): name for i, name in id2label.items()} and len(id2label) == 8  # JSON: str keys
     assert found["label_ids"] == [7, 0]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import tiny_vae_pipeline
+from conftest import seeded, tiny_vae_pipeline
 from diffusers import DiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
@@ -24,10 +24,6 @@ TINY = ["--batch-size", "16", "--block-out-channels", "8,16", "--norm-num-groups
 TINY += ["--latent-dim", "8", "--latent-channels", "2", "--log-with", "none", "--log-every", "1"]
 
 
-def seeded(*seeds: int) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
 def cell_image(seed: int = 0, size: int = 28) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
@@ -36,13 +32,21 @@ def cell_image(seed: int = 0, size: int = 28) -> Image.Image:
 # --- model ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backbone, layers_per_block", [("autoencoder_kl", 1), ("resnet", 2)], ids=["v1", "v2-resnet"])
 @pytest.mark.parametrize(
     "resolution, blocks, latent_dim, latent_shape",
     [(28, (8, 16, 16), 12, (12, 1, 1)), (28, (8, 16, 16), None, (3, 7, 7)), (64, (8, 8, 16, 16), 12, (12, 1, 1))],
 )
-def test_encoder_decoder_shapes(resolution, blocks, latent_dim, latent_shape):
+def test_encoder_decoder_shapes(resolution, blocks, latent_dim, latent_shape, backbone, layers_per_block):
+    """Both backbones (v1's AutoencoderKL halves, VAE v2's ResNet) give the same latent and image shapes."""
     vae = ConditionalAutoencoderKL(
-        resolution=resolution, block_out_channels=blocks, norm_num_groups=4, latent_channels=3, latent_dim=latent_dim
+        resolution=resolution,
+        block_out_channels=blocks,
+        norm_num_groups=4,
+        latent_channels=3,
+        latent_dim=latent_dim,
+        backbone=backbone,
+        layers_per_block=layers_per_block,
     )
     x, y = torch.randn(2, 3, resolution, resolution), torch.tensor([0, 7])
     posterior = vae.encode(x, y).latent_dist
@@ -123,8 +127,9 @@ def test_temperature_scales_and_latent_bias_shifts_the_noise():
         pipe(1, temperature=-0.1)
 
 
-def test_conditioning_changes_encoder_and_decoder():
-    pipe = tiny_vae_pipeline()
+@pytest.mark.parametrize("backbone", ["autoencoder_kl", "resnet"])
+def test_conditioning_changes_encoder_and_decoder(backbone):
+    pipe = tiny_vae_pipeline(backbone=backbone)
     images = [pipe(1, c, generator=seeded(0), output_type="pt").images for c in range(8)]
     assert all((images[0] - other).abs().max() > 1e-3 for other in images[1:])
     x = torch.rand(1, 3, 28, 28) * 2 - 1

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import tiny_gan_pipeline, write_fake_bloodmnist
+from conftest import seeded, tiny_gan_pipeline, tiny_vae, write_fake_bloodmnist
 from diffusers.models.resnet import ResnetBlock2D
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from bloodgen_hf.cli import app
-from bloodgen_hf.data import CLASS_NAMES, LabelledImages, load_data
+from bloodgen_hf.data import LabelledImages, load_data
 from bloodgen_hf.models.vae import PRIOR_BUFFERS, ConditionalAutoencoderKL
 from bloodgen_hf.pipelines import BloodVAEPipeline
 from bloodgen_hf.registry import load_pipeline, save_pipeline
@@ -34,30 +34,6 @@ V1_UINT8_SHA256 = "7f50d6abe4fbd4440d47a5abff0f114959e28d8f0ff4d79a5d18c6167937f
 V1_FLOAT_SUM = 6685.1023  # 6685.102343 on one thread, 6685.102316 on two: kernels split sums by thread count
 
 
-def seeded(*seeds: int) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def tiny_v2_vae(seed: int = 0, latent_dim: int | None = 8) -> ConditionalAutoencoderKL:
-    torch.manual_seed(seed)
-    vae = ConditionalAutoencoderKL(
-        resolution=28,
-        class_embed_dim=4,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        latent_channels=2,
-        latent_dim=latent_dim,
-        decoder_sigma=0.2,
-        class_names=list(CLASS_NAMES),
-        backbone="resnet",
-    )
-    with torch.no_grad():  # livelier than the initialisation, as conftest's tiny_vae_pipeline
-        vae.class_embedding.weight.mul_(3.0)
-        for p in vae.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return vae
-
-
 def random_prior(vae: ConditionalAutoencoderKL, components: int, seed: int = 1) -> None:
     """A prior of well-separated components with random weights and covariance factors."""
     g = torch.Generator().manual_seed(seed)
@@ -70,7 +46,7 @@ def random_prior(vae: ConditionalAutoencoderKL, components: int, seed: int = 1) 
 
 
 def tiny_v2_pipeline(components: int = 2, latent_dim: int | None = 8) -> BloodVAEPipeline:
-    vae = tiny_v2_vae(latent_dim=latent_dim)
+    vae = tiny_vae(latent_dim=latent_dim, backbone="resnet")
     if components:
         random_prior(vae, components)
     return BloodVAEPipeline(vae=vae)
@@ -109,31 +85,8 @@ def test_new_config_fields_default_to_v1():
 # --- the ResNet backbone -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "resolution, blocks, latent_dim, latent_shape",
-    [(28, (8, 16, 16), 12, (12, 1, 1)), (28, (8, 16, 16), None, (3, 7, 7)), (64, (8, 8, 16, 16), 12, (12, 1, 1))],
-)
-def test_resnet_vae_forward_shapes(resolution, blocks, latent_dim, latent_shape):
-    vae = ConditionalAutoencoderKL(
-        resolution=resolution,
-        block_out_channels=blocks,
-        norm_num_groups=4,
-        latent_channels=3,
-        latent_dim=latent_dim,
-        backbone="resnet",
-        layers_per_block=2,
-    )
-    x, y = torch.randn(2, 3, resolution, resolution), torch.tensor([0, 7])
-    posterior = vae.encode(x, y).latent_dist
-    assert vae.latent_shape == latent_shape
-    assert posterior.mean.shape == posterior.std.shape == (2, *latent_shape)
-    assert vae.decode(posterior.sample(), y).sample.shape == (2, 3, resolution, resolution)
-    out = vae(x, y, sample_posterior=True)
-    assert out.sample.shape == x.shape and out.latent_dist.kl().shape == (2,)
-
-
 def test_every_residual_block_of_both_halves_takes_the_class():
-    vae = tiny_v2_vae()
+    vae = tiny_vae(backbone="resnet")
     for half in (vae.encoder, vae.decoder):
         blocks = [m for m in half.modules() if isinstance(m, ResnetBlock2D)]
         assert len(blocks) >= 4
@@ -141,11 +94,7 @@ def test_every_residual_block_of_both_halves_takes_the_class():
             assert block.time_embedding_norm == "scale_shift"
             assert block.time_emb_proj.in_features == vae.config.class_embed_dim
             assert block.time_emb_proj.out_features == 2 * block.conv2.out_channels
-    x = torch.rand(1, 3, 28, 28) * 2 - 1
-    means = [vae.encode(x, torch.tensor([c])).latent_dist.mean for c in (0, 5)]
-    assert (means[0] - means[1]).abs().max() > 1e-4
-    z = torch.randn(1, *vae.latent_shape)
-    assert (vae.decode(z, torch.tensor([0])).sample - vae.decode(z, torch.tensor([5])).sample).abs().max() > 1e-4
+    # that the class changes what both halves compute: test_vae.py's test_conditioning_changes_encoder_and_decoder
 
 
 def test_bad_model_settings_are_refused():
@@ -153,7 +102,7 @@ def test_bad_model_settings_are_refused():
         ConditionalAutoencoderKL(backbone="vgg")
     with pytest.raises(ValueError, match="prior_components must be an integer >= 0"):
         ConditionalAutoencoderKL(prior_components=-1)
-    vae = tiny_v2_vae()
+    vae = tiny_vae(backbone="resnet")
     with pytest.raises(ValueError, match=r"needs weights \[C, K\]"):
         vae.set_prior(torch.ones(8, 2) / 2, torch.zeros(8, 2, 5), torch.eye(5).expand(8, 2, 5, 5))
     with pytest.raises(ValueError, match=r"prior is N\(0, I\): it holds no mixture"):
@@ -257,7 +206,7 @@ def test_a_class_with_fewer_images_than_components_is_refused():
 def test_fit_prior_on_a_tiny_vae_holds_the_posterior_means_statistics(tmp_path):
     data = load_data("bloodmnist", "train", 28, write_fake_bloodmnist(tmp_path / "data"))
     dataset = LabelledImages(data.images, data.labels)
-    vae = tiny_v2_vae()
+    vae = tiny_vae(backbone="resnet")
     fit_prior(vae, dataset, components=1, iterations=10, seed=0)
     assert vae.config.prior_components == 1
     latents = posterior_means(vae, dataset.images, dataset.labels)
@@ -388,7 +337,7 @@ def test_v2_training_with_the_adversarial_term_resumes_exactly(fake_data_dir, tm
 
 
 def test_fit_prior_refits_a_saved_vae_on_the_train_split(fake_data_dir, tmp_path):
-    source = save_pipeline(BloodVAEPipeline(vae=tiny_v2_vae()), tmp_path / "source")
+    source = save_pipeline(BloodVAEPipeline(vae=tiny_vae(backbone="resnet")), tmp_path / "source")
     out = tmp_path / "refit"
     args = ["--fit-prior", str(source), "--prior-components", "1", "--split", "train"]
     folder = run(fake_data_dir, out, *args)

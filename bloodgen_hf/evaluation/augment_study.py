@@ -62,7 +62,6 @@ from bloodgen_hf.evaluation.bloodnet_train import MODEL_FOLDER, BloodNetOptions,
 from bloodgen_hf.evaluation.metrics import classification_report
 from bloodgen_hf.evaluation.protocol import summarize
 from bloodgen_hf.evaluation.report import write_json, write_markdown_report
-from bloodgen_hf.evaluation.runner import image_size
 from bloodgen_hf.guard import check_unchanged
 from bloodgen_hf.io import atomic_path
 from bloodgen_hf.process import native_bf16
@@ -450,7 +449,7 @@ def run_study(
         size = generator.resolution
     else:
         check_unseen(pipeline_provenance(pipe), model or "the model", EVAL_SPLIT, dataset, "augment-study")
-        size = image_size(pipe, sampling_kwargs)
+        size = pipe.resolution
         sampling_kwargs = sampling_record(pipe, sampling_kwargs)  # the precision it will sample at, recorded
     check_study_resolution(model or "the generator", size, resolution)
     train_images, train_labels, names, _ = load_data(dataset, "train", size, data_dir)
@@ -653,7 +652,7 @@ def per_fraction_pools(
         folder = train_generator(plan, out / "generators" / name, fraction, seed, context, resume, log)
         pipe = load_pipeline(str(folder), context["device"])
         label = f"the {plan.family} generator for {name} ({folder})"
-        check_study_resolution(label, image_size(pipe, sampling_kwargs), plan.resolution)
+        check_study_resolution(label, pipe.resolution, plan.resolution)
         provenance = check_trained_on_subset(pipe, label, subset, context["dataset"])
         check_generator_classes(pipe, label, context["names"], context["dataset"])
         path = out / "pools" / f"{name}.npz"

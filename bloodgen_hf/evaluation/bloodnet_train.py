@@ -16,7 +16,6 @@ ResNet-18).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from bloodgen_hf.evaluation.bloodnet import BloodNet, ResNet18Classifier, predic
 from bloodgen_hf.evaluation.metrics import classification_report
 from bloodgen_hf.io import atomic_path, make_grid
 from bloodgen_hf.training.core import TrainConfig, TrainTask, run_training, total_optimizer_steps
-from bloodgen_hf.training.options import option, options_of
+from bloodgen_hf.training.options import channels_argument, option, options_of
 from bloodgen_hf.training.sources import load_training_data
 
 MODEL_FOLDER = "classifier"  # inside the saved folder: config.json + diffusion_pytorch_model.safetensors
@@ -41,21 +40,11 @@ ARCHITECTURES = ("bloodnet", "resnet18")
 SELECT_ON = ("accuracy", "macro_f1")
 
 
-def parse_channels(text: str) -> list[int]:
-    try:
-        channels = [int(c) for c in str(text).split(",") if c.strip()]
-    except ValueError:
-        channels = []
-    if not channels or min(channels) < 1:
-        raise argparse.ArgumentTypeError(f"--channels wants comma-separated widths like 24,48,96, got {text!r}")
-    return channels
-
-
 @dataclass
 class BloodNetOptions:
     """The classifier's flags, and the choices augment-study makes for its classifiers (no flags)."""
 
-    channels: list[int] = option(factory=lambda: [24, 48, 96], help="stage widths", type=parse_channels)
+    channels: list[int] = option(factory=lambda: [24, 48, 96], help="stage widths", type=channels_argument)
     blocks_per_stage: int = option(2)
     dropout: float = option(0.1)
     lr: float = option(3e-3, "peak AdamW learning rate")
@@ -251,7 +240,7 @@ def score_on_split(
     return report
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     """Entry point of `train_scripts/train_bloodnet.py` and `bloodgen-hf train bloodnet`."""
 
     folder = run_training(
@@ -260,6 +249,7 @@ def main(argv: list[str] | None = None) -> Path:
         BloodNetOptions,
         load_training_data,
         argv,
+        prog,
         output_dir="runs/bloodnet",
         split="train",
         epochs=15,

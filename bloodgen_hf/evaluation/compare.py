@@ -34,7 +34,6 @@ from bloodgen_hf.evaluation.runner import (
     check_evaluator_resolution,
     evaluate_to_folder,
     file_stem,
-    image_size,
     parameter_count,
     scored_label,
     scoring_resolution,
@@ -159,7 +158,7 @@ def compare(
 
     sampling_kwargs = sampling_kwargs or {}
     pipes = {model: load_pipeline(model) for model in models}
-    sizes = {model: image_size(pipe, sampling_kwargs) for model, pipe in pipes.items()}
+    sizes = {model: pipe.resolution for model, pipe in pipes.items()}
     resolution = scoring_resolution(sizes, resolution, upsample)
     plans = {model: upsampling(model, sizes[model], resolution, upsample) for model in models}
     labels = [scored_label(m, plans[m]) for m in models]

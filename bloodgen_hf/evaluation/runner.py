@@ -1,7 +1,7 @@
-"""What `evaluate` and `compare` share: building the extractor/classifier, reading a model's image size,
-settling the resolution everything is scored at (and refusing a model or BloodNet made for another one,
-unless the model is explicitly upsampled), checking that generator, real data and evaluator share their
-classes, naming models, and evaluating one model into a results folder."""
+"""What `evaluate` and `compare` share: building the extractor/classifier, settling the resolution everything
+is scored at from the models' own (`pipe.resolution`), refusing a model or BloodNet made for another one unless the
+model is explicitly upsampled, checking that generator, real data and evaluator share their classes, naming
+models, and evaluating one model into a results folder."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from bloodgen_hf.data import DEFAULT_DATASET, describe_classes, same_classes
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.features import BloodNetExtractor, FeatureExtractor, build_extractor
 from bloodgen_hf.evaluation.protocol import UPSAMPLE_METHODS, Protocol, RealData, Upsample, evaluate
 from bloodgen_hf.evaluation.report import write_evaluation
-from bloodgen_hf.sampling import generate, pipeline_class_names
+from bloodgen_hf.sampling import pipeline_class_names
 
 
 def build_tools(
@@ -36,14 +34,6 @@ def build_tools(
     if "accuracy" in metrics:
         classifier = extractor if extractor.name == "bloodnet" else BloodNetExtractor.load(bloodnet, device)
     return extractor, classifier
-
-
-def image_size(pipe, sampling_kwargs: dict) -> int:
-    """The side of the images a pipeline makes, from one generated image (works for every family)."""
-    images, _, _ = next(
-        generate(pipe, np.zeros(1, dtype=np.int64), seed=0, batch_size=1, progress=False, **sampling_kwargs)
-    )
-    return int(images.shape[1])
 
 
 def check_resolution_option(resolution: int | None) -> None:
@@ -176,7 +166,7 @@ def evaluate_to_folder(
     name) and the evaluator fit that resolution and the classes agree; write `out`. Finished runs are kept in
     `kept_runs_folder(out)` until `out` is written, so an interrupted evaluation goes on where it stopped."""
     sampling_kwargs = sampling_kwargs or {}
-    size = image_size(pipe, sampling_kwargs)
+    size = pipe.resolution
     resolution = real.size if real is not None else resolution
     check_resolution_option(resolution)
     plan = upsampling(model, size, resolution or size, upsample)

@@ -28,7 +28,6 @@ from bloodgen_hf.evaluation.augment_study import EVAL_SPLIT, StudyConfig, make_p
 from bloodgen_hf.evaluation.bloodnet import predict
 from bloodgen_hf.evaluation.metrics import classification_report
 from bloodgen_hf.evaluation.report import write_json
-from bloodgen_hf.evaluation.runner import image_size
 from bloodgen_hf.guard import plain
 from bloodgen_hf.provenance import LeakError, check_unseen, pipeline_provenance
 from bloodgen_hf.sampling import recorded_sampling, sampling_record
@@ -87,7 +86,7 @@ def run_tstr(
     study = StudyConfig(protocol="fixed-steps", classifier="bloodnet-small", steps=config.steps)
     splits, results = {}, {}
     for label, pipe in pipes.items():
-        size = image_size(pipe, sampling_kwargs)
+        size = pipe.resolution
         if size not in splits:
             splits[size] = {name: load_data(dataset, name, size, data_dir) for name in ("train", "val", EVAL_SPLIT)}
         data = splits[size]

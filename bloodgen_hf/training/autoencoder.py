@@ -389,7 +389,7 @@ def load_data(config: TrainConfig) -> tuple[LabelledImages, dict]:
     return load_training_data(config)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     """Entry point of `train_scripts/train_autoencoder.py` and `bloodgen-hf train autoencoder`."""
     loaded: dict[str, LabelledImages] = {}
 
@@ -407,6 +407,7 @@ def main(argv: list[str] | None = None) -> Path:
         AutoencoderOptions,
         load,
         argv,
+        prog,
         output_dir="runs/autoencoder",
         resolution=64,
         split="train",

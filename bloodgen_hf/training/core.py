@@ -481,18 +481,30 @@ BAD_INPUT = (
 )
 
 
+def train_parser(description: str, options: type, prog: str | None = None, **defaults) -> argparse.ArgumentParser:
+    """A train script's flags: TrainConfig's (`defaults` replacing its own defaults), the family's `options`
+    dataclass and --debug. `prog` names the command in usage and error lines (`bloodgen-hf train <family>`);
+    None: argparse's own, the script's file name (`train_ldm.py`, under `accelerate launch` too)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_dataclass_arguments(add_train_arguments(parser, **defaults), options)
+    parser.add_argument("--debug", action="store_true", help="On an error, print its traceback (BLOODGEN_DEBUG=1).")
+    return parser
+
+
 def run_training(
     description: str,
     build_task,
     options: type,
     load_data,
     argv: list[str] | None = None,
+    prog: str | None = None,
     **defaults,
 ) -> Path:
     """What every train script's main() does: parse flags, set up Accelerate, load data, train.
 
     `options` is the family's options dataclass, whose fields become its flags (beside TrainConfig's, with
-    `defaults` replacing TrainConfig's own defaults) and which arrives as `config.extra`.
+    `defaults` replacing TrainConfig's own defaults) and which arrives as `config.extra`; `prog` is the command
+    that usage and error lines name (`train_parser`).
     `load_data(config)` gives the data and its provenance (most families: the real images,
     `sources.load_training_data`). `build_task(config, num_images, class_names)` makes the TrainTask; it
     gets the image count because learning-rate schedules that span the run need the number of steps before
@@ -503,10 +515,7 @@ def run_training(
     other error, a bug, with one line that says so and 1 (--debug or BLOODGEN_DEBUG=1: its traceback too).
     """
     tune_malloc()
-    parser = argparse.ArgumentParser(description=description)
-    add_dataclass_arguments(add_train_arguments(parser, **defaults), options)
-    parser.add_argument("--debug", action="store_true", help="On an error, print its traceback (BLOODGEN_DEBUG=1).")
-    args = parser.parse_args(argv)
+    args = train_parser(description, options, prog, **defaults).parse_args(argv)
     debug = vars(args).pop("debug")  # not a setting of the run: never recorded nor compared on --resume
     config = config_from_args(args, options)
     try:

@@ -397,7 +397,7 @@ def check_options(o: DDPMOptions) -> None:
         raise UsageError(f"--grid-per-class must be at least 1, got {o.grid_per_class}")
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     """Entry point of `train_scripts/train_ddpm.py` and `bloodgen-hf train ddpm`."""
     return run_training(
         "Train the class-conditional DDPM (UNet2DModel + classifier-free guidance) on BloodMNIST.",
@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> Path:
         DDPMOptions,
         load_training_data,
         argv,
+        prog,
         output_dir="runs/ddpm",
         epochs=10,
         batch_size=64,

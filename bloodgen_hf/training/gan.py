@@ -258,7 +258,7 @@ class GANTask(EMATask):
         save_pipeline(BloodGANPipeline(gan=self.ema_generator(accelerator), provenance=self.provenance), path)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     """Entry point of `train_scripts/train_gan.py` and `bloodgen-hf train gan`."""
     return run_training(
         "Train the conditional DCGAN on BloodMNIST or any labelled image set (--dataset).",
@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> Path:
         GANOptions,
         load_training_data,
         argv,
+        prog,
         output_dir="runs/gan",
         epochs=15,
     )

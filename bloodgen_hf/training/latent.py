@@ -226,7 +226,7 @@ class LatentTask(DDPMTask):
         return {"vae": self.vae, **super().pipeline_components(accelerator)}
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     """Entry point of `train_scripts/train_ldm.py` and `bloodgen-hf train ldm`."""
     return run_training(
         "Train the class-conditional latent flow model (UNet2DModel on the latents of a frozen AutoencoderKL, "
@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> Path:
         LatentOptions,
         load_latent_data,
         argv,
+        prog,
         output_dir="runs/ldm",
         resolution=64,
         split="train",

@@ -74,18 +74,37 @@ def value_type(hint: Any) -> Any:
     return hint
 
 
-def parse_channels(text: str | None, flag: str = "--channels") -> tuple[int, ...] | None:
-    """A comma-separated widths option ("32,64,64") as a tuple, None when not given (the preset's); `flag` names
-    the option in the error, as a string flag is parsed only when the model is built (a recorded run's too)."""
-    if text is None:
-        return None
+def channel_widths(text: str) -> tuple[int, ...]:
+    """Comma-separated positive widths ("32,64,64") as a tuple. The refusal says why without naming a flag:
+    `parse_channels` names it, argparse does for `channels_argument`."""
     try:
         channels = tuple(int(c) for c in str(text).split(","))
     except ValueError:
-        raise UsageError(f"{flag} takes comma-separated integers such as 32,64,64; got {text!r}") from None
+        raise UsageError(f"takes comma-separated integers such as 32,64,64; got {text!r}") from None
     if min(channels) < 1:
-        raise UsageError(f"{flag} must be positive, got {text!r}")
+        raise UsageError(f"must be positive, got {text!r}")
     return channels
+
+
+def parse_channels(text: str | None, flag: str = "--channels") -> tuple[int, ...] | None:
+    """A comma-separated widths option as a tuple, None when not given (the preset's); `flag` names the option
+    in the error, as a string flag is parsed only when the model is built (a recorded run's too)."""
+    if text is None:
+        return None
+    try:
+        return channel_widths(text)
+    except UsageError as err:
+        raise UsageError(f"{flag} {err}") from None
+
+
+def channels_argument(text: str) -> list[int]:
+    """The widths as an argparse `type` (a list, as such an option records them). argparse's error line names
+    the flag ("argument --channels: takes ..."); a UsageError, being a ValueError, it would print as "invalid
+    channels_argument value", hence ArgumentTypeError."""
+    try:
+        return list(channel_widths(text))
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def options_from_args(args: argparse.Namespace, cls: type[T]) -> T:

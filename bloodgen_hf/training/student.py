@@ -684,7 +684,7 @@ class StudentTask(DDPMTask):
         return F.mse_loss(estimate.float(), target.float())
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     """Entry point of `train_scripts/train_student.py` and `bloodgen-hf train student`."""
     return run_training(
         "Distil a flow-matching DDPM or LDM teacher into a few-step student (reflow or consistency distillation).",
@@ -692,6 +692,7 @@ def main(argv: list[str] | None = None) -> Path:
         StudentOptions,
         load_student_data,
         argv,
+        prog,
         output_dir="runs/ddpm-student",
         epochs=10,
         batch_size=64,

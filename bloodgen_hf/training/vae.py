@@ -50,12 +50,12 @@ from bloodgen_hf.training.core import (
     ErrorExit,
     TrainConfig,
     TrainTask,
-    add_train_arguments,
     config_from_args,
     run_training,
+    train_parser,
 )
 from bloodgen_hf.training.gan_losses import hinge_discriminator_step, reconstruction_adversarial_term
-from bloodgen_hf.training.options import add_dataclass_arguments, option, options_of
+from bloodgen_hf.training.options import option, options_of, parse_channels
 from bloodgen_hf.training.sources import load_training_data
 
 RECON_LOSSES = ("gaussian", "mse")
@@ -112,15 +112,8 @@ class VAEOptions:
 
 
 def parse_blocks(text: str | None, resolution: int) -> tuple[int, ...]:
-    if not text:
-        return default_blocks(resolution)
-    try:
-        blocks = tuple(int(c) for c in text.split(","))
-    except ValueError:
-        raise UsageError(f"--block-out-channels must be comma-separated integers, got {text!r}") from None
-    if not blocks or min(blocks) < 1:
-        raise UsageError(f"--block-out-channels must be positive, got {text!r}")
-    return blocks
+    """--block-out-channels' widths, or the resolution's default when not given (or given empty)."""
+    return parse_channels(text or None, "--block-out-channels") or default_blocks(resolution)
 
 
 def default_blocks(resolution: int) -> tuple[int, ...]:
@@ -492,14 +485,6 @@ def refit_prior(config: TrainConfig) -> Path:
     return folder
 
 
-def parser() -> argparse.ArgumentParser:
-    """The train script's flags, as run_training parses them (with --fit-prior among the VAE's own)."""
-    parsed = argparse.ArgumentParser(description=DESCRIPTION)
-    add_dataclass_arguments(add_train_arguments(parsed, **TRAIN_DEFAULTS), VAEOptions)
-    parsed.add_argument("--debug", action="store_true", help="On an error, print its traceback (BLOODGEN_DEBUG=1).")
-    return parsed
-
-
 def refit_main(args: argparse.Namespace) -> Path:
     """`--fit-prior MODEL`: the refit, ending as a training run does, with one `error:` line on a refusal."""
     debug = vars(args).pop("debug")
@@ -514,10 +499,10 @@ def refit_main(args: argparse.Namespace) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     """Entry point of `train_scripts/train_vae.py` and `bloodgen-hf train vae`: trains, or with --fit-prior
     refits a saved VAE's prior."""
-    args = parser().parse_args(argv)
+    args = train_parser(DESCRIPTION, VAEOptions, prog, **TRAIN_DEFAULTS).parse_args(argv)
     if args.fit_prior is not None:
         return refit_main(args)
-    return run_training(DESCRIPTION, VAETask.build, VAEOptions, load_vae_data, argv, **TRAIN_DEFAULTS)
+    return run_training(DESCRIPTION, VAETask.build, VAEOptions, load_vae_data, argv, prog, **TRAIN_DEFAULTS)
