@@ -12,6 +12,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL
+from PIL import Image
 from safetensors.torch import load_file
 
 from bloodgen_hf.data import load_data, to_model_range
@@ -358,3 +359,24 @@ def test_evaluate_autoencoder_on_the_test_split(trained):
     assert report["split"] == "test" and report["resolution"] == 32 and report["num_images"] == 16
     assert reconstructions.shape == (16, 32, 32, 3) and reconstructions.dtype == np.uint8
     assert np.isfinite(report["psnr"]) and -1 < report["ssim"] < 1
+
+
+def test_the_reconstruction_report_scores_each_autoencoder_and_pictures_the_same_cells(trained, tmp_path):
+    """benchmarks/autoencoder_report.py: one row per autoencoder, a picture of real rows beside each one's."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import autoencoder_report
+
+    data, run = trained
+    folder = str(run / "pipeline")
+    out = tmp_path / "report"
+    autoencoder_report.main(
+        ["--autoencoders", f"a={folder}", f"b={folder}", "--data-dir", str(data), "--out", str(out)]
+    )
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["a", "b"] and rows[0]["split"] == "test"
+    assert rows[0]["psnr"] == rows[1]["psnr"] and 0 < rows[0]["ssim"] <= 1
+    assert "| a |" in (out / "report.md").read_text()
+    with Image.open(out / "reconstructions.png") as picture:
+        assert picture.width > 3 * 32  # at least real, a and b side by side in each class row
