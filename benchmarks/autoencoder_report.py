@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 
 from bloodgen_hf.data import load_data
 from bloodgen_hf.evaluation.features import BloodNetExtractor
-from bloodgen_hf.evaluation.reconstruction import evaluate_autoencoder
+from bloodgen_hf.evaluation.reconstruction import reconstruct, reconstruction_report
 from bloodgen_hf.io import atomic_path, labelled_class_grid, write_durably
 from bloodgen_hf.process import cpu_name
+from bloodgen_hf.registry import load_component
 
 PER_CLASS = 8  # real cells per class in the picture
 
@@ -72,15 +74,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     items = [parse_item(item) for item in args.autoencoders]
     extractor = BloodNetExtractor.load(args.bloodnet) if args.bloodnet else None
-    rows, pictures, names = [], [], None
-    for label, folder in items:
-        report, reconstructions = evaluate_autoencoder(folder, args.split, args.data_dir, extractor=extractor)
-        rows.append({"label": label, "model": str(folder), **report})
-        data = load_data("bloodmnist", args.split, report["resolution"], args.data_dir)
-        chosen = picture_indices(np.asarray(data.labels), PER_CLASS)
-        if not pictures:
-            pictures.append(np.asarray(data.images)[chosen])
-            names = list(data.class_names)
+    autoencoders = [(label, folder, load_component(AutoencoderKL, folder).eval()) for label, folder in items]
+    resolutions = {int(vae.config.sample_size) for _, _, vae in autoencoders}
+    if len(resolutions) > 1:
+        raise SystemExit(f"the autoencoders make images of different sizes ({sorted(resolutions)}); compare one size")
+    resolution = resolutions.pop()
+    data = load_data("bloodmnist", args.split, resolution, args.data_dir)  # read, and its features taken, once
+    images, names = np.asarray(data.images), list(data.class_names)
+    real = extractor.extract(images, progress=False, desc="real").features if extractor else None
+    chosen = picture_indices(np.asarray(data.labels), PER_CLASS)
+    rows, pictures = [], [images[chosen]]
+    for label, folder, vae in autoencoders:
+        reconstructions = reconstruct(vae, images)
+        report = reconstruction_report(vae, images, extractor, reconstructions=reconstructions, real_features=real)
+        rows.append({"label": label, "model": str(folder), "split": args.split, "resolution": resolution, **report})
         pictures.append(reconstructions[chosen])
         print(f"{label}: PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

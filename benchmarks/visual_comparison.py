@@ -36,6 +36,7 @@ from bloodgen_hf.cli import DEFAULT_MODEL  # marked "(default)" in the figure
 from bloodgen_hf.data import DEFAULT_DATASET, DataError, describe_classes, load_data, same_classes
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation import metrics as M
+from bloodgen_hf.evaluation.protocol import Protocol, pipeline_fingerprint
 from bloodgen_hf.io import atomic_path, make_grid, upscale
 from bloodgen_hf.registry import ModelLoadError, load_pipeline, read_provenance, resolve_model
 from bloodgen_hf.sampling import check_output, configure_sampling, generate, model_labels, pipeline_class_names
@@ -45,8 +46,6 @@ GAP = 24  # pixels between blocks
 MARGIN = 8
 FONT_SIZE = 16
 TITLE = 32  # height of a block's title band
-NEAR_COPY_QUANTILE = 0.01  # evaluate's memorisation threshold (evaluation.protocol.Protocol)
-NEAR_COPY_CALIBRATION = 2000
 
 
 @dataclass(frozen=True)
@@ -223,8 +222,6 @@ def trained_split(name: str) -> str | None:
 
 def model_record(name: str, pipe, drawn: dict, copies: dict) -> dict:
     """What the JSON keeps of one model: which weights, how they sampled, its first column's nearest images."""
-    from bloodgen_hf.evaluation.protocol import pipeline_fingerprint
-
     nearest = {"seeds": drawn["seeds"][:, 0].tolist(), **copies_record(copies)}
     return {
         "name": name,
@@ -254,7 +251,9 @@ def compare(args: argparse.Namespace) -> dict:
     for name, pipe in pipes:
         check_classes(name, pipe, names)
     started = time.time()
-    threshold = M.memorization_threshold(data.images, NEAR_COPY_QUANTILE, NEAR_COPY_CALIBRATION, seed=args.seed)
+    threshold = M.memorization_threshold(
+        data.images, Protocol.memorization_quantile, Protocol.memorization_calibration, seed=args.seed
+    )
     print(f"near-copy threshold {threshold:.4f} from {args.split} ({time.time() - started:.0f} s)", flush=True)
 
     chosen = real_indices(data.labels, num_classes, args.per_class, args.seed, args.split)
@@ -271,8 +270,8 @@ def compare(args: argparse.Namespace) -> dict:
         "layout": "labels and seeds [class c][column j]: image j*C+c of `bloodgen-hf sample --n C*per_class --seed S`",
         "near_copy_threshold": {
             "value": threshold,
-            "quantile": NEAR_COPY_QUANTILE,
-            "calibration_images": NEAR_COPY_CALIBRATION,
+            "quantile": Protocol.memorization_quantile,
+            "calibration_images": Protocol.memorization_calibration,
             "seed": args.seed,
         },
         "real": {"indices": chosen.tolist(), "nearest": copies_record(copies)},

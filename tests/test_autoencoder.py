@@ -351,6 +351,11 @@ def test_reconstruction_report_psnr_ssim_and_fd():
     assert noisy["psnr"] == pytest.approx(20 * np.log10(255 / 10)) == noisy["psnr_of_mean_mse"]
     assert noisy["l1"] == pytest.approx(10 / 255) and 0 < noisy["ssim"] < 1 and noisy["fd_pixels"] > 0
     assert noisy["num_images"] == 6
+    real = PixelFeatures().extract(images).features  # taken once for several autoencoders: the same report
+    given = reconstruction_report(
+        ShiftingAutoencoder(10), images, PixelFeatures(), reconstructions=shifted, real_features=real
+    )
+    assert given == noisy
 
 
 def test_evaluate_autoencoder_on_the_test_split(trained):

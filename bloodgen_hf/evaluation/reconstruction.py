@@ -64,17 +64,21 @@ def reconstruction_report(
     extractor: FeatureExtractor | None = None,
     batch_size: int = 256,
     reconstructions: np.ndarray | None = None,
+    real_features: np.ndarray | None = None,
 ) -> dict[str, float]:
     """PSNR and SSIM of `vae`'s reconstructions of uint8 NHWC `images`, and with an `extractor` (e.g.
     BloodNetExtractor.load()) the FD between the reconstructions' and the originals' features, keyed
-    `fd_<extractor.name>`. Pass `reconstructions` (from `reconstruct`) to score ones already made."""
+    `fd_<extractor.name>`. Pass `reconstructions` (from `reconstruct`) to score ones already made, and
+    `real_features` (the extractor's of `images`) when several autoencoders are scored on the same images."""
     if len(images) < 2:
         raise UsageError(f"a reconstruction report needs at least 2 images, got {len(images)}")
     if reconstructions is None:
         reconstructions = reconstruct(vae, images, batch_size)
     report: dict[str, float] = {"num_images": len(images), **quality(images, reconstructions, batch_size)}
     if extractor is not None:
-        real = extractor.extract(images, progress=False, desc="real").features
+        real = real_features
+        if real is None:
+            real = extractor.extract(images, progress=False, desc="real").features
         fake = extractor.extract(reconstructions, progress=False, desc="reconstructions").features
         report[f"fd_{extractor.name}"] = fd_from_features(real, fake)
     return report
