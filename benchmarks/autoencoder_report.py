@@ -7,8 +7,10 @@
 For each LABEL=FOLDER (a saved diffusers AutoencoderKL) it reconstructs the whole `--split` (default test) through
 the posterior mean and reports PSNR and SSIM (per image, then averaged) and, with `--bloodnet` (a BloodNet trained
 at the autoencoders' size on the train split), the FD between the reconstructions' and the originals' BloodNet
-features (evaluation/reconstruction.py). Writes results.json, report.md and reconstructions.png: rows of real
-cells (one per class), each above every autoencoder's reconstructions of them.
+features (evaluation/reconstruction.py), and the share of reconstructions that BloodNet puts in their cell's class
+beside its accuracy on the originals: the ceiling of a latent model's class accuracy. Writes results.json,
+report.md and reconstructions.png: rows of real cells (one per class), each above every autoencoder's
+reconstructions of them.
 """
 
 from __future__ import annotations
@@ -45,20 +47,23 @@ def picture_indices(labels: np.ndarray, per_class: int) -> np.ndarray:
     return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
 
 
-def report_markdown(rows: list[dict], split: str, has_fd: bool) -> str:
-    head = "| autoencoder | PSNR (dB) | SSIM |" + (" FD_bloodnet |" if has_fd else "")
+def report_markdown(rows: list[dict], split: str, real_accuracy: float | None) -> str:
+    has_fd = real_accuracy is not None
+    head = "| autoencoder | PSNR (dB) | SSIM |" + (" FD_bloodnet | class accuracy |" if has_fd else "")
     lines = [
         f"# Autoencoder reconstructions: {split} split, {rows[0]['num_images']:,} images at {rows[0]['resolution']} px",
         "",
         "Posterior-mean reconstructions, rounded to uint8. PSNR and SSIM per image, averaged; FD in the features of "
         "a BloodNet trained at the same size on the train split: the floor a latent model decoded by that "
-        "autoencoder can reach.",
+        "autoencoder can reach. Class accuracy: the share of reconstructions that BloodNet puts in their cell's "
+        "class, the ceiling of the latent model's class accuracy"
+        + (f" (BloodNet on the originals: {real_accuracy:.4f})." if has_fd else "."),
         "",
         head,
-        "|---|---|---|" + ("---|" if has_fd else ""),
+        "|---|---|---|" + ("---|---|" if has_fd else ""),
     ]
     for row in rows:
-        fd = f" {row['fd_bloodnet']:.3f} |" if has_fd else ""
+        fd = f" {row['fd_bloodnet']:.3f} | {row['class_accuracy']:.4f} |" if has_fd else ""
         lines.append(f"| {row['label']} | {row['psnr']:.2f} | {row['ssim']:.4f} |{fd}")
     lines += ["", "![real cells above each autoencoder's reconstructions](reconstructions.png)", ""]
     return "\n".join(lines)
@@ -80,19 +85,28 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"the autoencoders make images of different sizes ({sorted(resolutions)}); compare one size")
     resolution = resolutions.pop()
     data = load_data("bloodmnist", args.split, resolution, args.data_dir)  # read, and its features taken, once
-    images, names = np.asarray(data.images), list(data.class_names)
-    real = extractor.extract(images, progress=False, desc="real").features if extractor else None
+    images, labels, names = np.asarray(data.images), np.asarray(data.labels), list(data.class_names)
+    real = extractor.extract(images, progress=False, desc="real") if extractor else None
+    real_accuracy = float((real.probs.argmax(1) == labels).mean()) if real else None  # the reference
     chosen = picture_indices(np.asarray(data.labels), PER_CLASS)
     rows, pictures = [], [images[chosen]]
     for label, folder, vae in autoencoders:
         reconstructions = reconstruct(vae, images)
-        report = reconstruction_report(vae, images, extractor, reconstructions=reconstructions, real_features=real)
+        report = reconstruction_report(
+            vae,
+            images,
+            extractor,
+            reconstructions=reconstructions,
+            real_features=real.features if real else None,
+            labels=labels,
+        )
         rows.append({"label": label, "model": str(folder), "split": args.split, "resolution": resolution, **report})
         pictures.append(reconstructions[chosen])
         print(f"{label}: PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_durably(args.out / "results.json", json.dumps({"cpu": cpu_name(), "rows": rows}, indent=2))
-    write_durably(args.out / "report.md", report_markdown(rows, args.split, extractor is not None))
+    results = {"cpu": cpu_name(), "bloodnet_accuracy_on_originals": real_accuracy, "rows": rows}
+    write_durably(args.out / "results.json", json.dumps(results, indent=2))
+    write_durably(args.out / "report.md", report_markdown(rows, args.split, real_accuracy))
     stacked = np.concatenate([p.reshape(len(names), -1, *p.shape[1:]) for p in pictures], axis=1)
     row_names = [f"{n} (real, then {', '.join(label for label, _ in items)})" for n in names]
     with atomic_path(args.out / "reconstructions.png") as tmp:

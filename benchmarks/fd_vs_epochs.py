@@ -107,7 +107,8 @@ def main() -> None:
     metrics = ("fd", "pr", "1nn", "accuracy")
     protocol = Protocol(runs=1, n=args.n, metrics=metrics, with_floor=False)
     out = args.run / "fd_vs_epochs" / checkpoint.name
-    result = evaluate_to_folder(pipe, str(checkpoint), out, *build_tools("bloodnet", metrics), protocol, args.data_dir)
+    tools = build_tools("bloodnet", metrics, resolution=pipe.resolution)  # the bundled BloodNet of the run's size
+    result = evaluate_to_folder(pipe, str(checkpoint), out, *tools, protocol, args.data_dir)
     batch = json.loads((args.run / "train_config.json").read_text())["batch_size"]
     step = args.prior_steps + progress["step"]
     point = {

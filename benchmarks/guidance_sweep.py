@@ -2,10 +2,13 @@
 
     python benchmarks/guidance_sweep.py --model ddpm --data-dir ../shared/data [--scales 0,1,1.5,2,3,4] [--n 2000]
     python benchmarks/guidance_sweep.py --model ddpm-fast --flow-shifts 0.5,1,2,3 [--steps 2]
+    python benchmarks/guidance_sweep.py --model experiments/runs/ldm-64-gan-decoder/pipeline --split val
 
 For each scale, `--runs` x `--n` generated images (the model's default sampler and steps) are scored in
-BloodNet features against real images, as `bloodgen-hf evaluate` does. Guidance other than 0 or 1 runs the
-conditional and the unconditional UNet in one doubled batch, so it costs twice the UNet work per step;
+BloodNet features against the real images of `--split` (val by default, so that a setting chosen here was not
+chosen on the test split), at the model's own resolution, as `bloodgen-hf evaluate` does: by the bundled BloodNet
+of that size (28 or 64 px) unless `--bloodnet` names another. Guidance other than 0 or 1 runs the conditional
+and the unconditional UNet in one doubled batch, so it costs twice the UNet work per step;
 the table shows the measured images/s. `--flow-shifts` sweeps the sigmas of a flow-matching model's solver
 instead (diffusers' `flow_shift`, which a student saves with `train_student.py --sampler-shift`), at the
 model's own guidance: a few-step sampler's steps move towards noise above 1 and towards the image below it.
@@ -46,7 +49,7 @@ def sweep(args) -> list[dict]:
     pipe.set_progress_bar_config(disable=True)
     metrics = ("fd", "pr", "1nn", "accuracy")
     protocol = Protocol(runs=args.runs, n=args.n, metrics=metrics, with_floor=False)
-    tools = build_tools("bloodnet", metrics)
+    tools = build_tools("bloodnet", metrics, bloodnet=args.bloodnet, resolution=pipe.resolution)
     steps = {"num_inference_steps": args.steps} if args.steps else {}
     rows = []
     for value in args.values:
@@ -58,7 +61,7 @@ def sweep(args) -> list[dict]:
         if not result_file.is_file():
             print(f"{args.axis} {value:g}: {args.runs} x {args.n} images", flush=True)
             options = {"guidance_scale": scale, **steps}
-            evaluate_to_folder(pipe, args.model, folder, *tools, protocol, args.data_dir, "all", None, options)
+            evaluate_to_folder(pipe, args.model, folder, *tools, protocol, args.data_dir, args.split, None, options)
         result = json.loads(result_file.read_text())
         rows.append(
             {
@@ -97,12 +100,13 @@ def report(rows: list[dict], args, out: Path) -> None:
     values = ",".join(f"{v:g}" for v in args.values)
     flag = "--scales" if args.axis == "guidance" else "--flow-shifts"
     steps = f" --steps {args.steps}" if args.steps else ""
+    steps += f" --bloodnet {args.bloodnet}" if args.bloodnet else ""
     lines = [
         f"# {'Guidance' if args.axis == 'guidance' else 'Flow-shift'} sweep: {args.model}",
         "",
-        f"{args.runs} x {args.n} generated images per value, BloodNet features, the model's default sampler. "
-        f"Command: `python benchmarks/guidance_sweep.py --model {args.model} --n {args.n} --runs {args.runs} "
-        f"{flag} {values}{steps}`.",
+        f"{args.runs} x {args.n} generated images per value against the {args.split} split, BloodNet features, "
+        f"the model's default sampler. Command: `python benchmarks/guidance_sweep.py --model {args.model} "
+        f"--n {args.n} --runs {args.runs} --split {args.split} {flag} {values}{steps}`.",
         "",
         "Guidance other than 0 and 1 runs the UNet twice per step (conditional and unconditional), so it costs",
         "twice the UNet work. Each scale's measured images/s is in its folder's results.json (`timing`);",
@@ -131,6 +135,10 @@ def main() -> None:
     parser.add_argument("--scales", default="0,1,1.5,2,3,4")
     parser.add_argument("--flow-shifts", help="sweep the flow solver's shift instead, at the model's own guidance")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+    parser.add_argument(
+        "--split", default="val", choices=("train", "val", "test", "all"), help="real images scored against"
+    )
+    parser.add_argument("--bloodnet", help="BloodNet pipeline folder (default: the bundled one of the model's size)")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--out", default="reports/guidance-ddpm")

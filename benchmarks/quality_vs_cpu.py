@@ -134,22 +134,24 @@ def choose_checkpoint(run: Path, mark: float) -> dict:
 
 
 class Scorer:
-    """The project's evaluation of one pipeline folder (one run of n samples, BloodNet features); BloodNet is
-    loaded once for all points."""
+    """The project's evaluation of one pipeline folder (one run of n samples, BloodNet features); the bundled
+    BloodNet of each model's size is loaded once for all its points."""
 
     def __init__(self, n: int, data_dir: str | None):
-        self.n, self.data_dir, self.tools = n, data_dir, None
+        self.n, self.data_dir, self.tools = n, data_dir, {}
 
     def __call__(self, model: str, label: str, out: Path) -> dict:
         from bloodgen_hf.evaluation.protocol import Protocol
         from bloodgen_hf.evaluation.runner import build_tools, evaluate_to_folder
         from bloodgen_hf.registry import load_pipeline
 
-        self.tools = self.tools or build_tools("bloodnet", METRICS)
         pipe = load_pipeline(model)
         pipe.set_progress_bar_config(disable=True)
+        size = pipe.resolution
+        if size not in self.tools:
+            self.tools[size] = build_tools("bloodnet", METRICS, resolution=size)
         protocol = Protocol(runs=1, n=self.n, metrics=METRICS, with_floor=False)
-        result = evaluate_to_folder(pipe, label, out, *self.tools, protocol, self.data_dir)
+        result = evaluate_to_folder(pipe, label, out, *self.tools[size], protocol, self.data_dir)
         return summary(result)
 
 

@@ -98,7 +98,10 @@ Balanced = Annotated[bool, typer.Option("--balanced", help="Generate equal count
 Seed = Annotated[int, typer.Option(help="Seed of the first run.")]
 Split = Annotated[str, typer.Option(help="Draw real images from this split (all: the whole dataset).")]
 InceptionWeights = Annotated[Path, typer.Option(help="Local inception-2015-12-05.pt ($BLOODGEN_INCEPTION_WEIGHTS).")]
-BloodNetFolder = Annotated[Path, typer.Option(help="BloodNet folder; default the bundled one ($BLOODGEN_BLOODNET).")]
+BloodNetFolder = Annotated[
+    Path,
+    typer.Option(help="BloodNet folder; default $BLOODGEN_BLOODNET, else the bundled one of the scored size (28, 64)."),
+]
 CacheDir = Annotated[Path, typer.Option(help="Real-feature cache; default ~/.cache/bloodgen_hf/features.")]
 NoFloor = Annotated[bool, typer.Option("--no-floor", help="Skip the real-vs-real floor.")]
 MemorizationN = Annotated[int, typer.Option(help="Generated images per run checked for near-copies (0: all).")]
@@ -520,13 +523,21 @@ def _protocol(runs, n, seed, balanced, metrics, no_floor, memorization_n, batch_
     )
 
 
-def _evaluation_setup(out, default_out, may_write_into, device, protocol, extractor, *tool_files):
-    """What evaluate and compare both do first: settle the output folder and device, build the tools."""
-    from bloodgen_hf.evaluation.runner import build_tools
+def _evaluation_setup(out, default_out, may_write_into, device) -> tuple[Path, str]:
+    """What evaluate and compare both do first, before anything is loaded: claim the output folder, pick the device."""
+    return claim_output(_default_out(out, default_out), may_write_into), pick_device(device)
 
-    out = claim_output(_default_out(out, default_out), may_write_into)
-    device = pick_device(device)
-    return out, device, build_tools(extractor, protocol.metrics, device, *tool_files)
+
+def _scored_at(pipes: dict, resolution: int | None, upsample: str | None) -> int:
+    """The resolution the loaded models (by name) are scored at, which picks the bundled BloodNet; a model that
+    cannot be scored at it is refused first, before an evaluator is loaded for a size that would not be used."""
+    from bloodgen_hf.evaluation.runner import scoring_resolution, upsampling
+
+    sizes = {model: pipe.resolution for model, pipe in pipes.items()}
+    scored_at = scoring_resolution(sizes, resolution, upsample)
+    for model, size in sizes.items():
+        upsampling(model, size, scored_at, upsample)
+    return scored_at
 
 
 @app.command()
@@ -564,7 +575,7 @@ def evaluate(
 ):
     """The standard protocol: --runs x (--n real vs --n generated images), every metric, mean ± std."""
     from bloodgen_hf.evaluation.report import metric_table, write_hub_results
-    from bloodgen_hf.evaluation.runner import check_scoring_options, evaluate_to_folder, model_label
+    from bloodgen_hf.evaluation.runner import build_tools, check_scoring_options, evaluate_to_folder, model_label
     from bloodgen_hf.registry import load_pipeline, resolve_model
     from bloodgen_hf.sampling import configure_sampling
 
@@ -575,19 +586,13 @@ def evaluate(
     if record and upsample:
         raise UsageError("--record puts the model's own scores in its card; an --upsample evaluation is a baseline")
     suffix = (f"-{resolution}px" if resolution else "") + (f"-{upsample}" if upsample else "")
-    out, device, tools = _evaluation_setup(
-        out,
-        Path("eval") / (model_label(model) + suffix),
-        overwrite,
-        device,
-        protocol,
-        extractor,
-        inception_weights,
-        bloodnet,
-        num_workers,
-    )
+    out, device = _evaluation_setup(out, Path("eval") / (model_label(model) + suffix), overwrite, device)
     options = sampling_options(temperature, latent_bias, steps, guidance, scheduler, precision)
     pipe, kwargs = configure_sampling(load_pipeline(model, device), options)
+    scored_at = _scored_at({model: pipe}, resolution, upsample)
+    tools = build_tools(
+        extractor, protocol.metrics, device, inception_weights, bloodnet, num_workers, resolution=scored_at
+    )
     results = evaluate_to_folder(
         pipe,
         model,
@@ -647,10 +652,10 @@ def compare(
     precision: Precision = "auto",
 ):
     """Evaluate several models with one protocol; write a markdown report with table, charts and grids."""
-    from functools import partial
+    from functools import cache, partial
 
     from bloodgen_hf.evaluation.compare import compare as run_compare
-    from bloodgen_hf.evaluation.runner import check_scoring_options
+    from bloodgen_hf.evaluation.runner import build_tools, check_scoring_options
     from bloodgen_hf.evaluation.tstr import TSTRConfig
     from bloodgen_hf.registry import load_pipeline
 
@@ -660,23 +665,18 @@ def compare(
     tstr_config = TSTRConfig(n=tstr, seed=seed, steps=tstr_steps) if tstr else None
     if tstr_config is not None:
         tstr_config.check()
-    out, device, tools = _evaluation_setup(
-        out,
-        Path("reports") / "compare",
-        overwrite or reuse,
-        device,
-        protocol,
-        extractor,
-        inception_weights,
-        bloodnet,
-        num_workers,
+    out, device = _evaluation_setup(out, Path("reports") / "compare", overwrite or reuse, device)
+    load = cache(partial(load_pipeline, device=device))  # each model once: here for its size, then by run_compare
+    scored_at = _scored_at({name: load(name) for name in names}, resolution, upsample)
+    tools = build_tools(
+        extractor, protocol.metrics, device, inception_weights, bloodnet, num_workers, resolution=scored_at
     )
     report = run_compare(
         names,
         out,
         *tools,
         protocol,
-        load_pipeline=partial(load_pipeline, device=device),
+        load_pipeline=load,
         data_dir=data_dir,
         dataset=dataset,
         split=split,

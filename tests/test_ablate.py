@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from bloodgen_hf.training import ddpm, gan, vae
+from bloodgen_hf.training import ddpm, gan, latent, vae
 from bloodgen_hf.training.core import config_from_args, train_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import ablate  # noqa: E402
 
-OPTIONS = {"ddpm": ddpm.DDPMOptions, "gan": gan.GANOptions, "vae": vae.VAEOptions}
+OPTIONS = {"ddpm": ddpm.DDPMOptions, "gan": gan.GANOptions, "vae": vae.VAEOptions, "ldm": latent.LatentOptions}
 
 
 def parse(family: str, argv: list[str]):
@@ -59,6 +59,15 @@ def test_the_vae_configs_add_v2s_changes_one_at_a_time_and_pass_the_vaes_checks(
     assert adversarial.adv_weight_mode == "fixed" and adversarial.adv_start == adversarial.kl_warmup_steps == 500
     for config in configs.values():  # what the script refuses before training: nothing here
         vae.check_options(config.extra, config.resolution)
+
+
+def test_the_ldm_configs_train_on_the_stage_2_autoencoder_and_score_at_64_px_on_val():
+    spec = ablate.FAMILIES["ldm"]
+    config = parse("ldm", [*ablate.RUN_FOREVER, *spec.common])
+    assert config.split == "train" and config.extra.guidance_scale == 2
+    assert (ROOT / config.extra.autoencoder / "config.json").is_file()  # the committed stage-2 autoencoder
+    score = dict(zip(spec.score[::2], spec.score[1::2]))
+    assert score["--split"] == "val" and (ROOT / score["--bloodnet"] / "classifier").is_dir()
 
 
 def test_unknown_config_is_refused_in_one_line():

@@ -338,6 +338,26 @@ class PixelFeatures(FeatureExtractor):
         return Features(images.reshape(len(images), -1)[:, :8].astype(np.float32) / 255)
 
 
+class BrightnessClassifier(PixelFeatures):
+    """Class 1 for images brighter than mid-grey on average, else class 0."""
+
+    def extract(self, images: np.ndarray, progress: bool = True, desc: str = "") -> Features:
+        bright = images.reshape(len(images), -1).mean(1) > 127.5
+        return Features(super().extract(images).features, np.stack([~bright, bright], 1).astype(np.float32))
+
+
+def test_reconstruction_report_class_accuracy_counts_reconstructions_kept_in_their_class():
+    images = np.concatenate([np.full((3, 16, 16, 3), 100, np.uint8), np.full((3, 16, 16, 3), 150, np.uint8)])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    darker = images - 40  # the 150s become 110s: now read as class 0
+    report = reconstruction_report(
+        ShiftingAutoencoder(0), images, BrightnessClassifier(), reconstructions=darker, labels=labels
+    )
+    assert report["class_accuracy"] == 0.5
+    assert "class_accuracy" not in reconstruction_report(ShiftingAutoencoder(0), images, BrightnessClassifier())
+    assert "class_accuracy" not in reconstruction_report(ShiftingAutoencoder(0), images, PixelFeatures(), labels=labels)
+
+
 def test_reconstruction_report_psnr_ssim_and_fd():
     rng = np.random.default_rng(0)
     images = rng.integers(30, 220, size=(6, 32, 32, 3), dtype=np.uint8)

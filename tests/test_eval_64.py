@@ -19,6 +19,7 @@ from bloodgen_hf.cli import app
 from bloodgen_hf.data import CLASS_NAMES
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation import cache as C
+from bloodgen_hf.evaluation import features as F
 from bloodgen_hf.evaluation.features import INCEPTION_FILE, FeatureExtractor, Features
 from bloodgen_hf.evaluation.protocol import Upsample
 from bloodgen_hf.evaluation.runner import file_stem, scoring_resolution, upsampling
@@ -104,6 +105,57 @@ def test_a_bloodnet_of_another_resolution_is_refused_naming_how_to_train_one(
         line = one_error_line(result)
         assert f"BloodNet at {bloodnet_28 / 'classifier'} was trained at 28 px; scoring at 64 px" in line
         assert "bloodgen-hf train bloodnet --resolution 64" in line
+
+
+@pytest.fixture
+def no_bloodnet_env(monkeypatch):
+    """No $BLOODGEN_BLOODNET: BloodNet is the bundled one of the scored size."""
+    from bloodgen_hf.evaluation.bloodnet import BLOODNET_ENV
+
+    monkeypatch.delenv(BLOODNET_ENV, raising=False)
+
+
+def bundled_identity(folder: str) -> str:
+    from bloodgen_hf.registry import BUNDLED_DIR, WEIGHTS_NAME
+
+    return "bloodnet:" + F.file_sha256(BUNDLED_DIR / folder / "classifier" / WEIGHTS_NAME)
+
+
+def test_evaluate_a_64px_model_without_bloodnet_uses_the_bundled_64px_one(
+    ldm_64_dir, fake_data_dir, no_bloodnet_env, tmp_path
+):
+    out = tmp_path / "eval"
+    args = ["--extractor", "bloodnet", "--metrics", "fd,accuracy", "--no-floor", "--data-dir", fake_data_dir]
+    args += ["--cache-dir", tmp_path / "cache", "--device", "cpu", "--out", out]
+    result = invoke("evaluate", "--model", ldm_64_dir, *SMALL_EVAL, *args)
+    assert result.exit_code == 0, result.output
+    protocol = json.loads((out / "results.json").read_text())["protocol"]
+    assert protocol["size"] == 64 and protocol["extractor"]["identity"] == bundled_identity("bloodnet-64")
+
+
+def test_compare_without_resolution_or_bloodnet_scores_with_the_bundled_one_of_the_largest_size(
+    ldm_64_dir, tiny_gan_dir, fake_data_dir, inception_file, no_bloodnet_env, tmp_path
+):
+    """--upsample without --resolution scores at the largest model's size (64 px), so BloodNet, here only the class
+    accuracy judge, is the 64 px one."""
+    out = tmp_path / "report"
+    args = ["--extractor", "inception", "--inception-weights", inception_file, "--metrics", "accuracy", "--no-floor"]
+    args += ["--data-dir", fake_data_dir]
+    args += ["--cache-dir", tmp_path / "cache", "--device", "cpu", "--out", out]
+    result = invoke("compare", "--models", tiny_gan_dir, ldm_64_dir, "--upsample", "bicubic", *SMALL_EVAL, *args)
+    assert result.exit_code == 0, result.output
+    gan = json.loads((out / "models" / "tiny_gan-28to64-bicubic" / "results.json").read_text())
+    assert gan["protocol"]["size"] == 64 and gan["protocol"]["upsample"]["from"] == 28
+    assert gan["protocol"]["classifier"]["identity"] == bundled_identity("bloodnet-64")
+
+
+def test_a_needless_bloodnet_of_another_size_is_refused_naming_the_bundled_one(
+    ldm_64_dir, fake_data_dir, no_bloodnet_env, tmp_path
+):
+    bloodnet_28 = saved_bloodnet(tmp_path / "bloodnet-28", 28)
+    args = ["--extractor", "bloodnet", "--bloodnet", bloodnet_28, "--data-dir", fake_data_dir, "--device", "cpu"]
+    line = one_error_line(invoke("evaluate", "--model", ldm_64_dir, *SMALL_EVAL, *args, "--out", tmp_path / "e"))
+    assert "(the bundled one is used without --bloodnet and $BLOODGEN_BLOODNET), or train one" in line
 
 
 def test_evaluate_upsampled_is_labelled_and_recorded(tiny_gan_dir, args_64, tmp_path):

@@ -155,6 +155,48 @@ def test_missing_bloodnet_says_how_to_train_it(tmp_path):
         F.resolve_bloodnet(tmp_path / "absent")
 
 
+@pytest.mark.parametrize(("resolution", "folder"), [(None, "bloodnet"), (28, "bloodnet"), (64, "bloodnet-64")])
+def test_the_bundled_bloodnet_is_the_one_of_the_scored_size(resolution, folder, monkeypatch):
+    from bloodgen_hf.evaluation.bloodnet import BLOODNET_ENV
+    from bloodgen_hf.registry import BUNDLED_DIR
+
+    monkeypatch.delenv(BLOODNET_ENV, raising=False)
+    found = F.resolve_bloodnet(resolution=resolution)
+    assert found == BUNDLED_DIR / folder / "classifier"
+    assert json.loads((found / "config.json").read_text())["resolution"] == (resolution or 28)
+    assert (found.parent / "test_metrics.json").is_file()
+
+
+def test_the_bundled_64px_bloodnet_loads_at_64px(monkeypatch):
+    from bloodgen_hf.evaluation.bloodnet import BLOODNET_ENV
+
+    monkeypatch.delenv(BLOODNET_ENV, raising=False)
+    extractor = F.build_extractor("bloodnet", resolution=64)
+    assert extractor.resolution == 64 and extractor.folder.parent.name == "bloodnet-64"
+    assert extractor.class_names == CLASS_NAMES
+
+
+def test_a_named_bloodnet_wins_over_the_bundled_one_of_the_size(tmp_path, monkeypatch):
+    from bloodgen_hf.evaluation.bloodnet import BLOODNET_ENV
+
+    tiny_bloodnet().save_pretrained(tmp_path / "bn" / "classifier")  # 28 px, named for 64 px scoring
+    monkeypatch.delenv(BLOODNET_ENV, raising=False)
+    assert F.resolve_bloodnet(tmp_path / "bn", resolution=64) == tmp_path / "bn" / "classifier"
+    monkeypatch.setenv(BLOODNET_ENV, str(tmp_path / "bn"))
+    assert F.resolve_bloodnet(resolution=64) == tmp_path / "bn" / "classifier"
+
+
+def test_a_size_with_no_bundled_bloodnet_says_to_pass_one(monkeypatch):
+    from bloodgen_hf.evaluation.bloodnet import BLOODNET_ENV
+
+    monkeypatch.delenv(BLOODNET_ENV, raising=False)
+    with pytest.raises(F.MissingWeightsError) as err:
+        F.BloodNetExtractor.load(resolution=128)
+    message = str(err.value)
+    assert message.startswith("no bundled BloodNet for 128 px: pass --bloodnet PATH") and "\n" not in message
+    assert "bloodgen-hf train bloodnet --resolution 128" in message
+
+
 def test_corrupt_bloodnet_weights_are_named(tmp_path):
     from bloodgen_hf.registry import ModelLoadError
 

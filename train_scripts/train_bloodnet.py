@@ -4,7 +4,8 @@
 
 Trains on the train split only, scores every epoch on val, and writes the model to
 <output-dir>/pipeline/classifier (config.json + safetensors) with test_metrics.json beside it;
-copy <output-dir>/pipeline to bloodgen_hf/weights/bloodnet to bundle it. `--help` lists every option.
+copy <output-dir>/pipeline to bloodgen_hf/weights/bloodnet (bloodnet-<N> for --resolution N other than 28) to
+bundle it as the default evaluator at that size. `--help` lists every option.
 """
 
 from bloodgen_hf.evaluation.bloodnet_train import main

@@ -22,8 +22,17 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from tqdm.auto import tqdm
 
-BUNDLED_BLOODNET = Path(__file__).resolve().parents[1] / "weights" / "bloodnet"
+BUNDLED_BLOODNET = Path(__file__).resolve().parents[1] / "weights" / "bloodnet"  # the 28 px one
+BUNDLED_BLOODNET_RESOLUTION = 28
 BLOODNET_ENV = "BLOODGEN_BLOODNET"
+
+
+def bundled_bloodnet(resolution: int | None = None) -> Path:
+    """Where the bundled BloodNet for `resolution` px lives (weights/bloodnet at 28 px or None, else
+    weights/bloodnet-<N>): BloodNet resizes to the size it was trained at, so each scoring size needs its own."""
+    if resolution is None or resolution == BUNDLED_BLOODNET_RESOLUTION:
+        return BUNDLED_BLOODNET
+    return BUNDLED_BLOODNET.with_name(f"bloodnet-{resolution}")
 
 
 class BasicBlock(nn.Module):

@@ -180,12 +180,27 @@ class InceptionExtractor(FeatureExtractor):
 # --- BloodNet (domain classifier) --------------------------------------------------------------------
 
 
-def resolve_bloodnet(path: str | os.PathLike | None = None) -> Path:
-    """`--bloodnet PATH`, $BLOODGEN_BLOODNET, else the bundled bloodgen_hf/weights/bloodnet; a folder
-    holding config.json + weights, or holding them under classifier/."""
-    from bloodgen_hf.evaluation.bloodnet import BLOODNET_ENV, BUNDLED_BLOODNET
+def resolve_bloodnet(path: str | os.PathLike | None = None, resolution: int | None = None) -> Path:
+    """`--bloodnet PATH`, $BLOODGEN_BLOODNET, else the bundled BloodNet for `resolution` px (bloodgen_hf/weights/
+    bloodnet at 28 px or None, weights/bloodnet-<N> at N px); a folder holding config.json + weights, or holding
+    them under classifier/. A size with no bundled BloodNet is refused rather than scored by another size's."""
+    from bloodgen_hf.evaluation.bloodnet import BLOODNET_ENV, BUNDLED_BLOODNET, bundled_bloodnet
 
-    folder = Path(path or os.environ.get(BLOODNET_ENV) or BUNDLED_BLOODNET).expanduser()
+    given = path or os.environ.get(BLOODNET_ENV)
+    if given:
+        return classifier_folder(Path(given).expanduser())
+    bundled = bundled_bloodnet(resolution)
+    if bundled != BUNDLED_BLOODNET and not bundled.is_dir():
+        raise MissingWeightsError(
+            f"no bundled BloodNet for {resolution} px: pass --bloodnet PATH, a BloodNet trained at that size "
+            f"(`bloodgen-hf train bloodnet --resolution {resolution} --split train --output-dir "
+            f"runs/bloodnet-{resolution}`, then --bloodnet runs/bloodnet-{resolution}/pipeline)"
+        )
+    return classifier_folder(bundled)
+
+
+def classifier_folder(folder: Path) -> Path:
+    """The folder holding BloodNet's config.json: `folder` itself or its classifier/ (a saved BloodNet pipeline)."""
     if (folder / "classifier").is_dir():
         folder = folder / "classifier"
     if not (folder / "config.json").is_file():
@@ -197,12 +212,15 @@ def resolve_bloodnet(path: str | os.PathLike | None = None) -> Path:
     return folder
 
 
-def load_bloodnet(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-    """(BloodNet in eval mode, its weights file) via the hub's loader (safetensors, errors name the file)."""
+def load_bloodnet(
+    path: str | os.PathLike | None = None, device: str | torch.device = "cpu", resolution: int | None = None
+):
+    """(BloodNet in eval mode, its weights file) via the hub's loader (safetensors, errors name the file);
+    `resolution` picks the bundled one when no folder is given."""
     from bloodgen_hf.evaluation.bloodnet import BloodNet
     from bloodgen_hf.registry import WEIGHTS_NAME, load_component
 
-    folder = resolve_bloodnet(path)
+    folder = resolve_bloodnet(path, resolution)
     return load_component(BloodNet, folder).to(device).eval(), folder / WEIGHTS_NAME
 
 
@@ -216,8 +234,11 @@ class BloodNetExtractor(FeatureExtractor):
         self.model, self.identity, self.batch_size, self.folder = model, identity, batch_size, folder
 
     @classmethod
-    def load(cls, path=None, device: str | torch.device = "cpu", batch_size: int = 512) -> BloodNetExtractor:
-        model, weights = load_bloodnet(path, device)
+    def load(
+        cls, path=None, device: str | torch.device = "cpu", batch_size: int = 512, resolution: int | None = None
+    ) -> BloodNetExtractor:
+        """BloodNet from `path`, else $BLOODGEN_BLOODNET, else the bundled one for `resolution` px."""
+        model, weights = load_bloodnet(path, device, resolution)
         return cls(model, f"bloodnet:{file_sha256(weights)}", batch_size, weights.parent)
 
     @property
@@ -250,10 +271,12 @@ def build_extractor(
     bloodnet: str | None = None,
     num_workers: int = 0,
     batch_size: int | None = None,
+    resolution: int | None = None,
 ) -> FeatureExtractor:
+    """The extractor `name`; `resolution`, the size scored at, picks the bundled BloodNet when none is named."""
     if name == "inception":
         weights = resolve_inception_weights(inception_weights)
         return InceptionExtractor(weights, device, batch_size or 64, num_workers)
     if name == "bloodnet":
-        return BloodNetExtractor.load(bloodnet, device, batch_size or 512)
+        return BloodNetExtractor.load(bloodnet, device, batch_size or 512, resolution)
     raise UsageError(f"unknown --extractor {name!r}; choose from: {', '.join(EXTRACTORS)}")

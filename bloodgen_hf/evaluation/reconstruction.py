@@ -65,11 +65,15 @@ def reconstruction_report(
     batch_size: int = 256,
     reconstructions: np.ndarray | None = None,
     real_features: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
 ) -> dict[str, float]:
     """PSNR and SSIM of `vae`'s reconstructions of uint8 NHWC `images`, and with an `extractor` (e.g.
     BloodNetExtractor.load()) the FD between the reconstructions' and the originals' features, keyed
-    `fd_<extractor.name>`. Pass `reconstructions` (from `reconstruct`) to score ones already made, and
-    `real_features` (the extractor's of `images`) when several autoencoders are scored on the same images."""
+    `fd_<extractor.name>`; with `labels` too, and an extractor that classifies, the share of reconstructions
+    it puts in their image's class (`class_accuracy`: the ceiling for a latent model's class accuracy, to
+    compare with the extractor's accuracy on the originals). Pass `reconstructions` (from `reconstruct`) to
+    score ones already made, and `real_features` (the extractor's of `images`) when several autoencoders are
+    scored on the same images."""
     if len(images) < 2:
         raise UsageError(f"a reconstruction report needs at least 2 images, got {len(images)}")
     if reconstructions is None:
@@ -79,8 +83,10 @@ def reconstruction_report(
         real = real_features
         if real is None:
             real = extractor.extract(images, progress=False, desc="real").features
-        fake = extractor.extract(reconstructions, progress=False, desc="reconstructions").features
-        report[f"fd_{extractor.name}"] = fd_from_features(real, fake)
+        fake = extractor.extract(reconstructions, progress=False, desc="reconstructions")
+        report[f"fd_{extractor.name}"] = fd_from_features(real, fake.features)
+        if labels is not None and fake.probs is not None:
+            report["class_accuracy"] = float((fake.probs.argmax(1) == np.asarray(labels)).mean())
     return report
 
 
@@ -100,7 +106,8 @@ def evaluate_autoencoder(
 
     vae = load_component(AutoencoderKL, Path(model)).eval()  # errors name the file
     resolution = int(vae.config.sample_size)
-    images = load_data(dataset, split, resolution, data_dir).images[:max_images]
+    data = load_data(dataset, split, resolution, data_dir)
+    images, labels = data.images[:max_images], data.labels[:max_images]
     reconstructions = reconstruct(vae, images)
-    report = reconstruction_report(vae, images, extractor, reconstructions=reconstructions)
+    report = reconstruction_report(vae, images, extractor, reconstructions=reconstructions, labels=labels)
     return {"split": split, "resolution": resolution, **report}, reconstructions

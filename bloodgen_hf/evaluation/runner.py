@@ -24,16 +24,24 @@ def build_tools(
     inception_weights: str | None = None,
     bloodnet: str | None = None,
     num_workers: int = 0,
+    resolution: int | None = None,
 ) -> tuple[FeatureExtractor, BloodNetExtractor | None]:
     """The feature extractor, and BloodNet as classifier when class accuracy is asked for (the same
-    object when BloodNet is also the extractor)."""
+    object when BloodNet is also the extractor). `resolution` is the size scored at: without `bloodnet` (or
+    $BLOODGEN_BLOODNET), BloodNet is the bundled one trained at it (None: the 28 px one)."""
     extractor = build_extractor(
-        extractor_name, device, inception_weights=inception_weights, bloodnet=bloodnet, num_workers=num_workers
+        extractor_name,
+        device,
+        inception_weights=inception_weights,
+        bloodnet=bloodnet,
+        num_workers=num_workers,
+        resolution=resolution,
     )
-    classifier = None
-    if "accuracy" in metrics:
-        classifier = extractor if extractor.name == "bloodnet" else BloodNetExtractor.load(bloodnet, device)
-    return extractor, classifier
+    if "accuracy" not in metrics:
+        return extractor, None
+    if extractor.name == "bloodnet":
+        return extractor, extractor
+    return extractor, BloodNetExtractor.load(bloodnet, device, resolution=resolution)
 
 
 def check_resolution_option(resolution: int | None) -> None:
@@ -89,9 +97,19 @@ def check_evaluator_resolution(tools, resolution: int) -> None:
         if isinstance(tool, BloodNetExtractor) and tool.resolution != resolution:
             raise UsageError(
                 f"BloodNet at {tool.folder} was trained at {tool.resolution} px; scoring at {resolution} px needs one "
-                f"trained at {resolution}: bloodgen-hf train bloodnet --resolution {resolution} --split train "
-                f"--output-dir runs/bloodnet-{resolution}, then --bloodnet runs/bloodnet-{resolution}/pipeline"
+                f"trained at {resolution}{bundled_hint(resolution)}: bloodgen-hf train bloodnet --resolution "
+                f"{resolution} --split train --output-dir runs/bloodnet-{resolution}, then --bloodnet "
+                f"runs/bloodnet-{resolution}/pipeline"
             )
+
+
+def bundled_hint(resolution: int) -> str:
+    """Where a bundled BloodNet fits `resolution`, that it is the default: the refused one was a needless --bloodnet."""
+    from bloodgen_hf.evaluation.bloodnet import BLOODNET_ENV, bundled_bloodnet
+
+    if not bundled_bloodnet(resolution).is_dir():
+        return ""
+    return f" (the bundled one is used without --bloodnet and ${BLOODNET_ENV}), or train one"
 
 
 def scored_label(name_or_path: str, upsample: Upsample | None) -> str:
