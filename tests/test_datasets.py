@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from bloodgen_hf.cli import app
 from bloodgen_hf.data import CLASS_NAMES, DataError, class_index, load_data, partition
+from bloodgen_hf.evaluation.bloodnet import BUNDLED_BLOODNET
 from tests.conftest import SPLIT_SIZES
 
 CLASSES = ("alpha", "beta", "gamma")
@@ -209,13 +210,18 @@ def test_train_sample_evaluate_on_own_classes(source, request, tmp_path, fake_da
     assert set(results["per_class"]["class_accuracy"]) == set(CLASSES)
     assert 0 <= results["metrics"]["class_accuracy"]["mean"] <= 1
 
-    refused = invoke(*evaluation, "--out", tmp_path / "eval-bundled")  # the bundled BloodNet knows 8 other classes
+    refused = invoke(*evaluation, "--out", tmp_path / "eval-unbundled")  # no BloodNet is bundled at 32 px
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
+    assert "no bundled BloodNet for 32 px" in refused.output and not (tmp_path / "eval-unbundled").exists()
+
+    bundled = ("--bloodnet", BUNDLED_BLOODNET)  # it knows 8 other classes
+    refused = invoke(*evaluation, *bundled, "--out", tmp_path / "eval-bundled")
     assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
     assert "classifies 8 classes: basophil" in refused.output and "3 classes: alpha, beta, gamma" in refused.output
     assert not (tmp_path / "eval-bundled").exists()
 
     compared = ("compare", "--models", gan / "pipeline", *args[:2], "--extractor", "bloodnet", "--runs", 1)
-    refused = invoke(*compared, "--n", 12, "--no-floor", "--out", tmp_path / "report")
+    refused = invoke(*compared, *bundled, "--n", 12, "--no-floor", "--out", tmp_path / "report")
     assert refused.exit_code == 2 and "classifies 8 classes" in refused.output and not (tmp_path / "report").exists()
 
     wrong_data = ("--dataset", "bloodmnist", "--data-dir", fake_data_dir, "--bloodnet", net / "pipeline")
