@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     images, labels, names = np.asarray(data.images), np.asarray(data.labels), list(data.class_names)
     real = extractor.extract(images, progress=False, desc="real") if extractor else None
     real_accuracy = float((real.probs.argmax(1) == labels).mean()) if real else None  # the reference
-    chosen = picture_indices(np.asarray(data.labels), PER_CLASS)
+    chosen = picture_indices(labels, PER_CLASS)
     rows, pictures = [], [images[chosen]]
     for label, folder, vae in autoencoders:
         reconstructions = reconstruct(vae, images)

@@ -35,6 +35,14 @@ def bundled_bloodnet(resolution: int | None = None) -> Path:
     return BUNDLED_BLOODNET.with_name(f"bloodnet-{resolution}")
 
 
+def train_bloodnet_hint(resolution: int) -> str:
+    """The commands that make and use a BloodNet for `resolution` px, for refusals that need one."""
+    return (
+        f"bloodgen-hf train bloodnet --resolution {resolution} --split train --output-dir runs/bloodnet-{resolution}, "
+        f"then --bloodnet runs/bloodnet-{resolution}/pipeline"
+    )
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection (1x1 projection when the shape changes)."""
 

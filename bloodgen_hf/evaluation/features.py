@@ -184,7 +184,7 @@ def resolve_bloodnet(path: str | os.PathLike | None = None, resolution: int | No
     """`--bloodnet PATH`, $BLOODGEN_BLOODNET, else the bundled BloodNet for `resolution` px (bloodgen_hf/weights/
     bloodnet at 28 px or None, weights/bloodnet-<N> at N px); a folder holding config.json + weights, or holding
     them under classifier/. A size with no bundled BloodNet is refused rather than scored by another size's."""
-    from bloodgen_hf.evaluation.bloodnet import BLOODNET_ENV, BUNDLED_BLOODNET, bundled_bloodnet
+    from bloodgen_hf.evaluation.bloodnet import BLOODNET_ENV, BUNDLED_BLOODNET, bundled_bloodnet, train_bloodnet_hint
 
     given = path or os.environ.get(BLOODNET_ENV)
     if given:
@@ -193,8 +193,7 @@ def resolve_bloodnet(path: str | os.PathLike | None = None, resolution: int | No
     if bundled != BUNDLED_BLOODNET and not bundled.is_dir():
         raise MissingWeightsError(
             f"no bundled BloodNet for {resolution} px: pass --bloodnet PATH, a BloodNet trained at that size "
-            f"(`bloodgen-hf train bloodnet --resolution {resolution} --split train --output-dir "
-            f"runs/bloodnet-{resolution}`, then --bloodnet runs/bloodnet-{resolution}/pipeline)"
+            f"({train_bloodnet_hint(resolution)})"
         )
     return classifier_folder(bundled)
 

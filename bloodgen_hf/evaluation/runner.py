@@ -93,13 +93,13 @@ def upsampling(model: str, size: int, resolution: int, upsample: str | None) -> 
 def check_evaluator_resolution(tools, resolution: int) -> None:
     """BloodNet resizes what it is given to the size it was trained at: scoring at another size would compare
     features of resized images, so a BloodNet of another resolution is refused, saying how to train one."""
+    from bloodgen_hf.evaluation.bloodnet import train_bloodnet_hint
+
     for tool in tools:
         if isinstance(tool, BloodNetExtractor) and tool.resolution != resolution:
             raise UsageError(
                 f"BloodNet at {tool.folder} was trained at {tool.resolution} px; scoring at {resolution} px needs one "
-                f"trained at {resolution}{bundled_hint(resolution)}: bloodgen-hf train bloodnet --resolution "
-                f"{resolution} --split train --output-dir runs/bloodnet-{resolution}, then --bloodnet "
-                f"runs/bloodnet-{resolution}/pipeline"
+                f"trained at {resolution}{bundled_hint(resolution)}: {train_bloodnet_hint(resolution)}"
             )
 
 
