@@ -65,7 +65,9 @@ def test_the_ldm_configs_train_on_the_stage_2_autoencoder_and_score_at_64_px_on_
     spec = ablate.FAMILIES["ldm"]
     config = parse("ldm", [*ablate.RUN_FOREVER, *spec.common])
     assert config.split == "train" and config.extra.guidance_scale == 2
-    assert (ROOT / config.extra.autoencoder / "config.json").is_file()  # the committed stage-2 autoencoder
+    for _, options in spec.configs.values():  # the committed stage-2 autoencoders
+        autoencoder = parse("ldm", [*ablate.RUN_FOREVER, *spec.common, *options]).extra.autoencoder
+        assert (ROOT / autoencoder / "config.json").is_file(), autoencoder
     score = dict(zip(spec.score[::2], spec.score[1::2]))
     assert score["--split"] == "val" and (ROOT / score["--bloodnet"] / "classifier").is_dir()
 
