@@ -1,16 +1,17 @@
 """Recipe ablation at an equal CPU budget: which training options buy quality per CPU-minute, per family.
 
     python benchmarks/ablate.py --family ddpm --data-dir ../shared/data [--cpu-minutes 14] [--configs base,snr5]
-    python benchmarks/ablate.py --family gan --cpu-minutes 30 --out experiments/reports/ablation-gan
-    python benchmarks/ablate.py --family vae --cpu-minutes 30 --out experiments/reports/ablation-vae
+    python benchmarks/ablate.py --family gan --cpu-minutes 30 --n 1712 --out experiments/reports/ablation-gan
+    python benchmarks/ablate.py --family vae --cpu-minutes 30 --n 1712 --out experiments/reports/ablation-vae
     python benchmarks/ablate.py --family ldm --cpu-minutes 30 --n 1712 --out experiments/reports/ablation-ldm-64
 
 Every config trains its family's train script from the same seed on the same data until it has used
 `--cpu-minutes` of process CPU time (`--cpu-budget-minutes`; CPU time rather than wall time, so other work
-on the machine does not shift the budget). Each is then scored by `bloodgen-hf evaluate` on 2,000 samples
-(one run, BloodNet features, the saved pipeline's default sampling settings; a family's `score` options add
-e.g. the evaluator at its size): Fréchet distance, class accuracy per class, recall and near-copies. Training
-images/s come from the run's own log.
+on the machine does not shift the budget). Each is then scored by `bloodgen-hf evaluate` on `--n` samples
+(one run, BloodNet features, the saved pipeline's default sampling settings): Fréchet distance, class accuracy
+per class, recall and near-copies. A family's `score` options name the split scored against: val for the GAN,
+the VAE and the latent model, so that no recipe is chosen on test (val holds 1,712 images, hence `--n 1712`),
+and the evaluator at the family's size. Training images/s come from the run's own log.
 
 Writes <out>/results.json and <out>/report.md; finished configs are kept, so a rerun continues.
 """
@@ -73,7 +74,8 @@ FAMILIES = {
                 ("--r1-gamma", "0.01", "--r1-every", "16", "--balanced-batches", "--ada-target", "0.6"),
             ),
         },
-        setting="train split (11,959 images), batch 64, the EMA generator",
+        setting="train split (11,959 images), batch 64, the EMA generator; scored against the val split",
+        score=("--split", "val"),
     ),
     # VAE v2's three changes added one at a time to v1's recipe, at v1's widths (16/32/64, one layer per block,
     # 64-d latent): the backbone, then the prior (fitted after training, outside the budget), then the adversarial
@@ -98,7 +100,8 @@ FAMILIES = {
             ),
         },
         setting="train split (11,959 images), batch 64, widths 16/32/64, 64-d latent, Gaussian likelihood with "
-        "learned sigma, KL warm-up 500 steps; sampled at temperature 1",
+        "learned sigma, KL warm-up 500 steps; sampled at temperature 1; scored against the val split",
+        score=("--split", "val"),
     ),
     # The 64 px latent model's UNet (issue 34) on the two-stage autoencoder's 4x16x16 latents, and on the 8-channel
     # one's (same two stages, --latent-channels 8; commands in experiments/README.md). Scored at 64 px by

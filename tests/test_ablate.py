@@ -42,6 +42,14 @@ def test_every_config_parses_and_changes_only_its_options(family):
         assert bool(changed) == (name != "base"), (family, name, changed)
 
 
+@pytest.mark.parametrize("family", ["gan", "vae"])
+def test_the_v2_recipes_train_on_train_and_are_chosen_on_val(family):
+    """Issue 33's v2 recipes come from these ablations, so they score against val, never test."""
+    spec = ablate.FAMILIES[family]
+    assert "--split" in spec.common and spec.common[spec.common.index("--split") + 1] == "train"
+    assert spec.score == ("--split", "val")
+
+
 def test_the_vae_configs_add_v2s_changes_one_at_a_time_and_pass_the_vaes_checks():
     spec = ablate.FAMILIES["vae"]
     shared = [*ablate.RUN_FOREVER, *spec.common, "--cpu-budget-minutes", "30"]
