@@ -555,3 +555,23 @@ def test_pipeline_push_to_hub_is_diffusers_own_and_never_the_publisher(monkeypat
     monkeypatch.setattr(PushToHubMixin, "push_to_hub", lambda self, repo_id, **kw: calls.append(repo_id) or "ok")
     assert tiny_gan_pipeline().push_to_hub("org/name", private=True) == "ok"
     assert calls == ["org/name"]
+
+
+def test_push_the_bundled_64_px_model_with_its_code_command_and_measured_scores(fake_hub, tmp_path):
+    """The bundled ldm-64 goes to the Hub whole: both diffusers components, the three remote-code files, a 64 px
+    grid, and a card with its training command and the 64 px protocol's scores from eval_results.json."""
+    folder = bundled_models()["ldm-64"]
+    result = publish.push_to_hub(str(folder), "bloodgen-test/ldm-64", token=TOKEN)
+    pushed = fake_hub.commits[result.commit]
+    for name in ("unet", "vae"):
+        assert {f"{name}/config.json", f"{name}/diffusion_pytorch_model.safetensors"} <= set(pushed)
+    assert {"pipeline_bloodgen_ldm.py", "pipeline_bloodgen_ddpm.py", "blood_pipeline_utils.py"} <= set(pushed)
+    snapshot = fake_hub.write_snapshot(result.commit, tmp_path / "snapshot")
+    side = 2 * (8 * 66 + 2)  # 8 x 8 images of 64 px with 2 px padding, enlarged twice
+    assert Image.open(snapshot / "samples.png").height == side
+    card = ModelCard(fake_hub.files("bloodgen-test/ldm-64")["README.md"].decode())
+    assert json.loads((folder / "train_config.json").read_text())["command"] in card.text
+    measured = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    recorded = json.loads((folder / "eval_results.json").read_text())["metrics"]
+    assert measured["fd_bloodnet"] == next(m["value"] for m in recorded if m["type"] == "fd_bloodnet")
+    assert "64x64" in card.text

@@ -294,6 +294,25 @@ def absolute_paths(value) -> list[str]:
     return []
 
 
+def test_the_bundled_64_px_model_records_its_autoencoder_and_teacher_all_on_the_train_split():
+    """ldm-64 learnt from its teacher's latent pairs only (no adversarial term): the student, its teacher and
+    both autoencoder stages saw the 64 px train split alone, so augment-study may score it on the test split."""
+    provenance = read_model_index(bundled_models()["ldm-64"])["provenance"]
+    assert (provenance["split"], provenance["resolution"], provenance["num_images"]) == ("train", 64, 11959)
+    assert "adversarial" not in provenance
+    teacher = provenance["distilled_from"]
+    assert teacher["pairs"]["space"] == "latent" and teacher["pairs"]["guidance_scale"] == 2.0
+    for link in (provenance["autoencoder"], teacher["provenance"]["autoencoder"]):
+        assert link["model"] == "experiments/runs/autoencoder-64/pipeline"
+        assert (
+            link["provenance"]["split"] == "train" and link["provenance"]["init_from"]["provenance"]["split"] == "train"
+        )
+    check_unseen(provenance, "ldm-64", "test", "bloodmnist", "augment-study")
+    with pytest.raises(LeakError):
+        leaky_teacher = {**teacher, "provenance": {**teacher["provenance"], "split": "all"}}
+        check_unseen({**provenance, "distilled_from": leaky_teacher}, "ldm-64", "test", "bloodmnist", "augment-study")
+
+
 def test_no_bundled_model_index_or_provenance_json_holds_an_absolute_path():
     assert absolute_paths(["/work/main/x.npz", "git 1: ~/run (C:\\data)", "runs/a", "a/b", "git 4ddc008: x"]) == [
         "/work/main/x.npz",
