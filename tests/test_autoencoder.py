@@ -209,6 +209,7 @@ def test_resume_reproduces_uninterrupted_training(tmp_path):
     counter that came back as 0 would switch it off again. SSIM and the adaptive weight are on."""
     data = write_fake_bloodmnist(tmp_path / "data", 64)
     common = ["--disc-start", "1", "--ssim-weight", "0.2", "--checkpoint-every", "2", "--keep-checkpoints", "5"]
+    common += ["--disc-weight-mode", "adaptive", "--disc-weight", "0.5"]
     train(data, tmp_path / "full", *common, "--max-steps", "4")
     train(data, tmp_path / "split", *common, "--max-steps", "2")
     train(data, tmp_path / "split", *common, "--max-steps", "4", "--resume", "latest")

@@ -74,8 +74,10 @@ class AutoencoderOptions:
     kl_weight: float = option(1e-6, "weight of the KL term (nats per image)")
     ssim_weight: float = option(0.0, "adds this x (1 - SSIM) to the L1 loss; 0 = L1 only")
     disc_start: int = option(2000, "optimizer steps before the patch discriminator and its loss switch on")
-    disc_weight: float = option(0.5, "weight of the adversarial term (adaptive mode: times the gradient ratio)")
-    disc_weight_mode: str = option("adaptive", "adaptive: scaled by the gradient ratio", choices=DISC_WEIGHT_MODES)
+    # The defaults are the bundled ldm-64's stage 2 (MONAI's 2D LDM tutorial): under the adaptive weight the
+    # discriminator stayed at chance on 64 px cells (experiments/README.md).
+    disc_weight: float = option(0.01, "weight of the adversarial term (adaptive mode: times the gradient ratio)")
+    disc_weight_mode: str = option("fixed", "adaptive: scaled by the gradient ratio", choices=DISC_WEIGHT_MODES)
     disc_channels: int = option(32, "the discriminator's first width")
     disc_layers: int = option(3, "the discriminator's stride-2 layers (3: 70x70 patches)")
     disc_norm: str = option(
