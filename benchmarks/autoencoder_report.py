@@ -8,7 +8,8 @@ For each LABEL=FOLDER (a saved diffusers AutoencoderKL) it reconstructs the whol
 the posterior mean and reports PSNR and SSIM (per image, then averaged) and, with `--bloodnet` (a BloodNet trained
 at the autoencoders' size on the train split), the FD between the reconstructions' and the originals' BloodNet
 features (evaluation/reconstruction.py), and the share of reconstructions that BloodNet puts in their cell's class
-beside its accuracy on the originals: the ceiling of a latent model's class accuracy. Writes results.json,
+beside its accuracy on the originals: how much of each cell's class the decoder keeps (a guided latent model can
+score above it by drawing only typical cells). Writes results.json,
 report.md and reconstructions.png: rows of real cells (one per class), each above every autoencoder's
 reconstructions of them.
 """
@@ -56,8 +57,8 @@ def report_markdown(rows: list[dict], split: str, real_accuracy: float | None) -
         "Posterior-mean reconstructions, rounded to uint8. PSNR and SSIM per image, averaged; FD in the features of "
         "a BloodNet trained at the same size on the train split: the floor a latent model decoded by that "
         "autoencoder can reach. Class accuracy: the share of reconstructions that BloodNet puts in their cell's "
-        "class, the ceiling of the latent model's class accuracy"
-        + (f" (BloodNet on the originals: {real_accuracy:.4f})." if has_fd else "."),
+        "class, what the decoder keeps of a cell's class (a guided latent model can score above it by drawing "
+        "typical cells)" + (f" (BloodNet on the originals: {real_accuracy:.4f})." if has_fd else "."),
         "",
         head,
         "|---|---|---|" + ("---|---|" if has_fd else ""),
