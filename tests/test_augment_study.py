@@ -4,6 +4,7 @@ split and never on the test split, class balancing and ratios per class, the fil
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,29 @@ def test_the_filter_keeps_only_what_the_real_only_classifier_accepts(train_split
     config.filter_threshold = 0.999  # nothing this sure: one clear refusal, not a silent shortfall
     with pytest.raises(ValueError, match="passed the filter.*lower --filter-threshold"):
         run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None, resume=True)
+
+
+def test_the_filter_trains_again_a_real_only_classifier_whose_weights_were_deleted(
+    train_split_gan, fake_data_dir, tmp_path
+):
+    """Only result.json of a finished run may be kept, to save disk; a filter recipe added later with --resume
+    trains that real-only classifier again and gets the same one back (same seed, same data)."""
+    out = tmp_path / "s"
+    settings = ("real+synthetic", "real")  # in this order, the real-only run must still come first
+    config = StudyConfig(fractions=(1.0,), settings=settings, epochs=2, **TINY)
+    run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None)
+    real = out / "runs" / "real-1-seed0"
+    before = json.loads((real / "result.json").read_text())
+    shutil.rmtree(real / "pipeline")
+    config = StudyConfig(fractions=(1.0,), settings=settings, epochs=2, filter_threshold=0.05, **TINY)
+    results = run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None, resume=True)
+    after = json.loads((real / "result.json").read_text())
+    assert (real / "pipeline").is_dir() and {r["recipe"] for r in results["runs"]} == {"real", "1x", "1x+filter0.05"}
+    assert (after["accuracy"], after["chosen_epoch"], after["confusion"]) == (
+        before["accuracy"],
+        before["chosen_epoch"],
+        before["confusion"],
+    )
 
 
 def test_a_resumed_study_adds_a_recipe_and_reports_both(train_split_gan, fake_data_dir, tmp_path):

@@ -484,10 +484,10 @@ def run_study(
         pool = pools[seed, fraction]
         real_counts = np.bincount(train_labels[subset], minlength=num_classes)
         filtered = None  # with --filter-threshold: the pool's images the real-only classifier accepts
-        for setting in config.settings:
+        for setting in (s for s in SETTINGS if s in config.settings):  # real first: the filter needs its classifier
             name = run_name(setting, config, fraction, seed)
             done = out / "runs" / name / "result.json"
-            if resume and done.exists():
+            if resume and done.exists() and not filter_needs_retraining(setting, config, out / "runs" / name):
                 log(f"== {name}: finished earlier, test accuracy {json.loads(done.read_text())['accuracy']:.4f}")
                 continue
             rng = np.random.default_rng([seed, round(fraction * 1e6), SETTINGS.index(setting)])
@@ -594,6 +594,12 @@ def finished_runs(folder: Path) -> list[dict]:
     runs = [json.loads(path.read_text()) for path in sorted(folder.glob("*/result.json"))]
     order = {s: i for i, s in enumerate(SETTINGS)}
     return sorted(runs, key=lambda r: (order[r["setting"]], r.get("recipe", ""), r["fraction"], r["seed"]))
+
+
+def filter_needs_retraining(setting: str, config: StudyConfig, run: Path) -> bool:
+    """A finished real-only run whose classifier weights were deleted (its result.json kept, to save disk) is
+    trained again when --filter-threshold needs that classifier: the same seed and data give it back."""
+    return setting == "real" and bool(config.filter_threshold) and not (run / "pipeline" / MODEL_FOLDER).is_dir()
 
 
 def filter_pool(pool: dict, real_run: Path, config: StudyConfig) -> np.ndarray:
