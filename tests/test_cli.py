@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from bloodgen_hf.cli import DEFAULT_MODEL, app
 from bloodgen_hf.data import CLASS_NAMES
-from bloodgen_hf.registry import bundled_models, load_pipeline
+from bloodgen_hf.registry import bundled_models, load_pipeline, read_model_index
 from tests.conftest import SMALL_EVAL, one_error_line
 
 runner = CliRunner()
@@ -208,7 +208,6 @@ def test_default_model_follows_the_readme_rule_on_the_committed_report():
     comparison with another winner makes this fail until DEFAULT_MODEL follows. The protocol, and so the
     default, is at 28 px; the 64 px models have their own comparison (experiments/reports/compare-64)."""
     from bloodgen_hf.evaluation.compare import choose_default
-    from bloodgen_hf.registry import read_model_index
 
     results = {file.parent.name: json.loads(file.read_text()) for file in sorted(REPORT.glob("models/*/results.json"))}
     at_28 = {
