@@ -38,7 +38,7 @@ def test_every_config_parses_and_changes_only_its_options(family):
     for name, (_, options) in spec.configs.items():
         config = parse(family, [*shared, *options])
         changed = {k for k, v in vars(config.extra).items() if getattr(base.extra, k) != v}
-        changed |= {k for k in ("balanced_batches",) if getattr(config, k) != getattr(base, k)}
+        changed |= {k for k in ("balanced_batches", "mixed_precision") if getattr(config, k) != getattr(base, k)}
         assert bool(changed) == (name != "base"), (family, name, changed)
 
 
@@ -89,5 +89,5 @@ def test_unknown_config_is_refused_in_one_line():
     )
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [
-        "error: unknown gan configs ['nope']; choose from: base, r1, balanced, ada, all"
+        "error: unknown gan configs ['nope']; choose from: base, r1, balanced, ada, all, bf16"
     ]
