@@ -75,6 +75,14 @@ LatentBias = Annotated[float, typer.Option(help="VAE: shift added to the prior n
 Steps = Annotated[int, typer.Option(help="DDPM: number of denoising steps.")]
 Guidance = Annotated[float, typer.Option(help="DDPM: classifier-free guidance scale.")]
 Scheduler = Annotated[str, typer.Option(help="DDPM: ddpm, ddim, dpm++, unipc or euler.")]
+GuidanceInterval = Annotated[
+    str,
+    typer.Option(
+        metavar="LO,HI",
+        help="DDPM/LDM: guide only the steps whose noise level t/T is in (LO, HI], e.g. 0.2,0.85; the conditional "
+        "model alone at the others (default: the model's, else every step).",
+    ),
+]
 Precision = Annotated[
     str,
     typer.Option(
@@ -191,13 +199,28 @@ def pick_device(device: str) -> str:
     return device
 
 
-def sampling_options(temperature, latent_bias, steps, guidance, scheduler, precision="auto") -> dict:
+def parse_guidance_interval(text: str | None) -> tuple[float, float] | None:
+    """--guidance-interval LO,HI as two numbers (the pipeline checks 0 <= LO < HI <= 1)."""
+    if text is None:
+        return None
+    parts = str(text).split(",")
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"--guidance-interval takes two numbers LO,HI such as 0.2,0.85, got {text!r}") from None
+    return lo, hi
+
+
+def sampling_options(
+    temperature, latent_bias, steps, guidance, scheduler, precision="auto", guidance_interval=None
+) -> dict:
     """The model-specific sampling flags the user set, named as the pipelines' arguments."""
     options = {
         "temperature": temperature,
         "latent_bias": latent_bias,
         "num_inference_steps": steps,
         "guidance_scale": guidance,
+        "guidance_interval": parse_guidance_interval(guidance_interval),
         "scheduler": scheduler,
         "precision": precision,
     }
@@ -237,6 +260,7 @@ def sample(
     latent_bias: LatentBias = None,
     steps: Steps = None,
     guidance: Guidance = None,
+    guidance_interval: GuidanceInterval = None,
     scheduler: Scheduler = None,
     precision: Precision = "auto",
 ):
@@ -266,7 +290,7 @@ def sample(
     claim_output(out, overwrite)
     pipe = load_pipeline(model, pick_device(device))
     labels, class_names = model_labels(pipe, n, classes, "real" if real_distribution else "balanced")
-    options = sampling_options(temperature, latent_bias, steps, guidance, scheduler, precision)
+    options = sampling_options(temperature, latent_bias, steps, guidance, scheduler, precision, guidance_interval)
     weights = pipeline_fingerprint(pipe)  # as saved, before the options change its scheduler
     pipe, kwargs = configure_sampling(pipe, options)
     info = {
@@ -570,6 +594,7 @@ def evaluate(
     latent_bias: LatentBias = None,
     steps: Steps = None,
     guidance: Guidance = None,
+    guidance_interval: GuidanceInterval = None,
     scheduler: Scheduler = None,
     precision: Precision = "auto",
 ):
@@ -587,7 +612,7 @@ def evaluate(
         raise UsageError("--record puts the model's own scores in its card; an --upsample evaluation is a baseline")
     suffix = (f"-{resolution}px" if resolution else "") + (f"-{upsample}" if upsample else "")
     out, device = _evaluation_setup(out, Path("eval") / (model_label(model) + suffix), overwrite, device)
-    options = sampling_options(temperature, latent_bias, steps, guidance, scheduler, precision)
+    options = sampling_options(temperature, latent_bias, steps, guidance, scheduler, precision, guidance_interval)
     pipe, kwargs = configure_sampling(load_pipeline(model, device), options)
     scored_at = _scored_at({model: pipe}, resolution, upsample)
     tools = build_tools(

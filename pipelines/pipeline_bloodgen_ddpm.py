@@ -88,8 +88,12 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
 
     Guidance: eps = eps(null) + guidance_scale * (eps(class) - eps(null)). guidance_scale 1 is the
     plain conditional model and 0 the unconditional one, each needing one UNet pass per step; any
-    other value runs both in one doubled batch. `num_inference_steps` None means every training
-    step for DDPMScheduler and `default_num_inference_steps` for the fast solvers.
+    other value runs both in one doubled batch. `guidance_interval` (lo, hi) guides only the steps whose
+    noise level t / num_train_timesteps lies in (lo, hi] and runs the conditional model alone at the others
+    (Kynkaanniemi et al. 2024: guidance at the noisiest steps narrows the samples; for a flow-matching model the
+    level is the noise share sigma of x_t = (1 - sigma) x + sigma z). None guides every step.
+    `num_inference_steps` None means every training step for DDPMScheduler and `default_num_inference_steps` for
+    the fast solvers.
 
     `class_labels`: a list of labels (class indices or names) gives one image per label, as in diffusers'
     DiTPipeline; one label or None gives `num_images` (default 8) of it or of the classes in turn.
@@ -110,12 +114,14 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
         default_guidance_scale: float = 1.0,
         default_num_inference_steps: int = 10,
         provenance: dict | None = None,
+        default_guidance_interval: list[float] | None = None,
     ):
         super().__init__()
         num_classes = check_class_conditional(unet)
         if class_names is not None and len(class_names) != num_classes:
             raise UsageError(f"got {len(class_names)} class names for a UNet with {num_classes} classes")
         check_sampling_arguments(default_guidance_scale, default_num_inference_steps)
+        interval = check_guidance_interval(default_guidance_interval)
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(
             class_names=list(class_names) if class_names else None,
@@ -123,6 +129,8 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
             default_num_inference_steps=int(default_num_inference_steps),
             provenance=dict(provenance) if provenance else None,
         )
+        if interval:  # recorded only when set: the models saved before it existed keep their config and hash
+            self.register_to_config(default_guidance_interval=list(interval))
 
     @property
     def class_names(self) -> list[str] | None:
@@ -152,6 +160,7 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
             default_guidance_scale=self.config.default_guidance_scale,
             default_num_inference_steps=self.config.default_num_inference_steps,
             provenance=self.config.get("provenance"),
+            default_guidance_interval=self.config.get("default_guidance_interval"),
         )
         pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return pipe
@@ -171,8 +180,11 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        guidance_interval: tuple[float, float] | None = None,
     ):
         guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
+        interval = self.config.get("default_guidance_interval") if guidance_interval is None else guidance_interval
+        interval = check_guidance_interval(interval)
         steps = self.default_steps() if num_inference_steps is None else num_inference_steps
         check_sampling_arguments(guidance_scale, steps, self.scheduler.config.num_train_timesteps)
         labels = resolve_class_labels(class_labels, num_images, self.class_names, self.num_classes)
@@ -193,9 +205,11 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
             {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         )
         self.unet.eval()
+        levels = self.scheduler.config.num_train_timesteps
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
-            prediction = self.guided_prediction(model_input, t, labels, guidance_scale)
+            guided = interval is None or interval[0] < float(t) / levels <= interval[1]
+            prediction = self.guided_prediction(model_input, t, labels, guidance_scale if guided else 1.0)
             x = self.scheduler.step(prediction, t, x, **step_kwargs).prev_sample
         # "latent": the denoised samples as they are (a latent model's latents, undecoded), as diffusers' pipelines do
         images = x if output_type == "latent" else postprocess(self.decode(x), output_type)
@@ -229,6 +243,21 @@ def square_side(size: int | tuple[int, int] | list[int]) -> int:
     if height != width:
         raise UsageError(f"the UNet's sample_size {list(size)} is not square; bloodgen pipelines make square images")
     return int(height)
+
+
+def check_guidance_interval(interval) -> tuple[float, float] | None:
+    """None, or (lo, hi) noise levels with 0 <= lo < hi <= 1 (see BloodDDPMPipeline's doc)."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise UsageError(
+            f"guidance_interval (--guidance-interval) must be two numbers lo,hi; got {interval!r}"
+        ) from None
+    if not (0 <= lo < hi <= 1):
+        raise UsageError(f"guidance_interval (--guidance-interval) needs 0 <= lo < hi <= 1, got {lo:g},{hi:g}")
+    return lo, hi
 
 
 def check_sampling_arguments(guidance_scale: float, steps: int, max_steps: int | None = None) -> None:

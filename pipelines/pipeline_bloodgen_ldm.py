@@ -56,6 +56,7 @@ class BloodLDMPipeline(BloodDDPMPipeline):
         default_guidance_scale: float = 1.0,
         default_num_inference_steps: int = 10,
         provenance: dict | None = None,
+        default_guidance_interval: list[float] | None = None,
     ):
         check_latent_shape(vae, unet)
         super().__init__(
@@ -65,6 +66,7 @@ class BloodLDMPipeline(BloodDDPMPipeline):
             default_guidance_scale=default_guidance_scale,
             default_num_inference_steps=default_num_inference_steps,
             provenance=provenance,
+            default_guidance_interval=default_guidance_interval,
         )
         self.register_modules(vae=vae)
 

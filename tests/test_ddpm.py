@@ -200,6 +200,46 @@ def test_default_steps_depend_on_the_scheduler():
     assert pipe.with_scheduler("ddpm").default_steps() == 1000
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    """Three steps at t = 999, 666, 332 of 1000: an interval holding all of them is plain guidance, one holding
+    none is the conditional model, and one holding some is neither."""
+    pipe = tiny_ddpm_pipeline()
+    guided, plain = sample(pipe, guidance_scale=3.0, **STEPS), sample(pipe, guidance_scale=1.0, **STEPS)
+    np.testing.assert_array_equal(sample(pipe, guidance_scale=3.0, guidance_interval=(0, 1), **STEPS), guided)
+    np.testing.assert_array_equal(sample(pipe, guidance_scale=3.0, guidance_interval=(0, 0.3), **STEPS), plain)
+    partial = sample(pipe, guidance_scale=3.0, guidance_interval=(0.4, 0.7), **STEPS)
+    assert not np.allclose(partial, guided) and not np.allclose(partial, plain)
+    # the upper end is inside: t = 666 alone is guided by (0.6, 0.666] and by (0.4, 0.7]
+    np.testing.assert_array_equal(sample(pipe, guidance_scale=3.0, guidance_interval=(0.6, 0.666), **STEPS), partial)
+
+
+def test_a_default_guidance_interval_is_saved_and_an_unset_one_leaves_the_config_as_before(tmp_path):
+    plain = save_pipeline(tiny_ddpm_pipeline(), tmp_path / "plain")
+    assert "default_guidance_interval" not in json.loads((plain / "model_index.json").read_text())
+    pipe = tiny_ddpm_pipeline()
+    pipe.register_to_config(default_guidance_scale=3.0, default_num_inference_steps=3)
+    pipe.register_to_config(default_guidance_interval=[0.3, 0.7])
+    loaded = load_pipeline(str(save_pipeline(pipe, tmp_path / "interval")))
+    assert loaded.config.default_guidance_interval == [0.3, 0.7]
+    np.testing.assert_array_equal(sample(loaded), sample(pipe, guidance_interval=(0.3, 0.7)))
+    np.testing.assert_array_equal(sample(loaded.with_scheduler("dpm++")), sample(loaded))
+
+
+@pytest.mark.parametrize(
+    "interval, message",
+    [
+        ((0.7, 0.3), "needs 0 <= lo < hi <= 1, got 0.7,0.3"),
+        ((-0.1, 0.5), "needs 0 <= lo < hi <= 1, got -0.1,0.5"),
+        ((0.2, 1.5), "needs 0 <= lo < hi <= 1, got 0.2,1.5"),
+        ((0.2,), "must be two numbers lo,hi"),
+        (("a", 0.5), "must be two numbers lo,hi"),
+    ],
+)
+def test_a_bad_guidance_interval_is_a_clear_error(interval, message):
+    with pytest.raises(ValueError, match=re.escape(f"guidance_interval (--guidance-interval) {message}")):
+        tiny_ddpm_pipeline()(2, num_inference_steps=2, guidance_interval=interval)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -272,11 +312,17 @@ def test_cli_samples_with_scheduler_steps_and_guidance(tmp_path):
     with np.load(out) as archive:
         assert archive["images"].shape == (5, 28, 28, 3)
         assert json.loads(str(archive["info"]))["guidance_scale"] == 2.0
+    result = CliRunner().invoke(app, [*args, "--overwrite", "--guidance", "2.0", "--guidance-interval", "0.2,0.85"])
+    assert result.exit_code == 0, result.output
+    with np.load(out) as archive:
+        assert json.loads(str(archive["info"]))["guidance_interval"] == [0.2, 0.85]
     for bad, message in [
         (["--scheduler", "heun"], "error: unknown scheduler 'heun'"),
         (["--steps", "0"], "error: num_inference_steps (--steps) must be a positive integer, got 0"),
         (["--guidance", "-1"], "error: guidance_scale (--guidance) must be >= 0"),
         (["--temperature", "0.5"], "error: --temperature does not apply to BloodDDPMPipeline"),
+        (["--guidance-interval", "0.2"], "error: --guidance-interval takes two numbers LO,HI such as 0.2,0.85"),
+        (["--guidance-interval", "0.9,0.2"], "needs 0 <= lo < hi <= 1, got 0.9,0.2"),
     ]:
         result = CliRunner().invoke(app, [*args, "--overwrite", *bad])
         assert result.exit_code == 2 and message in result.output, result.output
