@@ -228,10 +228,16 @@ def main() -> None:
         raise SystemExit(f"error: unknown {args.family} configs {unknown}; choose from: {', '.join(family.configs)}")
     out = Path(args.out or f"reports/ablation-{args.family}")
     out.mkdir(parents=True, exist_ok=True)
-    results = []
     for name in names:
-        results.append(train_and_score(family, name, args, out))
-        report(args.family, results, args, out)
+        train_and_score(family, name, args, out)
+        report(args.family, finished_results(family, out), args, out)
+
+
+def finished_results(family: Family, out: Path) -> list[dict]:
+    """Every finished config of the family in `out`, in the family's order, whichever run trained it: a report
+    written after a partial or a later run still lists them all."""
+    files = [out / "runs" / name / "result.json" for name in family.configs]
+    return [json.loads(f.read_text()) for f in files if f.is_file()]
 
 
 if __name__ == "__main__":

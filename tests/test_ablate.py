@@ -3,9 +3,11 @@ it names, and bad config names are refused in one line."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -91,3 +93,24 @@ def test_unknown_config_is_refused_in_one_line():
     assert done.stderr.strip().splitlines() == [
         "error: unknown gan configs ['nope']; choose from: base, r1, balanced, ada, all, bf16"
     ]
+
+
+def test_the_report_lists_every_finished_config_in_the_familys_order(tmp_path):
+    """A later run that trains one config (or a run stopped half-way) still reports all the finished ones."""
+    family = ablate.FAMILIES["gan"]
+    for name, fd in (("all", 23.5), ("base", 21.0)):
+        result = {
+            "config": name, "parameters": 3.09e6, "train_images_per_s": 90.0, "steps": 1300, "fd_bloodnet": fd,
+            "class_accuracy": 0.7, "per_class_accuracy": {"basophil": 0.1, "platelet": 0.9}, "recall": 0.3,
+            "near_copies": 0.001, "machine": "test CPU",
+        }  # fmt: skip
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "result.json").write_text(json.dumps(result))
+    (tmp_path / "runs" / "r1").mkdir()  # unfinished: no result.json
+    results = ablate.finished_results(family, tmp_path)
+    assert [r["config"] for r in results] == ["base", "all"]
+    args = SimpleNamespace(cpu_minutes=30.0, n=1712)
+    ablate.report("gan", results, args, tmp_path)
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| base")]
+    assert len(rows) == 1 and "| 21.00 | 0.700 | basophil 0.10 |" in rows[0]
+    assert [r["config"] for r in json.loads((tmp_path / "results.json").read_text())] == ["base", "all"]
