@@ -452,6 +452,29 @@ def replace_decoder(
     typer.echo(f"wrote {out}: {model} decoding with {autoencoder}")
 
 
+@app.command("set-defaults")
+@clean_errors
+def set_defaults(
+    model: str = typer.Argument(..., help="A diffusion pipeline (DDPM or LDM): bundled name, folder or Hub repo."),
+    out: Path = typer.Option(..., help="The pipeline folder to write."),
+    steps: Steps = None,
+    guidance: Guidance = None,
+    guidance_interval: GuidanceInterval = None,
+    overwrite: Overwrite = False,
+):
+    """Save a copy of a model that samples with other defaults (the settings you chose on val): `sample`,
+    `evaluate`, the Hub copy and `train student`'s teacher pairs then use them when none are passed."""
+    from bloodgen_hf.set_defaults import save_with_defaults
+
+    interval = parse_guidance_interval(guidance_interval)
+    claim_output(out, overwrite)
+    before = save_with_defaults(model, out, guidance, steps, interval, overwrite=overwrite)
+    after = {"guidance": guidance, "steps": steps, "guidance interval": interval}
+    was = dict(zip(("guidance", "steps", "guidance interval"), before.values(), strict=True))
+    changes = ", ".join(f"{key} {was[key]} -> {value}" for key, value in after.items() if value is not None)
+    typer.echo(f"wrote {out}: {model} with {changes}")
+
+
 @app.command()
 @clean_errors
 def models():

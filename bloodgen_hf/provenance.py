@@ -288,6 +288,8 @@ def describe_provenance(provenance: dict | None) -> str:
             if origin.get("pairs"):
                 pairs = origin["pairs"]
                 text += f", on {pairs['num_pairs']:,} of its images at guidance {pairs['guidance_scale']:g}"
+                if pairs.get("guidance_interval"):
+                    text += " guiding noise levels ({:g}, {:g}]".format(*pairs["guidance_interval"])
     if provenance.get("adversarial"):
         text += f"; with an adversarial term against real images of {describe_data(provenance['adversarial'])}"
     origins = [provenance[key] for key, _ in ORIGINS if provenance.get(key)]

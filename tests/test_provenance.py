@@ -301,7 +301,9 @@ def test_the_bundled_64_px_model_records_its_autoencoder_and_teacher_all_on_the_
     assert (provenance["split"], provenance["resolution"], provenance["num_images"]) == ("train", 64, 11959)
     assert "adversarial" not in provenance
     teacher = provenance["distilled_from"]
-    assert teacher["pairs"]["space"] == "latent" and teacher["pairs"]["guidance_scale"] == 2.0
+    assert teacher["pairs"]["space"] == "latent" and teacher["pairs"]["guidance_scale"] == 4.0
+    assert teacher["pairs"]["guidance_interval"] == [0.0, 0.7]  # the teacher's defaults, set on val
+    assert teacher["provenance"]["sampling_defaults"]["copied_from"] == "experiments/runs/ldm-64-long/pipeline"
     for link in (provenance["autoencoder"], teacher["provenance"]["autoencoder"]):
         assert link["model"] == "experiments/runs/autoencoder-64/pipeline"
         assert (

@@ -117,6 +117,26 @@ def test_pairs_that_share_seeds_or_sampler_settings_differ_are_refused(teacher, 
     other_guidance = draw_pairs(teacher, tmp_path / "c.npz", 4, "--seed", "50", "--guidance", "1.5")
     with pytest.raises(ValueError, match=r"c.npz was drawn at guidance_scale 1.5, .*a.npz at 2.0"):
         student.load_pairs([str(first), str(other_guidance)], str(teacher), pipe)
+    interval = draw_pairs(teacher, tmp_path / "d.npz", 4, "--seed", "60", "--guidance-interval", "0.2,0.85")
+    with pytest.raises(ValueError, match=r"d.npz was drawn at guidance_interval \[0.2, 0.85\], .*a.npz at None"):
+        student.load_pairs([str(first), str(interval)], str(teacher), pipe)
+    assert student.load_pairs(str(interval), str(teacher), pipe)[1]["guidance_interval"] == [0.2, 0.85]
+
+
+def test_pairs_record_the_teachers_default_guidance_interval(tmp_path):
+    """A teacher saved with a guidance interval draws with it: its pairs record it, pixel and latent alike, and
+    consistency distillation leaves unguided the noise levels its sampler leaves unguided (the upper end guided)."""
+    teacher = tiny_flow_teacher(tmp_path / "teacher")
+    pipe = load_pipeline(str(teacher))
+    pipe.register_to_config(default_guidance_interval=[0.2, 0.85])
+    saved = save_pipeline(pipe, tmp_path / "interval-teacher")
+    pairs_file = draw_pairs(saved, tmp_path / "pairs.npz", 4)
+    saved_pipe = load_pipeline(str(saved))
+    assert student.load_pairs(str(pairs_file), str(saved), saved_pipe)[1]["guidance_interval"] == [0.2, 0.85]
+    assert student.latent_pairs_info("t", saved_pipe)["guidance_interval"] == [0.2, 0.85]
+    t = torch.tensor([0.0, 0.2, 0.21, 0.85, 0.86, 1.0])
+    assert student.outside_guidance_interval(t, [0.2, 0.85]).tolist() == [True, True, False, False, True, True]
+    assert not student.outside_guidance_interval(t, None).any()
 
 
 def test_the_student_starts_as_the_teacher(teacher, tmp_path):
@@ -418,6 +438,7 @@ def test_latent_pairs_are_the_teachers_latents_and_a_stopped_draw_goes_on(latent
         "guidance_scale": 2.0,
         "num_inference_steps": 3,
         "scheduler": type(teacher.scheduler).__name__,
+        "guidance_interval": None,
         "space": "latent",
         "files": [{"file": str(folder), "num_pairs": 12, "seed": 3, "precision": "fp32"}],
     }

@@ -227,6 +227,28 @@ def teacher_image_shape(teacher: BloodDDPMPipeline) -> tuple[int, int]:
     return teacher.unet.config.in_channels, size
 
 
+# What a teacher's pairs were drawn with; pairs of one student must share them (else it learns two maps).
+SAMPLER_SETTINGS = ("guidance_scale", "num_inference_steps", "scheduler", "guidance_interval")
+
+
+def teacher_interval(teacher) -> list[float] | None:
+    """The guidance interval the teacher samples with by default (None: every step guided)."""
+    return interval_list(teacher.config.get("default_guidance_interval"))
+
+
+def interval_list(interval) -> list[float] | None:
+    """A guidance interval as JSON records it, so one drawn into a file and a teacher's default compare equal."""
+    return None if interval is None else [float(x) for x in interval]
+
+
+def outside_guidance_interval(t: torch.Tensor, interval: list[float] | None) -> torch.Tensor:
+    """Which noise levels t in [0, 1] a teacher with this guidance interval leaves unguided (as its pipeline)."""
+    if interval is None:
+        return torch.zeros_like(t, dtype=torch.bool)
+    lo, hi = interval
+    return (t <= lo) | (t > hi)
+
+
 class PairsFile(NamedTuple):
     """One npz of teacher pairs, checked against the teacher (load_pairs_file)."""
 
@@ -249,10 +271,9 @@ def load_pairs(
     student would learn two different maps) or a seed drawn twice (the same noise would count twice)."""
     files = pairs_paths(paths)
     parts = [load_pairs_file(path, teacher_name, teacher) for path in files]
-    shared = ("guidance_scale", "num_inference_steps", "scheduler")
     first = parts[0].drawn
     for part in parts[1:]:
-        for key in shared:
+        for key in SAMPLER_SETTINGS:
             if part.drawn[key] != first[key]:
                 raise UsageError(
                     f"{part.drawn['file']} was drawn at {key} {part.drawn[key]}, {first['file']} at {first[key]}; "
@@ -273,8 +294,8 @@ def load_pairs(
     )
     record = {
         "num_pairs": len(dataset),
-        **{key: first[key] for key in shared},
-        "files": [{k: v for k, v in part.drawn.items() if k not in shared} for part in parts],
+        **{key: first[key] for key in SAMPLER_SETTINGS},
+        "files": [{k: v for k, v in part.drawn.items() if k not in SAMPLER_SETTINGS} for part in parts],
     }
     return dataset, record
 
@@ -316,6 +337,7 @@ def load_pairs_file(path: str, teacher_name: str, teacher: BloodDDPMPipeline) ->
         "guidance_scale": info.get("guidance_scale", teacher.config.default_guidance_scale),
         "num_inference_steps": info.get("num_inference_steps", teacher.default_steps()),
         "scheduler": info.get("scheduler", type(teacher.scheduler).__name__),  # `sample` records what was set
+        "guidance_interval": interval_list(info.get("guidance_interval", teacher_interval(teacher))),
         "precision": info.get("precision", "fp32"),  # pairs from before --precision were drawn in fp32
     }
     return PairsFile(images, labels, arrays["seeds"], noise, names, drawn)
@@ -352,6 +374,7 @@ def latent_pairs_info(teacher_name: str, teacher: BloodLDMPipeline) -> dict[str,
         "guidance_scale": teacher.config.default_guidance_scale,
         "num_inference_steps": teacher.default_steps(),
         "scheduler": type(teacher.scheduler).__name__,
+        "guidance_interval": teacher_interval(teacher),
         "precision": "fp32",
     }
 
@@ -437,7 +460,7 @@ def latent_pairs(o: StudentOptions, teacher: BloodLDMPipeline) -> tuple[LatentPa
     noise = pipeline_noise(seeds, tuple(latents.shape[1:]), getattr(teacher.scheduler, "init_noise_sigma", 1.0))
     labels = torch.from_numpy(seeds % teacher.num_classes)
     dataset = LatentPairs(latents, labels, noise, tuple(teacher.class_names or CLASS_NAMES))
-    shared = {key: info[key] for key in ("guidance_scale", "num_inference_steps", "scheduler")}
+    shared = {key: info[key] for key in SAMPLER_SETTINGS}
     drawn = {"file": str(folder), "num_pairs": len(seeds), "seed": o.pairs_seed, "precision": info["precision"]}
     return dataset, {"num_pairs": len(seeds), **shared, "space": "latent", "files": [drawn]}
 
@@ -678,6 +701,11 @@ class StudentTask(DDPMTask):
             scale = self.teacher_guidance
             timesteps = t_high * self.noise_scheduler.config.num_train_timesteps
             v = self.teacher.guided_prediction(x_high, timesteps, labels, scale)
+            unguided = outside_guidance_interval(t_high, teacher_interval(self.teacher))
+            if scale != 1 and unguided.any():  # the teacher's own sampler runs its model alone at these levels
+                v[unguided] = self.teacher.guided_prediction(
+                    x_high[unguided], timesteps[unguided], labels[unguided], 1.0
+                )
             x_low = x_high - (high - low) * v
             target = x_low - low * self.velocity(unet, x_low, t_low, labels)
         estimate = x_high - high * self.velocity(unet, x_high, t_high, labels)
