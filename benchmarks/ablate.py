@@ -102,6 +102,10 @@ FAMILIES = {
                 "+ PatchGAN hinge term on the reconstructions, fixed weight 300 from step 500",
                 ("--backbone", "resnet", "--prior-components", "4", *VAE_ADVERSARIAL),
             ),
+            "bf16": (
+                "base in bf16 autocast: more steps per CPU-minute where the CPU has bf16 (the GAN's gained 43%)",
+                ("--mixed-precision", "bf16"),
+            ),
         },
         setting="train split (11,959 images), batch 64, widths 16/32/64, 64-d latent, Gaussian likelihood with "
         "learned sigma, KL warm-up 500 steps; sampled at temperature 1; scored against the val split",

@@ -57,6 +57,7 @@ def test_the_vae_configs_add_v2s_changes_one_at_a_time_and_pass_the_vaes_checks(
     shared = [*ablate.RUN_FOREVER, *spec.common, "--cpu-budget-minutes", "30"]
     configs = {name: parse("vae", [*shared, *options]) for name, (_, options) in spec.configs.items()}
     assert all(config.split == "train" for config in configs.values())
+    assert configs.pop("bf16").mixed_precision == "bf16"  # base's recipe, in bf16 autocast
     steps = [(name, config.extra) for name, config in configs.items()]
     assert [name for name, _ in steps] == ["base", "resnet", "resnet-prior", "resnet-prior-adv"]
     assert [(o.backbone, o.prior_components, o.adv_weight) for _, o in steps] == [
