@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bloodgen_hf.process import cpu_name, tune_malloc
+from bloodgen_hf.process import tune_malloc
 from bloodgen_hf.training.core import cpu_minute_marks
 from bloodgen_hf.training.export import EXPORTABLE, export_checkpoint
 
@@ -86,6 +86,7 @@ def checkpoints(run: Path) -> list[dict]:
                 "step": progress["step"],
                 "cpu_seconds": float(progress.get("cpu_seconds", 0.0)),
                 "cpu_marks": [float(m) for m in progress.get("cpu_marks", [])],
+                "machines": list(progress.get("machines", [])),
             }
         )
     return found
@@ -127,6 +128,7 @@ def choose_checkpoint(run: Path, mark: float) -> dict:
         "checkpoint": str(chosen["folder"]),
         "step": chosen["step"],
         "cpu_minutes": chosen["cpu_seconds"] / 60,
+        "machine": " then ".join(chosen["machines"]) or "not recorded",  # where the CPU minutes were spent
     }
 
 
@@ -184,7 +186,6 @@ def score_mark(spec: RunSpec, choice: dict, args, out: Path, score: Score) -> di
     )
     scores = score(str(pipeline), f"{spec.label}@{choice['mark']:g}min", folder / "eval")
     point = {"family": spec.family, "label": spec.label, "run": str(spec.folder), **choice, "n": args.n, **scores}
-    point["machine"] = cpu_name()  # CPU minutes buy different work on another CPU
     point_file.write_text(json.dumps(point, indent=2))
     return point
 
@@ -199,7 +200,7 @@ def score_fixed_point(label: str, model: str, minutes: float, args, out: Path, s
             return kept
     scores = score(model, label, folder / "eval")
     point = {"family": label, "label": label, "model": model, "status": "fixed", "mark": minutes, "n": args.n}
-    point.update({"cpu_minutes": minutes, **scores, "machine": cpu_name()})
+    point.update({"cpu_minutes": minutes, **scores, "machine": "as stated with --point"})
     folder.mkdir(parents=True, exist_ok=True)
     point_file.write_text(json.dumps(point, indent=2))
     return point
@@ -214,8 +215,10 @@ def report_lines(results: list[dict], args) -> list[str]:
         "# Quality against training CPU minutes",
         "",
         f"{args.n:,} samples per point, one run, BloodNet features, each checkpoint's EMA weights and saved sampler "
-        f"defaults; CPU minutes are the training process's CPU time on {cpu_name()}. Command: "
+        "defaults; CPU minutes are the training process's CPU time, on the CPUs below. Command: "
         f"`python benchmarks/quality_vs_cpu.py --runs {runs} --cpu-minutes {args.cpu_minutes_given} --n {args.n}`.",
+        "",
+        *machine_lines(results),
         "",
         "| family | CPU-min mark | checkpoint (step, CPU-min) | FD_bloodnet ↓ | class acc. ↑ | recall ↑ "
         "| near-copies ↓ |",
@@ -231,6 +234,16 @@ def report_lines(results: list[dict], args) -> list[str]:
             f"| {name} | {r['mark']:g} | {where} | {r['fd_bloodnet']:.2f} | {r['class_accuracy']:.3f} "
             f"| {r['recall']:.3f} | {r['near_copies']:.3f} |"
         )
+    return lines
+
+
+def machine_lines(results: list[dict]) -> list[str]:
+    """Which CPU each line trained on, and a warning where they differ: a CPU minute is not the same compute on
+    another CPU (bf16 units alone change a step's cost several times), so such lines are not at equal compute."""
+    trained_on = {r["label"]: r["machine"] for r in results if r.get("status") in ("at mark", "before mark")}
+    lines = [f"- {label}: trained on {machine}" for label, machine in trained_on.items()]
+    if len(set(trained_on.values())) > 1:
+        lines.append("- **The lines trained on different CPUs, so equal CPU minutes are not equal compute here.**")
     return lines
 
 

@@ -12,8 +12,9 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
+from bloodgen_hf.process import cpu_name
 from bloodgen_hf.registry import load_pipeline
-from bloodgen_hf.training import ddpm, vae
+from bloodgen_hf.training import core, ddpm, vae
 from bloodgen_hf.training.core import cpu_minute_marks, crossed_marks
 from bloodgen_hf.training.export import export_checkpoint
 from bloodgen_hf.training.gan import main as train_gan
@@ -125,7 +126,9 @@ def test_the_benchmark_scores_the_marked_checkpoints_and_reports_a_mark_never_re
         assert by_mark[mark]["status"] == "at mark" and by_mark[mark]["step"] == marked[mark]["step"]
         assert (out / "points" / "gan" / f"{mark:g}min" / "pipeline" / "model_index.json").is_file()
     assert by_mark[1000]["status"] == "not reached" and "fd_bloodnet" not in by_mark[1000]
+    assert by_mark[0.001]["machine"] == cpu_name()  # the CPU that spent the minutes, from the checkpoint
     report = (out / "report.md").read_text()
+    assert f"- gan: trained on {cpu_name()}\n" in report and "different CPUs" not in report
     assert "| gan | 1000 | not reached: the run stopped at 0.0 CPU-minutes |" in report
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     assert (out / "quality_vs_cpu.png").stat().st_size > 1000
@@ -157,3 +160,24 @@ def test_an_exported_checkpoint_is_the_pipeline_the_run_saved(family, fake_data_
             assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
         else:
             assert (exported / name).read_bytes() == (run / "pipeline" / name).read_bytes(), name
+
+
+def test_checkpoints_record_every_cpu_the_run_trained_on(fake_data_dir, tmp_path, monkeypatch):
+    """A run resumed on another CPU says so; the report warns when its lines trained on different CPUs."""
+    run, common = tmp_path / "run", ["--checkpoint-every", "2", "--keep-checkpoints", "5"]
+    run_gan(fake_data_dir, run, "--max-steps", "2", *common)
+    monkeypatch.setattr(core, "cpu_name", lambda: "Other CPU (AVX2, family 1)")
+    run_gan(fake_data_dir, run, "--max-steps", "4", "--resume", "latest", *common)
+    found = quality_vs_cpu.checkpoints(run)
+    assert [c["machines"] for c in found] == [[cpu_name()], [cpu_name(), "Other CPU (AVX2, family 1)"]]
+    assert quality_vs_cpu.choose_checkpoint(run, 1000)["status"] == "not reached"
+
+    points = [
+        {"label": "gan", "status": "at mark", "machine": "CPU A"},
+        {"label": "ddpm", "status": "before mark", "machine": "CPU B"},
+        {"label": "ddpm-fast", "status": "fixed", "machine": "as stated with --point"},
+    ]
+    lines = quality_vs_cpu.machine_lines(points)
+    assert lines[:2] == ["- gan: trained on CPU A", "- ddpm: trained on CPU B"]
+    assert "different CPUs" in lines[2] and len(lines) == 3
+    assert len(quality_vs_cpu.machine_lines(points[:1])) == 1

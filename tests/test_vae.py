@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +274,15 @@ def test_resumed_training_matches_uninterrupted(fake_data_dir, tmp_path):
     timing = ("images_per_s", "cpu_minutes")  # measured, not computed: they differ between any two runs
     drop_speed = [{k: v for k, v in json.loads(line).items() if k not in timing} for line in metrics[0]]
     assert drop_speed == [{k: v for k, v in json.loads(line).items() if k not in timing} for line in metrics[1]]
+
+
+def test_training_in_bf16_autocast_saves_fp32_weights(fake_data_dir, tmp_path):
+    # Accelerate's autocast wrapper rebuilds the model's output from a dict to cast it back to fp32;
+    # an output class that cannot be rebuilt that way failed on the first step.
+    pipeline_dir = run(fake_data_dir, tmp_path / "run", "--max-steps", "2", "--mixed-precision", "bf16")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    assert {p.dtype for p in load_pipeline(str(pipeline_dir)).vae.parameters()} == {torch.float32}
 
 
 def test_training_logs_both_elbo_terms_and_saves_a_loadable_pipeline(fake_data_dir, tmp_path):

@@ -55,10 +55,14 @@ PRIOR_BUFFERS = ("prior_weights", "prior_means", "prior_scale_tril")
 
 @dataclass
 class ConditionalAutoencoderKLOutput(BaseOutput):
-    """`sample`: the decoded images; `latent_dist`: the posterior q(z | x, y) they were decoded from."""
+    """`sample`: the decoded images; `latent_dist`: the posterior q(z | x, y) they were decoded from.
+
+    `latent_dist` has a default, as in diffusers' outputs of several fields, because BaseOutput can then be rebuilt
+    from a dict: Accelerate's mixed-precision wrapper rebuilds every output that way, to cast it back to fp32.
+    """
 
     sample: torch.Tensor
-    latent_dist: DiagonalGaussianDistribution
+    latent_dist: DiagonalGaussianDistribution | None = None
 
 
 def latent_size(resolution: int, num_blocks: int) -> int:

@@ -206,6 +206,13 @@ def load_model_weights(task: Checkpointable, accelerator: Accelerator, path: Pat
             raise CheckpointError(f"cannot load {file}: {err}") from err
 
 
+def checkpoint_machines(path: Path) -> list[str]:
+    """The CPUs that the run had trained on up to this checkpoint, in order ([] for checkpoints older than the
+    record): its CPU minutes are comparable with another run's only on the same CPU."""
+    progress = json.loads((path / "progress.json").read_text())
+    return list(progress.get("machines", []))
+
+
 def load_checkpoint(task: Checkpointable, accelerator: Accelerator, path: Path) -> tuple[int, int, int, float]:
     """Restore the task's state and this rank's RNG; (step, epoch, batch in the epoch, CPU seconds used)."""
     if not (path / "progress.json").is_file():

@@ -36,9 +36,15 @@ from bloodgen_hf.data import DataError, LabelledImages
 from bloodgen_hf.errors import UsageError, explain
 from bloodgen_hf.guard import OutputLockedError, output_lock, plain
 from bloodgen_hf.io import atomic_path, reason, save_image
-from bloodgen_hf.process import sigterm_exits, tune_malloc
+from bloodgen_hf.process import cpu_name, sigterm_exits, tune_malloc
 from bloodgen_hf.provenance import LeakError, portable_provenance
-from bloodgen_hf.training.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
+from bloodgen_hf.training.checkpoint import (
+    CheckpointError,
+    checkpoint_machines,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from bloodgen_hf.training.launch import LaunchError, check_launch, check_launch_environment, cpu_threads, launch_command
 from bloodgen_hf.training.options import add_dataclass_arguments, option, options_from_args, options_record
 from bloodgen_hf.training.resume import check_resume_settings
@@ -314,6 +320,8 @@ def train_locked(task: TrainTask, config: TrainConfig, accelerator: Accelerator,
         if accelerator.is_main_process:
             trim_metrics(out / "metrics.jsonl", step)
     check_cpu_budget(config, accelerator)
+    machines = checkpoint_machines(checkpoint) if checkpoint is not None else []
+    machines += [] if cpu_name() in machines else [cpu_name()]  # CPU minutes buy different work on another CPU
     cpu_started = time.process_time() - cpu_used
     cpu_before = cpu_used  # CPU seconds at the last step, for --checkpoint-cpu-minutes
     balance_labels = dataset.labels if config.balanced_batches else None
@@ -370,6 +378,7 @@ def train_locked(task: TrainTask, config: TrainConfig, accelerator: Accelerator,
                 cpu_before = cpu_used
                 if step % config.checkpoint_every == 0 or step == total_steps or marks:
                     progress = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "cpu_seconds": cpu_used}
+                    progress["machines"] = machines
                     progress.update({"cpu_marks": marks} if marks else {})  # kept by save_checkpoint's pruning
                     save_checkpoint(task, accelerator, out, progress, config.keep_checkpoints, settings)
                 if step >= total_steps:
