@@ -36,7 +36,7 @@ from bloodgen_hf.data import DataError, LabelledImages
 from bloodgen_hf.errors import UsageError, explain
 from bloodgen_hf.guard import OutputLockedError, output_lock, plain
 from bloodgen_hf.io import atomic_path, reason, save_image
-from bloodgen_hf.process import cpu_name, sigterm_exits, tune_malloc
+from bloodgen_hf.process import cpu_name, native_bf16, sigterm_exits, tune_malloc
 from bloodgen_hf.provenance import LeakError, portable_provenance
 from bloodgen_hf.training.checkpoint import (
     CheckpointError,
@@ -238,6 +238,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     check_launch(accelerator)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.cpu_threads, accelerator.num_processes))
+        if config.mixed_precision == "bf16" and not native_bf16() and accelerator.is_main_process:
+            print(f"warning: {cpu_name()} has no bf16 units; bf16 is emulated there and slower than fp32", flush=True)
     return accelerator
 
 
