@@ -18,7 +18,7 @@ from bloodgen_hf.pipelines import BloodDDPMPipeline
 from bloodgen_hf.provenance import pipeline_provenance, portable_provenance
 from bloodgen_hf.registry import load_pipeline, save_pipeline
 
-DEFAULT_KEYS = ("default_guidance_scale", "default_num_inference_steps", "default_guidance_interval")
+DEFAULT_KEYS = BloodDDPMPipeline.SAMPLING_DEFAULTS
 
 
 def sampling_defaults(pipe: BloodDDPMPipeline) -> dict[str, Any]:
@@ -34,10 +34,7 @@ def with_defaults(
 ) -> BloodDDPMPipeline:
     """A pipeline sharing `pipe`'s models with the given defaults (the others kept), checked as a new one is."""
     chosen = dict(zip(DEFAULT_KEYS, (guidance_scale, num_inference_steps, guidance_interval), strict=True))
-    defaults = {key: old if chosen[key] is None else chosen[key] for key, old in sampling_defaults(pipe).items()}
-    return type(pipe)(
-        **pipe.components, class_names=pipe.class_names, provenance=pipe.config.get("provenance"), **defaults
-    )
+    return pipe.replaced(**{key: value for key, value in chosen.items() if value is not None})
 
 
 def save_with_defaults(

@@ -105,6 +105,8 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    # what it samples with when the caller passes nothing (see replaced(), and bloodgen_hf/set_defaults.py)
+    SAMPLING_DEFAULTS = ("default_guidance_scale", "default_num_inference_steps", "default_guidance_interval")
 
     def __init__(
         self,
@@ -152,15 +154,22 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
         return square_side(self.unet.config.sample_size)
 
     def with_scheduler(self, name: str) -> BloodDDPMPipeline:
-        """A copy sampling with scheduler `name` (ddpm, ddim, dpm++, unipc, euler); shares the other components
-        (the UNet, and a subclass's own, such as BloodLDMPipeline's autoencoder)."""
+        """A copy sampling with scheduler `name` (ddpm, ddim, dpm++, unipc, euler)."""
+        return self.replaced(scheduler=make_scheduler(name, self.scheduler.config))
+
+    def replaced(self, scheduler=None, **defaults) -> BloodDDPMPipeline:
+        """A copy sharing the models (the UNet, and a subclass's own, such as BloodLDMPipeline's autoencoder), with
+        another scheduler and/or sampling defaults (default_guidance_scale, default_num_inference_steps,
+        default_guidance_interval), checked as a new pipeline's are; the rest kept."""
+        kept = {key: self.config.get(key) for key in self.SAMPLING_DEFAULTS}
+        unknown = set(defaults) - set(kept)
+        if unknown:
+            raise TypeError(f"replaced() takes the sampling defaults {self.SAMPLING_DEFAULTS}, not {sorted(unknown)}")
         pipe = type(self)(
-            **{**self.components, "scheduler": make_scheduler(name, self.scheduler.config)},
+            **{**self.components, "scheduler": scheduler or self.scheduler},
             class_names=self.class_names,
-            default_guidance_scale=self.config.default_guidance_scale,
-            default_num_inference_steps=self.config.default_num_inference_steps,
             provenance=self.config.get("provenance"),
-            default_guidance_interval=self.config.get("default_guidance_interval"),
+            **{**kept, **defaults},
         )
         pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return pipe
@@ -208,7 +217,7 @@ class BloodDDPMPipeline(BloodPipelineMixin, DiffusionPipeline):
         levels = self.scheduler.config.num_train_timesteps
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
-            guided = interval is None or interval[0] < float(t) / levels <= interval[1]
+            guided = in_guidance_interval(float(t) / levels, interval)
             prediction = self.guided_prediction(model_input, t, labels, guidance_scale if guided else 1.0)
             x = self.scheduler.step(prediction, t, x, **step_kwargs).prev_sample
         # "latent": the denoised samples as they are (a latent model's latents, undecoded), as diffusers' pipelines do
@@ -258,6 +267,15 @@ def check_guidance_interval(interval) -> tuple[float, float] | None:
     if not (0 <= lo < hi <= 1):
         raise UsageError(f"guidance_interval (--guidance-interval) needs 0 <= lo < hi <= 1, got {lo:g},{hi:g}")
     return lo, hi
+
+
+def in_guidance_interval(level, interval: tuple[float, float] | None):
+    """Whether noise level t/T (a float, or a tensor of them) is guided: all are without an interval; else
+    lo < t/T <= hi, so that (0, hi] guides every level up to hi and the noisiest stay unguided."""
+    if interval is None:
+        return torch.ones_like(level, dtype=torch.bool) if isinstance(level, torch.Tensor) else True
+    lo, hi = interval
+    return (lo < level) & (level <= hi)
 
 
 def check_sampling_arguments(guidance_scale: float, steps: int, max_steps: int | None = None) -> None:

@@ -10,7 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from bloodgen_hf.cli import app
+from bloodgen_hf.errors import UsageError
+from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import in_guidance_interval
 from bloodgen_hf.registry import load_pipeline, save_pipeline
+from bloodgen_hf.training.student import outside_guidance_interval
 from tests.conftest import one_error_line, tiny_ddpm_pipeline, tiny_gan_pipeline, tiny_ldm_pipeline
 from tests.test_ddpm import sample
 
@@ -87,3 +90,31 @@ def test_a_gan_or_an_existing_output_is_refused(tmp_path: Path):
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     assert "--overwrite" in one_error_line(run(str(source), "--out", str(tmp_path / "taken"), "--guidance", "2"))
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("make", [tiny_ddpm_pipeline, tiny_ldm_pipeline])
+def test_replaced_and_with_scheduler_share_the_models_and_keep_the_other_settings(make):
+    """The one way a pipeline is copied: a new scheduler or new defaults, the models and the rest kept."""
+    pipe = provenanced(make()).replaced(default_guidance_scale=2.0, default_guidance_interval=(0.0, 0.7))
+    assert (pipe.config.default_guidance_scale, pipe.config.default_guidance_interval) == (2.0, [0.0, 0.7])
+    other = pipe.with_scheduler("unipc")  # a flow model gets the flow version of it
+    assert type(other) is type(pipe) and type(other.scheduler).__name__ == "UniPCMultistepScheduler"
+    assert {k: other.config.get(k) for k in pipe.SAMPLING_DEFAULTS} == {
+        k: pipe.config.get(k) for k in pipe.SAMPLING_DEFAULTS
+    }
+    assert other.config.provenance == pipe.config.provenance and other.class_names == pipe.class_names
+    assert all(other.components[k] is v for k, v in pipe.components.items() if k != "scheduler")
+    with pytest.raises(TypeError, match="not \\['unet'\\]"):
+        pipe.replaced(unet=None)
+    with pytest.raises(UsageError, match="needs 0 <= lo < hi <= 1"):
+        pipe.replaced(default_guidance_interval=(0.7, 0.2))
+
+
+def test_the_guidance_interval_test_is_the_same_for_one_level_and_a_tensor_of_them():
+    levels = torch.tensor([0.0, 0.1, 0.7, 0.71, 1.0])
+    for interval in (None, (0.0, 0.7), (0.2, 0.85)):
+        as_tensor = in_guidance_interval(levels, interval).tolist()
+        assert as_tensor == [bool(in_guidance_interval(float(t), interval)) for t in levels]
+    assert in_guidance_interval(levels, (0.0, 0.7)).tolist() == [False, True, True, False, False]
+    assert outside_guidance_interval(levels, [0.0, 0.7]).tolist() == [True, False, False, True, True]
+    assert not outside_guidance_interval(levels, None).any()

@@ -67,7 +67,7 @@ from bloodgen_hf.guard import output_lock
 from bloodgen_hf.io import atomic_path, remove_temporaries
 from bloodgen_hf.models.gan import ConditionalDiscriminator
 from bloodgen_hf.pipelines import BloodLDMPipeline
-from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import BloodDDPMPipeline, is_flow
+from bloodgen_hf.pipelines.pipeline_bloodgen_ddpm import BloodDDPMPipeline, in_guidance_interval, is_flow
 from bloodgen_hf.provenance import ALL_SPLITS, origin_record, pipeline_provenance, splits_seen
 from bloodgen_hf.training.core import TrainConfig, run_training
 from bloodgen_hf.training.ddpm import DDPMTask, UNetOptimization, build_noise_scheduler, unet_optimization
@@ -242,11 +242,8 @@ def interval_list(interval) -> list[float] | None:
 
 
 def outside_guidance_interval(t: torch.Tensor, interval: list[float] | None) -> torch.Tensor:
-    """Which noise levels t in [0, 1] a teacher with this guidance interval leaves unguided (as its pipeline)."""
-    if interval is None:
-        return torch.zeros_like(t, dtype=torch.bool)
-    lo, hi = interval
-    return (t <= lo) | (t > hi)
+    """Which noise levels t in [0, 1] a teacher with this guidance interval leaves unguided (its pipeline's test)."""
+    return ~in_guidance_interval(t, interval)
 
 
 class PairsFile(NamedTuple):
