@@ -206,15 +206,11 @@ def load_model_weights(task: Checkpointable, accelerator: Accelerator, path: Pat
             raise CheckpointError(f"cannot load {file}: {err}") from err
 
 
-def checkpoint_machines(path: Path) -> list[str]:
-    """The CPUs that the run had trained on up to this checkpoint, in order ([] for checkpoints older than the
-    record): its CPU minutes are comparable with another run's only on the same CPU."""
-    progress = json.loads((path / "progress.json").read_text())
-    return list(progress.get("machines", []))
-
-
-def load_checkpoint(task: Checkpointable, accelerator: Accelerator, path: Path) -> tuple[int, int, int, float]:
-    """Restore the task's state and this rank's RNG; (step, epoch, batch in the epoch, CPU seconds used)."""
+def load_checkpoint(
+    task: Checkpointable, accelerator: Accelerator, path: Path
+) -> tuple[int, int, int, float, list[str]]:
+    """Restore the task's state and this rank's RNG; (step, epoch, batch in the epoch, CPU seconds used, the CPUs
+    trained on so far: [] for checkpoints older than that record, whose CPU minutes compare only on one CPU)."""
     if not (path / "progress.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no progress.json)")
     load_model_weights(task, accelerator, path)
@@ -229,4 +225,5 @@ def load_checkpoint(task: Checkpointable, accelerator: Accelerator, path: Path) 
         raise LaunchError(f"{path} was written by fewer processes than the {accelerator.num_processes} running now")
     set_rng_state(load_state(rng_file))
     progress = json.loads((path / "progress.json").read_text())
-    return progress["step"], progress["epoch"], progress["batch_in_epoch"], progress.get("cpu_seconds", 0.0)
+    position = progress["step"], progress["epoch"], progress["batch_in_epoch"]
+    return *position, progress.get("cpu_seconds", 0.0), list(progress.get("machines", []))

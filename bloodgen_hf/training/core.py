@@ -38,13 +38,7 @@ from bloodgen_hf.guard import OutputLockedError, output_lock, plain
 from bloodgen_hf.io import atomic_path, reason, save_image
 from bloodgen_hf.process import cpu_name, native_bf16, sigterm_exits, tune_malloc
 from bloodgen_hf.provenance import LeakError, portable_provenance
-from bloodgen_hf.training.checkpoint import (
-    CheckpointError,
-    checkpoint_machines,
-    load_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-)
+from bloodgen_hf.training.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from bloodgen_hf.training.launch import LaunchError, check_launch, check_launch_environment, cpu_threads, launch_command
 from bloodgen_hf.training.options import add_dataclass_arguments, option, options_from_args, options_record
 from bloodgen_hf.training.resume import check_resume_settings
@@ -315,15 +309,15 @@ def train_locked(task: TrainTask, config: TrainConfig, accelerator: Accelerator,
     task.optimizers = dict(zip(task.optimizers, prepared[len(names) :]))
 
     total_steps = total_optimizer_steps(config, len(dataset), accelerator.num_processes)
-    step, epoch, batch_in_epoch, cpu_used = 0, 0, 0, 0.0
+    step, epoch, batch_in_epoch, cpu_used, machines = 0, 0, 0, 0.0, []
     set_seed(config.seed + accelerator.process_index)  # per-rank noise; weights were seeded before
     if checkpoint is not None:
-        step, epoch, batch_in_epoch, cpu_used = load_checkpoint(task, accelerator, checkpoint)
+        step, epoch, batch_in_epoch, cpu_used, machines = load_checkpoint(task, accelerator, checkpoint)
         if accelerator.is_main_process:
             trim_metrics(out / "metrics.jsonl", step)
     check_cpu_budget(config, accelerator)
-    machines = checkpoint_machines(checkpoint) if checkpoint is not None else []
-    machines += [] if cpu_name() in machines else [cpu_name()]  # CPU minutes buy different work on another CPU
+    if cpu_name() not in machines:  # CPU minutes buy different work on another CPU
+        machines.append(cpu_name())
     cpu_started = time.process_time() - cpu_used
     cpu_before = cpu_used  # CPU seconds at the last step, for --checkpoint-cpu-minutes
     balance_labels = dataset.labels if config.balanced_batches else None
