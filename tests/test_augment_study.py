@@ -16,6 +16,7 @@ from bloodgen_hf.evaluation import augment_study, bloodnet_train
 from bloodgen_hf.evaluation.augment_study import StudyConfig, draw_synthetic, grow_pool, run_study, synthetic_counts
 from bloodgen_hf.evaluation.bloodnet_train import MODEL_FOLDER, BloodNetTask, load_classifier
 from bloodgen_hf.evaluation.metrics import classification_report
+from bloodgen_hf.process import cpu_name, native_bf16
 from bloodgen_hf.registry import load_pipeline
 from tests.conftest import tiny_gan_pipeline
 
@@ -225,6 +226,21 @@ def test_converged_results_record_every_cell(train_split_gan, fake_data_dir, tmp
         for key in ("fraction", "seed", "recipe", "classifier", "accuracy", "macro_f1", "epochs", "chosen_epoch"):
             assert key in run, key
         assert run["protocol"] == "converged" and len(run["val_curve"]) == 2 and run["cpu_minutes"] > 0
+        assert run["machine"] == cpu_name() and run["mixed_precision"] == ("bf16" if native_bf16() else "no")
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert f"Classifiers trained on: {cpu_name()}, " in report and "(4 of 4)" in report
+
+
+def test_the_report_names_each_machine_and_precision_and_skips_unrecorded_runs():
+    runs = [
+        {"machine": "CPU A", "mixed_precision": "bf16"},
+        {"machine": "CPU B", "mixed_precision": "no"},
+        {"machine": "CPU A", "mixed_precision": "bf16"},
+        {},
+    ]
+    line = augment_study.machine_lines(runs)[-1]
+    assert line == "Classifiers trained on: CPU A, bf16 autocast (2 of 4); CPU B, fp32 (1 of 4)."
+    assert augment_study.machine_lines([{}]) == []
 
 
 def test_a_generator_that_saw_the_test_split_is_refused_by_the_converged_study(fake_data_dir, tmp_path):

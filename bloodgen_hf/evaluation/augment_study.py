@@ -64,7 +64,7 @@ from bloodgen_hf.evaluation.protocol import summarize
 from bloodgen_hf.evaluation.report import write_json, write_markdown_report
 from bloodgen_hf.guard import check_unchanged
 from bloodgen_hf.io import atomic_path
-from bloodgen_hf.process import native_bf16
+from bloodgen_hf.process import cpu_name, native_bf16
 from bloodgen_hf.provenance import (
     check_unseen,
     describe_provenance,
@@ -383,7 +383,7 @@ def train_classifier(
         batch_size=batch,
         epochs=epochs if converged else 10**6,
         max_steps=steps,
-        mixed_precision="bf16" if converged and native_bf16() else "no",
+        mixed_precision=classifier_precision(config),
         seed=seed,
         checkpoint_every=10**9 if converged else config.steps,  # a stopped classifier starts again
         keep_checkpoints=1,
@@ -576,9 +576,16 @@ def run_name(setting: str, config: StudyConfig, fraction: float, seed: int) -> s
     return f"{setting}{recipe}-{fraction:g}-seed{seed}"
 
 
+def classifier_precision(config: StudyConfig) -> str:
+    """Converged classifiers train in bf16 autocast where the CPU has bf16 units, else in fp32 ("no")."""
+    return "bf16" if config.protocol == "converged" and native_bf16() else "no"
+
+
 def training_record(config: StudyConfig, task, num_images: int, num_real: int, cpu: float, wall: float) -> dict:
-    """How a classifier was trained: protocol, budget, batch, the chosen epoch and the val curve, CPU time."""
+    """How a classifier was trained: protocol, budget, batch, the chosen epoch and the val curve, CPU time, and the
+    CPU and precision (a cell trained again elsewhere moves by about a seed's spread, so studies name theirs)."""
     record = {"protocol": config.protocol, "classifier": config.classifier, "num_images": num_images}
+    record.update(machine=cpu_name(), mixed_precision=classifier_precision(config))
     record["batch_size"] = config.classifier_batch(num_images, num_real)
     if config.protocol == "converged":
         chosen = task.chosen()
@@ -874,6 +881,7 @@ def write_study_report(results: dict, out: Path, html: bool = False) -> None:
         lines.append(
             f"| {e['row']} | {e['fraction']:g} | {cpu} | {', '.join(map(str, e.get('chosen_epochs', []))) or '–'} |"
         )
+    lines += machine_lines(results["runs"])
     lines += ["", "## Class-wise F1 (mean over seeds)", ""]
     class_names = results.get("class_names") or list(CLASS_NAMES)
     lines += classwise_table(summary, class_names)
@@ -885,6 +893,19 @@ def write_study_report(results: dict, out: Path, html: bool = False) -> None:
         lines += ["", "![val curves](val_curves.png)"]
         plot_val_curves(results["runs"], rows, fractions, out)
     write_markdown_report(lines, out, html)
+
+
+def machine_lines(runs: list[dict]) -> list[str]:
+    """Where the classifiers trained, and in which precision (runs from before this was recorded are not named)."""
+    named = [r for r in runs if "machine" in r]
+    if not named:
+        return []
+    counts: dict[str, int] = {}
+    for r in named:
+        key = f"{r['machine']}, {'bf16 autocast' if r['mixed_precision'] == 'bf16' else 'fp32'}"
+        counts[key] = counts.get(key, 0) + 1
+    where = "; ".join(f"{key} ({n} of {len(runs)})" for key, n in counts.items())
+    return ["", f"Classifiers trained on: {where}."]
 
 
 def classwise_table(
