@@ -48,6 +48,7 @@ import math
 import shlex
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -897,13 +898,10 @@ def write_study_report(results: dict, out: Path, html: bool = False) -> None:
 
 def machine_lines(runs: list[dict]) -> list[str]:
     """Where the classifiers trained, and in which precision (runs from before this was recorded are not named)."""
-    named = [r for r in runs if "machine" in r]
-    if not named:
+    precision = {"bf16": "bf16 autocast", "no": "fp32"}
+    counts = Counter(f"{r['machine']}, {precision[r['mixed_precision']]}" for r in runs if "machine" in r)
+    if not counts:
         return []
-    counts: dict[str, int] = {}
-    for r in named:
-        key = f"{r['machine']}, {'bf16 autocast' if r['mixed_precision'] == 'bf16' else 'fp32'}"
-        counts[key] = counts.get(key, 0) + 1
     where = "; ".join(f"{key} ({n} of {len(runs)})" for key, n in counts.items())
     return ["", f"Classifiers trained on: {where}."]
 
