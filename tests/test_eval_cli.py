@@ -128,9 +128,12 @@ def test_evaluate_bad_input_is_one_error_line(tiny_gan_dir, common, tmp_path, ex
 
 def test_compare_writes_one_report_folder(tiny_gan_dir, common, tmp_path):
     from bloodgen_hf.registry import save_pipeline
+    from bloodgen_hf.training.cost import training_cost, write_training_cost
 
     other = save_pipeline(tiny_gan_pipeline(seed=1), tmp_path / "other_gan")
     (other / "metrics.jsonl").write_text('{"step": 1, "loss_g": 2.0}\n{"step": 2, "loss_g": 1.5}\n')
+    cost = training_cost(90 * 60.0, 2, ["Some CPU (AVX2)"], {"init_from": None})
+    write_training_cost(other, cost)
     out = tmp_path / "report"
     args = ["--metrics", "fd,1nn", "--out", out, "--html"]
     result = invoke("compare", "--models", tiny_gan_dir, other, *SMALL, *common, *args)
@@ -144,6 +147,8 @@ def test_compare_writes_one_report_folder(tiny_gan_dir, common, tmp_path):
     results = json.loads((out / "models" / "other_gan" / "results.json").read_text())
     assert results["protocol"]["runs"] == 2 and results["machine"] == cpu_name()
     assert f"| {cpu_name()} |" in report  # speeds say which machine measured them
+    assert "| 90 | Some CPU (AVX2) |" in report  # and what training cost, where the folder records it
+    assert "| not recorded | not recorded |" in report
     again = invoke(
         "compare",
         "--models",

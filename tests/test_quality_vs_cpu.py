@@ -16,6 +16,7 @@ from bloodgen_hf.process import cpu_name
 from bloodgen_hf.registry import load_pipeline
 from bloodgen_hf.training import core, ddpm, vae
 from bloodgen_hf.training.core import cpu_minute_marks, crossed_marks
+from bloodgen_hf.training.cost import read_training_cost
 from bloodgen_hf.training.export import export_checkpoint
 from bloodgen_hf.training.gan import main as train_gan
 from tests.test_ddpm import train_args as ddpm_args
@@ -105,6 +106,12 @@ def test_the_benchmark_scores_the_marked_checkpoints_and_reports_a_mark_never_re
     assert json.loads((exported / "provenance.json").read_text()) == json.loads(
         (run / "pipeline" / "provenance.json").read_text()
     )
+    # both record what the run cost up to there: the checkpoint's CPU time, and the loop's at the end
+    progress = json.loads((last / "progress.json").read_text())
+    cost, final = read_training_cost(exported), read_training_cost(run / "pipeline")
+    assert cost["cpu_minutes"] == pytest.approx(progress["cpu_seconds"] / 60) and cost["steps"] == 20
+    assert cost["machines"] == [cpu_name()] and cost["starts_from"] == []
+    assert final["cpu_minutes"] == pytest.approx(cost["cpu_minutes"]) and final["steps"] == 20
 
     scored = []
 

@@ -42,6 +42,7 @@ from bloodgen_hf.evaluation.runner import (
 from bloodgen_hf.evaluation.tstr import TSTRConfig, run_tstr, split_models, tstr_lines
 from bloodgen_hf.io import labelled_class_grid, save_image
 from bloodgen_hf.sampling import generate, pipeline_class_names, recorded_sampling, sampling_record
+from bloodgen_hf.training.cost import describe_cost, read_training_cost
 
 GRID_PER_CLASS = 8
 PROTOCOL_KEYS = (
@@ -202,7 +203,13 @@ def compare(
         entries[label] = results
         timing = results["timing"]["images_per_s"]
         machine = results.get("machine", "not recorded")
-        facts[label] = {"parameters": parameter_count(pipe)["total"], "images_per_s": timing, "machine": machine}
+        cost = read_training_cost(resolve_model(model))
+        facts[label] = {
+            "parameters": parameter_count(pipe)["total"],
+            "images_per_s": timing,
+            "machine": machine,
+            "training_cost": cost,
+        }
         grids[label] = model_grid(pipe, sampling_kwargs, seed=protocol.seed, upsample=plan)
         curves[label] = training_curves(resolve_model(model))
     grids = {"real": class_grid(real.images, real.labels, seed=protocol.seed, class_names=real.class_names), **grids}
@@ -224,11 +231,8 @@ def write_report(
     shared = {**first["protocol"], "upsample": None}  # each model's label says whether it was upsampled
     lines = ["# Model comparison", "", protocol_line(shared), "", *comparison_table(entries), ""]
     lines += ["![metrics](metrics.png)", *tstr_lines(tstr or {}), ""]
-    lines += ["## Models", "", "| model | parameters | sampling (images/s) | ms/image | measured on |"]
-    lines.append("|---|---|---|---|---|")
-    for name, fact in facts.items():
-        speed = fact["images_per_s"]["mean"]
-        lines.append(f"| {name} | {fact['parameters']:,} | {speed:.1f} | {1000 / speed:.2f} | {fact['machine']} |")
+    lines += ["## Models", "", "| " + " | ".join(MODEL_COLUMNS) + " |", "|---" * len(MODEL_COLUMNS) + "|"]
+    lines += [model_row(name, fact) for name, fact in facts.items()]
     lines += ["", "## Samples per class", ""]
     lines.append("| " + " | ".join(grids) + " |")
     lines.append("|---" * len(grids) + "|")
@@ -236,6 +240,28 @@ def write_report(
     if curves_file is not None:
         lines += ["", "## Training curves", "", "![training curves](curves.png)"]
     return write_markdown_report(lines, out, html)
+
+
+MODEL_COLUMNS = (
+    "model",
+    "parameters",
+    "sampling (images/s)",
+    "ms/image",
+    "measured on",
+    "training CPU-minutes",
+    "trained on",
+)
+
+
+def model_row(name: str, fact: dict) -> str:
+    """One row of the model table: size, sampling speed and where it was timed, and what training cost
+    (training_cost.json in the model's folder; "not recorded" for models saved before runs wrote it)."""
+    speed = fact["images_per_s"]["mean"]
+    cpu, trained_on = describe_cost(fact.get("training_cost"))
+    return (
+        f"| {name} | {fact['parameters']:,} | {speed:.1f} | {1000 / speed:.2f} | {fact['machine']} | {cpu} "
+        f"| {trained_on} |"
+    )
 
 
 QUALITY_MARGIN = 0.10  # a model this close to the best in FD and class accuracy counts as equally good

@@ -39,6 +39,7 @@ from bloodgen_hf.io import atomic_path, reason, save_image
 from bloodgen_hf.process import cpu_name, native_bf16, sigterm_exits, tune_malloc
 from bloodgen_hf.provenance import LeakError, portable_provenance
 from bloodgen_hf.training.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
+from bloodgen_hf.training.cost import training_cost, write_training_cost
 from bloodgen_hf.training.launch import LaunchError, check_launch, check_launch_environment, cpu_threads, launch_command
 from bloodgen_hf.training.options import add_dataclass_arguments, option, options_from_args, options_record
 from bloodgen_hf.training.resume import check_resume_settings
@@ -385,18 +386,21 @@ def train_locked(task: TrainTask, config: TrainConfig, accelerator: Accelerator,
                     save_sample_grid(task, accelerator, out / "samples" / f"epoch_{epoch:04d}.png")
     accelerator.wait_for_everyone()
     pipeline_dir = out / "pipeline"
+    cpu_all = accelerator.reduce(torch.tensor([cpu_used], device=accelerator.device), reduction="sum").item()
     if accelerator.is_main_process:
-        save_final_pipeline(task, accelerator, pipeline_dir, replace=checkpoint is not None)
+        cost = training_cost(cpu_all, step, machines, task.provenance)
+        save_final_pipeline(task, accelerator, pipeline_dir, cost, replace=checkpoint is not None)
     accelerator.end_training()
     return pipeline_dir
 
 
-def save_final_pipeline(task: TrainTask, accelerator: Accelerator, folder: Path, replace: bool) -> None:
-    """Write pipeline/ atomically. Only a resumed run replaces one; a fresh run refuses a pipeline that
-    appeared while it trained (the folder held none when it started)."""
+def save_final_pipeline(task: TrainTask, accelerator: Accelerator, folder: Path, cost: dict, replace: bool) -> None:
+    """Write pipeline/ atomically, with what the run cost (training/cost.py). Only a resumed run replaces one; a
+    fresh run refuses a pipeline that appeared while it trained (the folder held none when it started)."""
     try:
         with atomic_path(folder, is_dir=True, overwrite=replace) as tmp:
             task.save_pipeline(accelerator, tmp)
+            write_training_cost(tmp, cost)
     except FileExistsError:
         raise
     except (OSError, SafetensorError) as err:

@@ -22,6 +22,7 @@ from bloodgen_hf.io import atomic_path
 from bloodgen_hf.provenance import portable_provenance
 from bloodgen_hf.training.checkpoint import load_model_weights, load_state
 from bloodgen_hf.training.core import TrainConfig, TrainTask
+from bloodgen_hf.training.cost import training_cost, write_training_cost
 from bloodgen_hf.training.ddpm import DDPMTask
 from bloodgen_hf.training.gan import GANTask
 from bloodgen_hf.training.sources import load_training_data
@@ -83,6 +84,11 @@ def checkpoint_task(family: str, run: Path, checkpoint: Path, data_dir: str | No
 def export_checkpoint(family: str, run: Path, checkpoint: Path, folder: Path, data_dir: str | None = None) -> Path:
     """Write (atomically, replacing one there) the pipeline the run would have saved at `checkpoint`."""
     task = checkpoint_task(family, Path(run), Path(checkpoint), data_dir)
+    progress = json.loads((Path(checkpoint) / "progress.json").read_text())
+    one_process = run_config(Path(run))[1].get("num_processes", 1) == 1  # progress.json holds rank 0's time only
+    cpu_seconds = progress.get("cpu_seconds") if one_process else None
+    cost = training_cost(cpu_seconds, progress["step"], progress.get("machines", []), task.provenance)
     with atomic_path(Path(folder), is_dir=True, overwrite=True) as tmp:
         task.save_pipeline(NoAccelerator(), tmp)
+        write_training_cost(tmp, cost)
     return Path(folder)
