@@ -2,7 +2,7 @@
 
     python benchmarks/quality_vs_cpu.py --runs gan=runs/gan-v2 ddpm=runs/ddpm-v2 vae=runs/vae-v2 \
         --cpu-minutes 15,30,60,120,240 --n 2000 --data-dir ../shared/data --out reports/quality-vs-cpu \
-        [--point ddpm-fast=ddpm-fast@MINUTES]
+        [--point ddpm-fast=ddpm-fast]
 
 Each `--runs` item is FAMILY[:LABEL]=RUN_FOLDER (families: gan, ddpm, vae), a run trained with
 `--checkpoint-cpu-minutes 15,30,60,120,240` so that it leaves a checkpoint at each mark, which
@@ -15,8 +15,8 @@ mark the run never reached, or one it passed with no checkpoint at or below it, 
 not scored. The checkpoint becomes the pipeline the run would have saved there (EMA weights, its sampler
 defaults: bloodgen_hf.training.export), and `--n` of its samples are scored as `bloodgen-hf evaluate
 --runs 1 --extractor bloodnet --metrics fd,pr,memorization,accuracy --no-floor` scores them. `--point
-LABEL=MODEL@MINUTES` adds a saved model as one point at its total cost (the distilled default: teacher,
-pairs and student).
+LABEL=MODEL[@MINUTES]` adds a saved model as one point at its total cost (the distilled default: teacher,
+pairs and student), as stated or as its training_cost.json records it (bloodgen_hf/training/cost.py).
 
 Writes results.json, report.md and quality_vs_cpu.png (FD and class accuracy against the checkpoints' CPU
 minutes, log scale) to `--out`; finished points are kept under points/, so a rerun continues.
@@ -31,8 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.process import tune_malloc
+from bloodgen_hf.registry import ModelLoadError, resolve_model
 from bloodgen_hf.training.core import cpu_minute_marks
+from bloodgen_hf.training.cost import read_training_cost
 from bloodgen_hf.training.export import EXPORTABLE, export_checkpoint
 
 METRICS = ("fd", "pr", "memorization", "accuracy")
@@ -56,17 +59,30 @@ def parse_run(item: str) -> RunSpec:
     return RunSpec(family, label or family, Path(folder))
 
 
-def parse_point(item: str) -> tuple[str, str, float]:
-    """LABEL=MODEL@MINUTES: a saved model (bundled name or folder) drawn as one point at MINUTES."""
+def parse_point(item: str) -> tuple[str, str, float | None]:
+    """LABEL=MODEL[@MINUTES]: a saved model (bundled name or folder) drawn as one point at MINUTES, or without
+    them at the whole cost its training_cost.json records."""
     label, sep, rest = item.partition("=")
-    model, at, minutes = rest.rpartition("@")
+    model, at, minutes = rest.rpartition("@") if "@" in rest else (rest, "", "")
     try:
-        value = float(minutes)
+        value = float(minutes) if at else None
     except ValueError:
         value = math.nan
-    if not (sep and at and label and model and value > 0):
-        raise argparse.ArgumentTypeError(f"--point takes LABEL=MODEL@CPU_MINUTES, got {item!r}")
+    if not (sep and label and model and (value is None or value > 0)):
+        raise argparse.ArgumentTypeError(f"--point takes LABEL=MODEL or LABEL=MODEL@CPU_MINUTES, got {item!r}")
     return label, model, value
+
+
+def point_cost(model: str, minutes: float | None) -> tuple[float, str]:
+    """A point's CPU minutes and machines: as stated, else the whole cost its training_cost.json records
+    (refused where it records none)."""
+    if minutes is not None:
+        return minutes, "as stated with --point"
+    cost = read_training_cost(Path(resolve_model(model)))
+    if cost is None or cost.get("cpu_minutes") is None:
+        why = "no training_cost.json" if cost is None else "only its own run's minutes, not its origins'"
+        raise UsageError(f"--point {model}: its folder records {why}; give its total as LABEL={model}@CPU_MINUTES")
+    return float(cost["cpu_minutes"]), "; ".join(cost.get("machines") or []) or "not recorded"
 
 
 # --- which checkpoint stands for a mark ----------------------------------------------------------------------
@@ -190,8 +206,9 @@ def score_mark(spec: RunSpec, choice: dict, args, out: Path, score: Score) -> di
     return point
 
 
-def score_fixed_point(label: str, model: str, minutes: float, args, out: Path, score: Score) -> dict:
-    """A saved model (e.g. the distilled default) as one point at its stated total CPU cost."""
+def score_fixed_point(label: str, model: str, cost: tuple[float, str], args, out: Path, score: Score) -> dict:
+    """A saved model (e.g. the distilled default) as one point at its total CPU cost (minutes, machines)."""
+    minutes, machine = cost
     folder = out / "points" / label
     point_file = folder / "point.json"
     if point_file.is_file():
@@ -200,7 +217,7 @@ def score_fixed_point(label: str, model: str, minutes: float, args, out: Path, s
             return kept
     scores = score(model, label, folder / "eval")
     point = {"family": label, "label": label, "model": model, "status": "fixed", "mark": minutes, "n": args.n}
-    point.update({"cpu_minutes": minutes, **scores, "machine": "as stated with --point"})
+    point.update({"cpu_minutes": minutes, **scores, "machine": machine})
     folder.mkdir(parents=True, exist_ok=True)
     point_file.write_text(json.dumps(point, indent=2))
     return point
@@ -286,7 +303,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, type=parse_run, metavar="FAMILY[:LABEL]=RUN")
     parser.add_argument("--cpu-minutes", default="15,30,60,120,240", help="the CPU-minute marks to score")
-    parser.add_argument("--point", action="append", default=[], type=parse_point, metavar="LABEL=MODEL@MINUTES")
+    parser.add_argument("--point", action="append", default=[], type=parse_point, metavar="LABEL=MODEL[@MINUTES]")
     parser.add_argument("--n", type=int, default=2000, help="samples scored per point")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--out", type=Path, default=Path("reports/quality-vs-cpu"))
@@ -307,6 +324,10 @@ def main(argv: list[str] | None = None, score: Score | None = None) -> list[dict
     """Score every run at every mark (and each --point); `score` replaces the evaluation (tests)."""
     tune_malloc()  # sampling is about 2x faster with it (bloodgen_hf/process.py), as in the CLI
     args = parse_args(argv)
+    try:
+        costs = {label: point_cost(model, minutes) for label, model, minutes in args.point}
+    except (UsageError, ModelLoadError) as err:
+        raise SystemExit(f"error: {err}") from None
     score = score or Scorer(args.n, args.data_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -319,8 +340,8 @@ def main(argv: list[str] | None = None, score: Score | None = None) -> list[dict
                 continue
             results.append(score_mark(spec, choice, args, args.out, score))
             write_outputs(results, args, args.out)
-    for label, model, minutes in args.point:
-        results.append(score_fixed_point(label, model, minutes, args, args.out, score))
+    for label, model, _ in args.point:
+        results.append(score_fixed_point(label, model, costs[label], args, args.out, score))
     write_outputs(results, args, args.out)
     return results
 

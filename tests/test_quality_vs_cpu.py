@@ -3,6 +3,7 @@ the checkpoint that stands for each mark (and reporting the marks a run has none
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from bloodgen_hf.process import cpu_name
 from bloodgen_hf.registry import load_pipeline
 from bloodgen_hf.training import core, ddpm, vae
 from bloodgen_hf.training.core import cpu_minute_marks, crossed_marks
-from bloodgen_hf.training.cost import read_training_cost
+from bloodgen_hf.training.cost import read_training_cost, training_cost, write_training_cost
 from bloodgen_hf.training.export import export_checkpoint
 from bloodgen_hf.training.gan import main as train_gan
 from tests.test_ddpm import train_args as ddpm_args
@@ -142,6 +143,31 @@ def test_the_benchmark_scores_the_marked_checkpoints_and_reports_a_mark_never_re
 
     scored.clear()  # a rerun keeps the finished points
     assert quality_vs_cpu.main(argv, score=fake_score) == results and scored == []
+
+    # a saved model as one point: at the whole cost its training_cost.json records, or as stated
+    argv += ["--point", f"final={run / 'pipeline'}", "--point", f"stated={run / 'pipeline'}@5"]
+    points = {r["label"]: r for r in quality_vs_cpu.main(argv, score=fake_score) if r["status"] == "fixed"}
+    assert points["final"]["cpu_minutes"] == pytest.approx(read_training_cost(run / "pipeline")["cpu_minutes"])
+    assert points["final"]["machine"] == cpu_name() and scored == ["final", "stated"]
+    assert points["stated"]["cpu_minutes"] == 5 and points["stated"]["machine"] == "as stated with --point"
+
+
+def test_a_point_needs_a_stated_cost_or_a_whole_recorded_one(tiny_gan_dir, tmp_path):
+    assert quality_vs_cpu.parse_point("a=b") == ("a", "b", None)
+    assert quality_vs_cpu.parse_point("a=runs/x@2@3") == ("a", "runs/x@2", 3.0)
+    for bad in ("a=b@0", "a=b@x", "=b@3", "a=", "a"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--point takes LABEL=MODEL or LABEL=MODEL@CPU_MINUTES"):
+            quality_vs_cpu.parse_point(bad)
+
+    def never(*_):
+        raise AssertionError("nothing is scored before every point's cost is known")
+
+    argv = ["--runs", f"gan={tmp_path}", "--point", f"p={tiny_gan_dir}", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="records no training_cost.json; give its total as LABEL=.*@CPU_MINUTES"):
+        quality_vs_cpu.main(argv, score=never)
+    write_training_cost(tiny_gan_dir, training_cost(600.0, 1, ["CPU A"], {"init_from": {"model": "gan"}}))
+    with pytest.raises(SystemExit, match="records only its own run's minutes, not its origins'"):
+        quality_vs_cpu.main(argv, score=never)
 
 
 VAE_TINY = ["--batch-size", "16", "--block-out-channels", "8,16", "--norm-num-groups", "4", "--class-embed-dim", "4"]
