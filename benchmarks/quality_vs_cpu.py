@@ -270,6 +270,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     scored = [r for r in results if "fd_bloodnet" in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -281,6 +282,9 @@ def plot(results: list[dict], path: Path) -> None:
                 [p["cpu_minutes"] for p in points], [p[key] for p in points], label=label, **{"marker": "o", **style}
             )
         ax.set_xscale("log")
+        ticks = sorted({round(r["cpu_minutes"]) for r in scored if r["status"] != "before mark"})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])  # the marks, in minutes (log-scale labels overlap)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training CPU minutes")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")

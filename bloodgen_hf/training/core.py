@@ -386,7 +386,8 @@ def train_locked(task: TrainTask, config: TrainConfig, accelerator: Accelerator,
                     save_sample_grid(task, accelerator, out / "samples" / f"epoch_{epoch:04d}.png")
     accelerator.wait_for_everyone()
     pipeline_dir = out / "pipeline"
-    cpu_all = accelerator.reduce(torch.tensor([cpu_used], device=accelerator.device), reduction="sum").item()
+    cpu_own = torch.tensor([cpu_used], dtype=torch.float64, device=accelerator.device)  # float64: as progress.json
+    cpu_all = accelerator.reduce(cpu_own, reduction="sum").item()
     if accelerator.is_main_process:
         cost = training_cost(cpu_all, step, machines, task.provenance)
         save_final_pipeline(task, accelerator, pipeline_dir, cost, replace=checkpoint is not None)

@@ -60,7 +60,7 @@ class GANOptions:
     diffaugment: str = option(
         "",
         "DiffAugment policy, e.g. 'color,translation,cutout' (default none: on all 17k BloodMNIST images it "
-        "drove the generator into mode collapse; see model_cards/gan.md)",
+        "drove the generator into mode collapse; see model_cards/gan-v1.md)",
     )
     ema_decay: float = option(0.999)
     gp_weight: float = option(10.0, "WGAN-GP penalty weight")
