@@ -79,6 +79,7 @@ def test_the_saved_folder_is_a_stock_autoencoder_with_the_trained_weights(traine
         "config.json",
         "diffusion_pytorch_model.safetensors",
         "provenance.json",
+        "training_cost.json",  # a record beside the stock files, as every train script writes
     ]
     loaded = AutoencoderKL.from_pretrained(folder)
     assert type(loaded) is AutoencoderKL and json.loads((folder / "config.json").read_text())["_class_name"] == (
