@@ -35,7 +35,7 @@ from bloodgen_hf.errors import UsageError
 from bloodgen_hf.process import tune_malloc
 from bloodgen_hf.registry import ModelLoadError, resolve_model
 from bloodgen_hf.training.core import cpu_minute_marks
-from bloodgen_hf.training.cost import read_training_cost
+from bloodgen_hf.training.cost import describe_cost, read_training_cost
 from bloodgen_hf.training.export import EXPORTABLE, export_checkpoint
 
 METRICS = ("fd", "pr", "memorization", "accuracy")
@@ -82,7 +82,7 @@ def point_cost(model: str, minutes: float | None) -> tuple[float, str]:
     if cost is None or cost.get("cpu_minutes") is None:
         why = "no training_cost.json" if cost is None else "only its own run's minutes, not its origins'"
         raise UsageError(f"--point {model}: its folder records {why}; give its total as LABEL={model}@CPU_MINUTES")
-    return float(cost["cpu_minutes"]), "; ".join(cost.get("machines") or []) or "not recorded"
+    return float(cost["cpu_minutes"]), describe_cost(cost)[1]
 
 
 # --- which checkpoint stands for a mark ----------------------------------------------------------------------

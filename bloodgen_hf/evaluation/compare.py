@@ -203,15 +203,15 @@ def compare(
         entries[label] = results
         timing = results["timing"]["images_per_s"]
         machine = results.get("machine", "not recorded")
-        cost = read_training_cost(resolve_model(model))
+        model_folder = resolve_model(model)  # its training_cost.json and metrics.jsonl
         facts[label] = {
             "parameters": parameter_count(pipe)["total"],
             "images_per_s": timing,
             "machine": machine,
-            "training_cost": cost,
+            "training_cost": read_training_cost(model_folder),
         }
         grids[label] = model_grid(pipe, sampling_kwargs, seed=protocol.seed, upsample=plan)
-        curves[label] = training_curves(resolve_model(model))
+        curves[label] = training_curves(model_folder)
     grids = {"real": class_grid(real.images, real.labels, seed=protocol.seed, class_names=real.class_names), **grids}
     tstr_results = {}
     if tstr is not None:

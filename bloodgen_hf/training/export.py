@@ -67,8 +67,9 @@ def load_weights(task: TrainTask, checkpoint: Path) -> None:
     task.load_extra_state(load_state(checkpoint / "training_state")["extra"])
 
 
-def checkpoint_task(family: str, run: Path, checkpoint: Path, data_dir: str | None = None) -> TrainTask:
-    """The family's task as the run built it (same options, classes and image count), with the checkpoint's weights."""
+def checkpoint_task(family: str, run: Path, checkpoint: Path, data_dir: str | None = None) -> tuple[TrainTask, dict]:
+    """The family's task as the run built it (same options, classes and image count), with the checkpoint's
+    weights, and the run's recorded train_config.json."""
     if family not in EXPORTABLE:
         raise UsageError(f"cannot export a {family!r} checkpoint; families: {', '.join(EXPORTABLE)}")
     if not (checkpoint / "progress.json").is_file():
@@ -78,16 +79,21 @@ def checkpoint_task(family: str, run: Path, checkpoint: Path, data_dir: str | No
     task = EXPORTABLE[family].build(config, len(dataset), class_names=dataset.class_names)
     task.provenance = recorded.get("provenance") or portable_provenance(provenance)
     load_weights(task, checkpoint)
-    return task
+    return task, recorded
+
+
+def checkpoint_cost(checkpoint: Path, recorded: dict, provenance: dict | None) -> dict:
+    """What the run had cost at `checkpoint` (training/cost.py); no minutes for a multi-process run, whose
+    progress.json holds rank 0's CPU time only."""
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    cpu_seconds = progress.get("cpu_seconds") if recorded.get("num_processes", 1) == 1 else None
+    return training_cost(cpu_seconds, progress["step"], progress.get("machines", []), provenance)
 
 
 def export_checkpoint(family: str, run: Path, checkpoint: Path, folder: Path, data_dir: str | None = None) -> Path:
     """Write (atomically, replacing one there) the pipeline the run would have saved at `checkpoint`."""
-    task = checkpoint_task(family, Path(run), Path(checkpoint), data_dir)
-    progress = json.loads((Path(checkpoint) / "progress.json").read_text())
-    one_process = run_config(Path(run))[1].get("num_processes", 1) == 1  # progress.json holds rank 0's time only
-    cpu_seconds = progress.get("cpu_seconds") if one_process else None
-    cost = training_cost(cpu_seconds, progress["step"], progress.get("machines", []), task.provenance)
+    task, recorded = checkpoint_task(family, Path(run), Path(checkpoint), data_dir)
+    cost = checkpoint_cost(Path(checkpoint), recorded, task.provenance)
     with atomic_path(Path(folder), is_dir=True, overwrite=True) as tmp:
         task.save_pipeline(NoAccelerator(), tmp)
         write_training_cost(tmp, cost)
