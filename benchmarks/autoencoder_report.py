@@ -4,14 +4,19 @@
         stage-2=experiments/runs/autoencoder-64/pipeline --bloodnet experiments/runs/bloodnet-64/pipeline \
         --data-dir ../shared/data --out experiments/reports/autoencoder-64
 
-For each LABEL=FOLDER (a saved diffusers AutoencoderKL) it reconstructs the whole `--split` (default test) through
-the posterior mean and reports PSNR and SSIM (per image, then averaged) and, with `--bloodnet` (a BloodNet trained
-at the autoencoders' size on the train split), the FD between the reconstructions' and the originals' BloodNet
-features (evaluation/reconstruction.py), and the share of reconstructions that BloodNet puts in their cell's class
-beside its accuracy on the originals: how much of each cell's class the decoder keeps (a guided latent model can
-score above it by drawing only typical cells). Writes results.json,
-report.md and reconstructions.png: rows of real cells (one per class), each above every autoencoder's
-reconstructions of them.
+    python benchmarks/autoencoder_report.py --autoencoders v2=vae \
+        v2-240min=experiments/reports/quality-vs-cpu/points/vae/240min/pipeline \
+        --bundled-bloodnet --data-dir ../shared/data --out experiments/reports/vae-reconstructions
+
+For each LABEL=MODEL (a saved diffusers AutoencoderKL folder, or a class-conditional VAE pipeline: a bundled name
+such as `vae` or its folder, whose images go through their own class) it reconstructs the whole `--split` (default
+test) through the posterior mean and reports PSNR and SSIM (per image, then averaged) and, with `--bloodnet` (a
+BloodNet trained at the autoencoders' size on the train split) or `--bundled-bloodnet`, the FD between the
+reconstructions' and the originals' BloodNet features (evaluation/reconstruction.py), and the share of
+reconstructions that BloodNet puts in their cell's class beside its accuracy on the originals: how much of each
+cell's class the decoder keeps (a guided latent model can score above it by drawing only typical cells). Writes
+results.json, report.md and reconstructions.png: rows of real cells (one per class), each above every
+autoencoder's reconstructions of them.
 """
 
 from __future__ import annotations
@@ -26,19 +31,29 @@ from diffusers import AutoencoderKL
 
 from bloodgen_hf.data import load_data
 from bloodgen_hf.evaluation.features import BloodNetExtractor
-from bloodgen_hf.evaluation.reconstruction import reconstruct, reconstruction_report
+from bloodgen_hf.evaluation.reconstruction import reconstruct, reconstruct_conditional, reconstruction_report
 from bloodgen_hf.io import atomic_path, labelled_class_grid, write_durably
 from bloodgen_hf.process import cpu_name
-from bloodgen_hf.registry import load_component
+from bloodgen_hf.registry import bundled_models, load_component, load_pipeline
 
 PER_CLASS = 8  # real cells per class in the picture
 
 
-def parse_item(item: str) -> tuple[str, Path]:
-    label, sep, folder = item.partition("=")
-    if not sep or not label or not folder:
-        raise SystemExit(f"--autoencoders takes LABEL=FOLDER items, got {item!r}")
-    return label, Path(folder)
+def parse_item(item: str) -> tuple[str, str]:
+    label, sep, model = item.partition("=")
+    if not sep or not label or not model:
+        raise SystemExit(f"--autoencoders takes LABEL=MODEL items, got {item!r}")
+    return label, model
+
+
+def load_autoencoder(model: str):
+    """(the model, its image size, whether it is class-conditional): a pipeline (bundled name or a folder with
+    model_index.json) gives its class-conditional `vae`; any other folder is read as a diffusers AutoencoderKL."""
+    if model in bundled_models() or (Path(model) / "model_index.json").is_file():
+        vae = load_pipeline(model).vae.eval()
+        return vae, int(vae.config.resolution), True
+    vae = load_component(AutoencoderKL, Path(model)).eval()
+    return vae, int(vae.config.sample_size), False
 
 
 def picture_indices(labels: np.ndarray, per_class: int) -> np.ndarray:
@@ -55,9 +70,10 @@ def report_markdown(rows: list[dict], split: str, real_accuracy: float | None) -
         f"# Autoencoder reconstructions: {split} split, {rows[0]['num_images']:,} images at {rows[0]['resolution']} px",
         "",
         "Posterior-mean reconstructions, rounded to uint8. PSNR and SSIM per image, averaged; FD in the features of "
-        "a BloodNet trained at the same size on the train split: the floor a latent model decoded by that "
-        "autoencoder can reach. Class accuracy: the share of reconstructions that BloodNet puts in their cell's "
-        "class, what the decoder keeps of a cell's class (a guided latent model can score above it by drawing "
+        "a BloodNet trained at the same size on the train split: the floor that samples decoded by the same "
+        "decoder (a latent model's, or a VAE's own from its prior) can reach. Class accuracy: the share of "
+        "reconstructions that BloodNet puts in their cell's class, what the decoder keeps of a cell's class "
+        "(a guided latent model can score above it by drawing "
         "typical cells)" + (f" (BloodNet on the originals: {real_accuracy:.4f})." if has_fd else "."),
         "",
         head,
@@ -72,27 +88,30 @@ def report_markdown(rows: list[dict], split: str, real_accuracy: float | None) -
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--autoencoders", nargs="+", required=True, metavar="LABEL=FOLDER")
+    parser.add_argument("--autoencoders", nargs="+", required=True, metavar="LABEL=MODEL")
     parser.add_argument("--split", default="test")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--bloodnet", default=None, help="a BloodNet folder at the autoencoders' size: adds the FD")
+    parser.add_argument("--bundled-bloodnet", action="store_true", help="the bundled BloodNet at that size instead")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     items = [parse_item(item) for item in args.autoencoders]
-    extractor = BloodNetExtractor.load(args.bloodnet) if args.bloodnet else None
-    autoencoders = [(label, folder, load_component(AutoencoderKL, folder).eval()) for label, folder in items]
-    resolutions = {int(vae.config.sample_size) for _, _, vae in autoencoders}
+    autoencoders = [(label, model, *load_autoencoder(model)) for label, model in items]
+    resolutions = {size for _, _, _, size, _ in autoencoders}
     if len(resolutions) > 1:
         raise SystemExit(f"the autoencoders make images of different sizes ({sorted(resolutions)}); compare one size")
     resolution = resolutions.pop()
+    extractor = None
+    if args.bloodnet or args.bundled_bloodnet:
+        extractor = BloodNetExtractor.load(args.bloodnet, resolution=resolution)
     data = load_data("bloodmnist", args.split, resolution, args.data_dir)  # read, and its features taken, once
     images, labels, names = np.asarray(data.images), np.asarray(data.labels), list(data.class_names)
     real = extractor.extract(images, progress=False, desc="real") if extractor else None
     real_accuracy = float((real.probs.argmax(1) == labels).mean()) if real else None  # the reference
     chosen = picture_indices(labels, PER_CLASS)
     rows, pictures = [], [images[chosen]]
-    for label, folder, vae in autoencoders:
-        reconstructions = reconstruct(vae, images)
+    for label, model, vae, _, conditional in autoencoders:
+        reconstructions = reconstruct_conditional(vae, images, labels) if conditional else reconstruct(vae, images)
         report = reconstruction_report(
             vae,
             images,
@@ -101,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             real_features=real.features if real else None,
             labels=labels,
         )
-        rows.append({"label": label, "model": str(folder), "split": args.split, "resolution": resolution, **report})
+        rows.append({"label": label, "model": model, "split": args.split, "resolution": resolution, **report})
         pictures.append(reconstructions[chosen])
         print(f"{label}: PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

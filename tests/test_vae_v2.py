@@ -1,5 +1,5 @@
 """VAE v2 (issue 33): the ResNet backbone, the class-conditional mixture prior fitted after training, the
-adversarial term, and the bundled v1 model's output, which none of them may change."""
+adversarial term, the conditional reconstructions, and the bundled v2 model's output."""
 
 import json
 from pathlib import Path
@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from bloodgen_hf.cli import app
 from bloodgen_hf.data import LabelledImages, load_data
+from bloodgen_hf.errors import UsageError
+from bloodgen_hf.evaluation.reconstruction import quality, reconstruct_conditional
 from bloodgen_hf.models.vae import PRIOR_BUFFERS, ConditionalAutoencoderKL
 from bloodgen_hf.pipelines import BloodVAEPipeline
 from bloodgen_hf.registry import load_pipeline, save_pipeline
@@ -28,9 +30,10 @@ V2 = ["--backbone", "resnet", "--prior-components", "2", "--prior-iterations", "
 ADVERSARIAL = ["--adv-weight", "0.5", "--adv-start", "1", "--adv-weight-mode", "adaptive", "--disc-channels", "8"]
 ADVERSARIAL += ["--disc-layers", "2", "--lr-d", "0.001"]
 
-# The bundled v1 `vae` before v2: 4 images (labels 0, 3, 5, 7, seeds 0-3) as uint8, and the sum of the float images.
-V1_FINGERPRINT = (6681.37218, 6708.51664)  # conftest.pixel_fingerprint, measured with V1_FLOAT_SUM
-V1_FLOAT_SUM = 6685.1023  # 6685.102343 on one thread, 6685.102316 on two: kernels split sums by thread count
+# The bundled v2 `vae` (model_cards/vae.md): 4 images (labels 0, 3, 5, 7, seeds 0-3) as uint8, and the sum of the
+# float images, measured when it was bundled. (v1's, before v2 existed: 6685.1023 and (6681.37218, 6708.51664).)
+V2_FINGERPRINT = (6895.08583, 6919.26063)  # conftest.pixel_fingerprint, measured with V2_FLOAT_SUM
+V2_FLOAT_SUM = 6902.7431  # 6902.743141 on one thread, 6902.743085 on two: kernels split sums by thread count
 
 
 def random_prior(vae: ConditionalAutoencoderKL, components: int, seed: int = 1) -> None:
@@ -62,16 +65,16 @@ def public_config(model) -> dict:
     return json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
 
 
-# --- the bundled v1 model ----------------------------------------------------------------------------
+# --- the bundled model -------------------------------------------------------------------------------
 
 
-def test_bundled_v1_vae_samples_as_before_v2():
+def test_the_bundled_vae_is_v2_and_samples_as_when_it_was_bundled():
     pipe = load_pipeline("vae")
-    assert pipe.vae.config.backbone == "autoencoder_kl" and pipe.vae.config.prior_components == 0
-    assert not any(name in dict(pipe.vae.named_buffers()) for name in PRIOR_BUFFERS)
+    assert pipe.vae.config.backbone == "resnet" and pipe.vae.config.prior_components == 4
+    assert all(name in dict(pipe.vae.named_buffers()) for name in PRIOR_BUFFERS)
     images = pipe(4, [0, 3, 5, 7], generator=seeded(0, 1, 2, 3), output_type="pt").images
-    assert images.double().sum().item() == pytest.approx(V1_FLOAT_SUM, abs=1e-3)
-    assert pixel_fingerprint(images) == pytest.approx(V1_FINGERPRINT, abs=2e-3)
+    assert images.double().sum().item() == pytest.approx(V2_FLOAT_SUM, abs=1e-3)
+    assert pixel_fingerprint(images) == pytest.approx(V2_FINGERPRINT, abs=2e-3)
 
 
 def test_new_config_fields_default_to_v1():
@@ -279,6 +282,37 @@ def test_image_to_image_works_on_a_v2_vae():
         torch.testing.assert_close(path.images[end], alone)
     between_images = pipe.interpolate(x[:1], x[1:], num_steps=3, output_type="pt").images
     torch.testing.assert_close(between_images[0], pipe.reconstruct(x[:1], output_type="pt").images[0])
+
+
+def test_conditional_reconstructions_are_the_pipelines_with_each_images_class():
+    pipe = tiny_v2_pipeline(components=2)
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 3), dtype=np.uint8)
+    labels = np.array([0, 3, 3, 7, 1])
+    ours = reconstruct_conditional(pipe.vae, images, labels, batch_size=2)  # batches must not matter
+    theirs = pipe.reconstruct(images, class_labels=labels.tolist(), output_type="np").images
+    assert ours.shape == images.shape and ours.dtype == np.uint8
+    assert np.abs(ours.astype(int) - np.round(theirs * 255).astype(int)).max() <= 1
+    other = reconstruct_conditional(pipe.vae, images, (labels + 1) % 8)
+    assert (other != ours).any()  # the class is used
+    with pytest.raises(UsageError, match="5 images but 4 labels"):
+        reconstruct_conditional(pipe.vae, images, labels[:4])
+
+
+def test_the_reconstruction_report_takes_a_conditional_vae_pipeline(fake_data_dir, tmp_path):
+    """benchmarks/autoencoder_report.py on a saved VAE pipeline folder: its test split through each image's class."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import autoencoder_report
+
+    folder = save_pipeline(tiny_v2_pipeline(components=2), tmp_path / "vae")
+    out = tmp_path / "report"
+    autoencoder_report.main(["--autoencoders", f"v2={folder}", "--data-dir", str(fake_data_dir), "--out", str(out)])
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    test = load_data("bloodmnist", "test", 28, fake_data_dir)
+    expected = reconstruct_conditional(load_pipeline(str(folder)).vae, test.images, test.labels)
+    assert row["label"] == "v2" and row["resolution"] == 28 and row["num_images"] == len(test.images)
+    assert row["psnr"] == pytest.approx(quality(test.images, expected)["psnr"])
 
 
 # --- training ----------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""How well an autoencoder (diffusers' AutoencoderKL) reproduces real images: PSNR, SSIM, and the FD of its
-reconstructions against the originals.
+"""How well an autoencoder (diffusers' AutoencoderKL, or the class-conditional VAE) reproduces real images: PSNR,
+SSIM, and the FD of its reconstructions against the originals.
 
 That FD is the floor a latent model on this autoencoder can reach: its samples are decoded by the same
 decoder, so they cannot look more real than the decoder's reconstructions of real cells. Report it on the
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bloodgen_hf.data import DEFAULT_DATASET, load_data
+from bloodgen_hf.data import DEFAULT_DATASET, load_data, to_model_range, to_uint8
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.features import FeatureExtractor
 from bloodgen_hf.evaluation.metrics import fd_from_features
@@ -30,6 +30,21 @@ def reconstruct(vae, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """uint8 NHWC reconstructions of uint8 NHWC `images`: decode(posterior mean of encode(x)), as training's grids."""
     images_uint8 = torch.from_numpy(np.ascontiguousarray(images))
     return posterior_mean_reconstructions(vae, images_uint8, batch_size).numpy()
+
+
+@torch.no_grad()
+def reconstruct_conditional(vae, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """uint8 NHWC reconstructions by the class-conditional VAE (models/vae.py), each image through its own
+    class: decode(posterior mean of encode(x, y), y), as `BloodVAEPipeline.reconstruct` with the labels given.
+    The samples' floor: they are decoded by the same decoder from the prior fitted to these posterior means."""
+    if len(images) != len(labels):
+        raise UsageError(f"{len(images)} images but {len(labels)} labels")
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_model_range(torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])))
+        y = torch.as_tensor(np.asarray(labels[start : start + batch_size]), dtype=torch.long)
+        out.append(to_uint8(vae.decode(vae.encode(x, y).latent_dist.mode(), y).sample).numpy())
+    return np.concatenate(out) if out else np.zeros_like(images)
 
 
 def unit_range(images: np.ndarray) -> torch.Tensor:
