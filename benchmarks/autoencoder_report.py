@@ -50,8 +50,10 @@ def load_autoencoder(model: str):
     """(the model, its image size, whether it is class-conditional): a pipeline (bundled name or a folder with
     model_index.json) gives its class-conditional `vae`; any other folder is read as a diffusers AutoencoderKL."""
     if model in bundled_models() or (Path(model) / "model_index.json").is_file():
-        vae = load_pipeline(model).vae.eval()
-        return vae, int(vae.config.resolution), True
+        pipe = load_pipeline(model)
+        if not hasattr(pipe, "vae") or not hasattr(pipe.vae, "prior_sample"):
+            raise SystemExit(f"{model} is a {type(pipe).__name__}, not a class-conditional VAE pipeline")
+        return pipe.vae.eval(), int(pipe.vae.config.resolution), True
     vae = load_component(AutoencoderKL, Path(model)).eval()
     return vae, int(vae.config.sample_size), False
 

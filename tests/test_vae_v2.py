@@ -313,6 +313,8 @@ def test_the_reconstruction_report_takes_a_conditional_vae_pipeline(fake_data_di
     expected = reconstruct_conditional(load_pipeline(str(folder)).vae, test.images, test.labels)
     assert row["label"] == "v2" and row["resolution"] == 28 and row["num_images"] == len(test.images)
     assert row["psnr"] == pytest.approx(quality(test.images, expected)["psnr"])
+    with pytest.raises(SystemExit, match="gan is a BloodGANPipeline, not a class-conditional VAE pipeline"):
+        autoencoder_report.main(["--autoencoders", "g=gan", "--data-dir", str(fake_data_dir), "--out", str(out)])
 
 
 # --- training ----------------------------------------------------------------------------------------

@@ -39,11 +39,11 @@ def reconstruct_conditional(vae, images: np.ndarray, labels: np.ndarray, batch_s
     The samples' floor: they are decoded by the same decoder from the prior fitted to these posterior means."""
     if len(images) != len(labels):
         raise UsageError(f"{len(images)} images but {len(labels)} labels")
-    out = []
+    device, out = next(vae.parameters()).device, []
     for start in range(0, len(images), batch_size):
-        x = to_model_range(torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])))
-        y = torch.as_tensor(np.asarray(labels[start : start + batch_size]), dtype=torch.long)
-        out.append(to_uint8(vae.decode(vae.encode(x, y).latent_dist.mode(), y).sample).numpy())
+        x = to_model_range(torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))).to(device)
+        y = torch.as_tensor(np.asarray(labels[start : start + batch_size]), dtype=torch.long, device=device)
+        out.append(to_uint8(vae.decode(vae.encode(x, y).latent_dist.mode(), y).sample.float()).cpu().numpy())
     return np.concatenate(out) if out else np.zeros_like(images)
 
 
