@@ -48,12 +48,12 @@ def parse_item(item: str) -> tuple[str, str]:
 
 def load_autoencoder(model: str):
     """(the model, its image size, whether it is class-conditional): a pipeline (bundled name or a folder with
-    model_index.json) gives its class-conditional `vae`; any other folder is read as a diffusers AutoencoderKL."""
+    model_index.json) must be a class-conditional VAE pipeline; any other folder is read as an AutoencoderKL."""
     if model in bundled_models() or (Path(model) / "model_index.json").is_file():
         pipe = load_pipeline(model)
         if not hasattr(pipe, "vae") or not hasattr(pipe.vae, "prior_sample"):
             raise SystemExit(f"{model} is a {type(pipe).__name__}, not a class-conditional VAE pipeline")
-        return pipe.vae.eval(), int(pipe.vae.config.resolution), True
+        return pipe, int(pipe.vae.config.resolution), True
     vae = load_component(AutoencoderKL, Path(model)).eval()
     return vae, int(vae.config.sample_size), False
 
@@ -112,10 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     real_accuracy = float((real.probs.argmax(1) == labels).mean()) if real else None  # the reference
     chosen = picture_indices(labels, PER_CLASS)
     rows, pictures = [], [images[chosen]]
-    for label, model, vae, _, conditional in autoencoders:
-        reconstructions = reconstruct_conditional(vae, images, labels) if conditional else reconstruct(vae, images)
+    for label, model, autoencoder, _, conditional in autoencoders:
+        if conditional:
+            reconstructions = reconstruct_conditional(autoencoder, images, labels)
+        else:
+            reconstructions = reconstruct(autoencoder, images)
         report = reconstruction_report(
-            vae,
+            autoencoder,
             images,
             extractor,
             reconstructions=reconstructions,

@@ -288,14 +288,14 @@ def test_conditional_reconstructions_are_the_pipelines_with_each_images_class():
     pipe = tiny_v2_pipeline(components=2)
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 3), dtype=np.uint8)
     labels = np.array([0, 3, 3, 7, 1])
-    ours = reconstruct_conditional(pipe.vae, images, labels, batch_size=2)  # batches must not matter
+    ours = reconstruct_conditional(pipe, images, labels, batch_size=2)  # batches must not matter
     theirs = pipe.reconstruct(images, class_labels=labels.tolist(), output_type="np").images
     assert ours.shape == images.shape and ours.dtype == np.uint8
     assert np.abs(ours.astype(int) - np.round(theirs * 255).astype(int)).max() <= 1
-    other = reconstruct_conditional(pipe.vae, images, (labels + 1) % 8)
+    other = reconstruct_conditional(pipe, images, (labels + 1) % 8)
     assert (other != ours).any()  # the class is used
     with pytest.raises(UsageError, match="5 images but 4 labels"):
-        reconstruct_conditional(pipe.vae, images, labels[:4])
+        reconstruct_conditional(pipe, images, labels[:4])
 
 
 def test_the_reconstruction_report_takes_a_conditional_vae_pipeline(fake_data_dir, tmp_path):
@@ -310,7 +310,7 @@ def test_the_reconstruction_report_takes_a_conditional_vae_pipeline(fake_data_di
     autoencoder_report.main(["--autoencoders", f"v2={folder}", "--data-dir", str(fake_data_dir), "--out", str(out)])
     row = json.loads((out / "results.json").read_text())["rows"][0]
     test = load_data("bloodmnist", "test", 28, fake_data_dir)
-    expected = reconstruct_conditional(load_pipeline(str(folder)).vae, test.images, test.labels)
+    expected = reconstruct_conditional(load_pipeline(str(folder)), test.images, test.labels)
     assert row["label"] == "v2" and row["resolution"] == 28 and row["num_images"] == len(test.images)
     assert row["psnr"] == pytest.approx(quality(test.images, expected)["psnr"])
     with pytest.raises(SystemExit, match="gan is a BloodGANPipeline, not a class-conditional VAE pipeline"):

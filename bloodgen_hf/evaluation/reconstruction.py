@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bloodgen_hf.data import DEFAULT_DATASET, load_data, to_model_range, to_uint8
+from bloodgen_hf.data import DEFAULT_DATASET, load_data, to_uint8
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.features import FeatureExtractor
 from bloodgen_hf.evaluation.metrics import fd_from_features
@@ -32,18 +32,18 @@ def reconstruct(vae, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     return posterior_mean_reconstructions(vae, images_uint8, batch_size).numpy()
 
 
-@torch.no_grad()
-def reconstruct_conditional(vae, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """uint8 NHWC reconstructions by the class-conditional VAE (models/vae.py), each image through its own
-    class: decode(posterior mean of encode(x, y), y), as `BloodVAEPipeline.reconstruct` with the labels given.
-    The samples' floor: they are decoded by the same decoder from the prior fitted to these posterior means."""
+def reconstruct_conditional(pipe, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """uint8 NHWC reconstructions by a class-conditional VAE pipeline (`BloodVAEPipeline`), each image through its
+    own class: its `reconstruct` with the labels given, `batch_size` at a time. The samples' floor: they are decoded
+    by the same decoder from the prior fitted to these posterior means."""
     if len(images) != len(labels):
         raise UsageError(f"{len(images)} images but {len(labels)} labels")
-    device, out = next(vae.parameters()).device, []
+    out = []
     for start in range(0, len(images), batch_size):
-        x = to_model_range(torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))).to(device)
-        y = torch.as_tensor(np.asarray(labels[start : start + batch_size]), dtype=torch.long, device=device)
-        out.append(to_uint8(vae.decode(vae.encode(x, y).latent_dist.mode(), y).sample.float()).cpu().numpy())
+        batch = np.ascontiguousarray(images[start : start + batch_size])
+        classes = np.asarray(labels[start : start + batch_size]).tolist()
+        decoded = pipe.reconstruct(batch, class_labels=classes, output_type="pt")
+        out.append(to_uint8(decoded.images.float().cpu() * 2 - 1).numpy())
     return np.concatenate(out) if out else np.zeros_like(images)
 
 
