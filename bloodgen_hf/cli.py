@@ -811,6 +811,7 @@ def augment_study(
     sample_steps: int = typer.Option(
         None, help="Sampling for the synthetic images: denoising steps (default: the model's)."
     ),
+    precision: Precision = "auto",
     data_dir: DataDir = None,
     dataset: Dataset = "bloodmnist",
     out: Path = typer.Option(None, help="Study folder. Default: reports/augment-<model>."),
@@ -864,7 +865,7 @@ def augment_study(
         out,
         config,
         data_dir,
-        sampling_kwargs=sampling_options(None, None, sample_steps, guidance, None),
+        sampling_kwargs=sampling_options(None, None, sample_steps, guidance, None, precision),
         log=_log,
         model=label,
         resume=resume,

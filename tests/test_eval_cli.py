@@ -234,6 +234,19 @@ def test_augment_study_resume_refuses_other_settings(train_split_gan_dir, fake_d
     assert result.exit_code != 0 and "was started with other settings (steps)" in result.output
 
 
+def test_augment_study_resumes_at_the_precision_it_started_with(train_split_gan_dir, fake_data_dir, tmp_path):
+    # a study started on a CPU with bf16 units resumes on one without: --precision names what auto would not pick
+    out = tmp_path / "study"
+    args = one_seed_study_args(train_split_gan_dir, fake_data_dir, out)
+    args += ["--settings", "real", *FIXED, "--steps", "2", "--batch-size", "8", "--device", "cpu"]
+    assert invoke("augment-study", *args, "--precision", "bf16").exit_code == 0
+    assert json.loads((out / "study.json").read_text())["sampling"] == {"precision": "bf16"}
+    refused = invoke("augment-study", *args, "--resume")  # auto: fp32 for a GAN
+    assert refused.exit_code == 2 and "was started with other settings (sampling)" in refused.output
+    resumed = invoke("augment-study", *args, "--resume", "--precision", "bf16")
+    assert resumed.exit_code == 0, resumed.output
+
+
 def test_synthetic_counts_per_setting():
     from bloodgen_hf.evaluation.augment_study import StudyConfig, synthetic_counts
 
