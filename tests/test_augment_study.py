@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from bloodgen_hf.cli import app
@@ -406,3 +407,41 @@ def test_report_only_reports_the_finished_runs_and_trains_nothing(train_split_ga
     results = run_study(train_split_gan, out, config, fake_data_dir, log=lambda *_: None, report_only=True)
     assert [r["recipe"] for r in results["runs"]] == ["real", "1x"] and (out / "report.md").is_file()
     assert not (out / "runs" / "real+synthetic-balance-1-seed0").exists()
+
+
+def test_a_stopped_classifier_continues_exactly_from_its_last_val_evaluation(
+    train_split_gan, fake_data_dir, tmp_path, monkeypatch
+):
+    from bloodgen_hf.training import core
+
+    config = StudyConfig(fractions=(1.0,), settings=("real",), epochs=6, **TINY)
+    whole = run_study(train_split_gan, tmp_path / "whole", config, fake_data_dir, log=lambda *_: None)["runs"][0]
+
+    class Stopped(Exception):
+        pass
+
+    saved, save = [], core.save_checkpoint
+
+    def stop_after_the_third(*args, **kwargs):
+        saved.append(save(*args, **kwargs))
+        if len(saved) == 3:  # a checkpoint at every val evaluation: the third is epoch 3 of 6
+            raise Stopped
+
+    monkeypatch.setattr(core, "save_checkpoint", stop_after_the_third)
+    with pytest.raises(Stopped):
+        run_study(train_split_gan, tmp_path / "stopped", config, fake_data_dir, log=lambda *_: None)
+    monkeypatch.setattr(core, "save_checkpoint", save)
+    step = json.loads((saved[2] / "progress.json").read_text())["step"]
+    logged = []
+    resumed = run_study(train_split_gan, tmp_path / "stopped", config, fake_data_dir, log=logged.append, resume=True)
+    run = resumed["runs"][0]
+
+    assert any(f"from the checkpoint at step {step}" in line for line in logged)
+    assert run["resumed_at_step"] == step and "resumed_at_step" not in whole
+    assert run["val_curve"] == whole["val_curve"] and run["chosen_epoch"] == whole["chosen_epoch"]
+    assert run["accuracy"] == whole["accuracy"] and run["confusion"] == whole["confusion"]
+    weights = [
+        load_classifier(tmp_path / name / "runs" / "real-1-seed0" / "pipeline" / MODEL_FOLDER).state_dict()
+        for name in ("whole", "stopped")
+    ]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -25,7 +25,8 @@ checked against study.json). A resumed study may use another recipe: its runs ar
 others (the pool grows as needed, earlier images are kept) and the report shows every recipe.
 
 The classifiers are trained by the shared training loop (core.train with BloodNetTask), so each run
-folder holds its metrics.jsonl, last checkpoint and saved model.
+folder holds its metrics.jsonl, last checkpoint and saved model. Under the converged protocol a classifier
+checkpoints at every val evaluation, and `resume` continues one that was stopped from there, exactly.
 
 The study refuses a generator whose recorded training data (its provenance) includes the test split it
 scores on, or that records none (bloodgen_hf/provenance.py). With a `GeneratorPlan`
@@ -361,12 +362,14 @@ def train_classifier(
     class_names: tuple[str, ...] = CLASS_NAMES,
     num_real: int | None = None,
     weights: np.ndarray | None = None,
+    resume: bool = False,
 ):
     """One classifier through the shared loop, with flips + transposes and no trackers.
 
     converged: `config.epochs` passes over the images (batch by `num_real`, the real images among them),
-    the best val epoch kept. fixed-steps: `config.steps` optimizer steps, the last weights kept. `weights`:
-    each image's loss weight.
+    the best val epoch kept, with a checkpoint at every val evaluation, from which `resume` continues a
+    stopped classifier exactly (a ResNet-18 on the whole split takes an hour). fixed-steps: `config.steps`
+    optimizer steps, the last weights kept. `weights`: each image's loss weight.
     Returns (classifier in eval mode, its BloodNetTask: the val curve and the chosen epoch)."""
     from accelerate.utils import set_seed
 
@@ -377,6 +380,7 @@ def train_classifier(
     epochs = config.epochs_for(num_real)
     every = config.epochs_per_evaluation(epochs)  # converged: score val after every `every` epochs
     options = replace(config.classifier_options(), epochs_per_evaluation=every)
+    evaluation_steps = every * (len(labels) // batch)
     train_config = TrainConfig(
         output_dir=str(folder),
         resolution=images.shape[1],
@@ -386,10 +390,11 @@ def train_classifier(
         max_steps=steps,
         mixed_precision=classifier_precision(config),
         seed=seed,
-        checkpoint_every=10**9 if converged else config.steps,  # a stopped classifier starts again
+        checkpoint_every=evaluation_steps if converged else config.steps,
         keep_checkpoints=1,
-        overwrite=True,  # a classifier that did not finish (no result.json) starts again
-        sample_every=every * (len(labels) // batch) if converged else config.steps,
+        resume="latest" if resume else None,
+        overwrite=not resume,  # else a classifier that did not finish (no result.json) starts again
+        sample_every=evaluation_steps if converged else config.steps,
         log_every=20 if converged else max(1, config.steps // 10),
         log_with="none",
         extra=options,
@@ -511,9 +516,21 @@ def run_study(
             if setting == "real+synthetic" and config.synthetic_weight != 1:
                 weights = np.r_[np.ones(num_real), np.full(len(labels) - num_real, config.synthetic_weight)]
             log(f"== {name}: {num_real} real + {int(counts.sum())} synthetic")
+            earlier = stopped_classifier(out / "runs" / name) if resume and not done.exists() else None
+            if earlier:
+                log(f"   continuing its classifier from the checkpoint at step {earlier['step']}")
             cpu, wall = time.process_time(), time.time()
             classifier, task = train_classifier(
-                images, labels, holdout, config, seed, out / "runs" / name, names, num_real or len(labels), weights
+                images,
+                labels,
+                holdout,
+                config,
+                seed,
+                out / "runs" / name,
+                names,
+                num_real or len(labels),
+                weights,
+                resume=earlier is not None,
             )
             cpu, wall = time.process_time() - cpu, time.time() - wall
             predicted = predict(classifier, test_images, with_features=False)[1].argmax(axis=1)
@@ -521,7 +538,7 @@ def run_study(
             log(f"   test accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}")
             run = {"setting": setting, "recipe": "real" if setting == "real" else config.recipe}
             run.update(fraction=fraction, seed=seed, num_real=int(real_counts.sum()), num_synthetic=int(counts.sum()))
-            run.update(training_record(config, task, len(labels), num_real or len(labels), cpu, wall))
+            run.update(training_record(config, task, len(labels), num_real or len(labels), cpu, wall, earlier))
             if accepted is not None:
                 run["filter_acceptance"] = filter_acceptance(pool, accepted, num_classes)
             write_json({**run, **report}, done)
@@ -582,11 +599,19 @@ def classifier_precision(config: StudyConfig) -> str:
     return "bf16" if config.protocol == "converged" and native_bf16() else "no"
 
 
-def training_record(config: StudyConfig, task, num_images: int, num_real: int, cpu: float, wall: float) -> dict:
+def training_record(
+    config: StudyConfig, task, num_images: int, num_real: int, cpu: float, wall: float, earlier: dict | None = None
+) -> dict:
     """How a classifier was trained: protocol, budget, batch, the chosen epoch and the val curve, CPU time, and the
-    CPU and precision (a cell trained again elsewhere moves by about a seed's spread, so studies name theirs)."""
+    CPU and precision (a cell trained again elsewhere moves by about a seed's spread, so studies name theirs).
+    `earlier`: the checkpoint's progress a stopped classifier continued from, whose CPU time and CPUs count too
+    (wall time is this session's only)."""
     record = {"protocol": config.protocol, "classifier": config.classifier, "num_images": num_images}
-    record.update(machine=cpu_name(), mixed_precision=classifier_precision(config))
+    machines = [*(earlier or {}).get("machines", []), cpu_name()]
+    record.update(machine=", ".join(dict.fromkeys(machines)), mixed_precision=classifier_precision(config))
+    if earlier:
+        record["resumed_at_step"] = earlier["step"]
+        cpu += earlier["cpu_seconds"]
     record["batch_size"] = config.classifier_batch(num_images, num_real)
     if config.protocol == "converged":
         chosen = task.chosen()
@@ -595,6 +620,17 @@ def training_record(config: StudyConfig, task, num_images: int, num_real: int, c
     else:
         record.update(steps=config.steps)
     return {**record, "cpu_minutes": cpu / 60, "wall_minutes": wall / 60}
+
+
+def stopped_classifier(run: Path) -> dict | None:
+    """The progress (step, CPU seconds, CPUs) of the last checkpoint of a classifier that stopped before it
+    finished, or None: a resumed study continues it from there."""
+    from bloodgen_hf.training.checkpoint import checkpoint_steps
+
+    steps = checkpoint_steps(run)
+    if not steps:
+        return None
+    return json.loads((run / "checkpoints" / f"checkpoint-{steps[-1]:07d}" / "progress.json").read_text())
 
 
 def finished_runs(folder: Path) -> list[dict]:
