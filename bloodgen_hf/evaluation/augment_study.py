@@ -625,12 +625,10 @@ def training_record(
 def stopped_classifier(run: Path) -> dict | None:
     """The progress (step, CPU seconds, CPUs) of the last checkpoint of a classifier that stopped before it
     finished, or None: a resumed study continues it from there."""
-    from bloodgen_hf.training.checkpoint import checkpoint_steps
+    from bloodgen_hf.training.checkpoint import latest_checkpoint
 
-    steps = checkpoint_steps(run)
-    if not steps:
-        return None
-    return json.loads((run / "checkpoints" / f"checkpoint-{steps[-1]:07d}" / "progress.json").read_text())
+    checkpoint = latest_checkpoint(run)
+    return None if checkpoint is None else json.loads((checkpoint / "progress.json").read_text())
 
 
 def finished_runs(folder: Path) -> list[dict]:

@@ -187,13 +187,19 @@ def write_checkpoint(task: Checkpointable, accelerator: Accelerator, tmp: Path, 
         write_durably(tmp / "progress.json", json.dumps(progress))
 
 
+def latest_checkpoint(out: Path) -> Path | None:
+    """The run's last checkpoint folder, or None if it has none."""
+    found = sorted((out / "checkpoints").glob("checkpoint-???????"))
+    return found[-1] if found else None
+
+
 def resolve_resume(out: Path, resume: str) -> Path:
     if resume != "latest":
         return Path(resume)
-    found = sorted((out / "checkpoints").glob("checkpoint-???????"))
-    if not found:
+    found = latest_checkpoint(out)
+    if found is None:
         raise FileNotFoundError(f"--resume latest: no checkpoint in {out / 'checkpoints'}")
-    return found[-1]
+    return found
 
 
 def load_model_weights(task: Checkpointable, accelerator: Accelerator, path: Path) -> None:
