@@ -274,6 +274,39 @@ def test_the_default_discriminator_starts_with_logits_that_tell_images_apart():
     assert spreads["batch"] > 10 * spreads["spectral"], spreads
 
 
+def test_a_class_conditional_discriminator_judges_the_same_patches_by_their_class():
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(base_channels=8, num_layers=3, num_classes=8).eval()
+    images = torch.rand(2, 3, 64, 64).repeat(4, 1, 1, 1) * 2 - 1  # each image under four labels
+    labels = torch.arange(8)
+    scores = disc(images, labels)
+    assert scores.shape == (8, 1, 6, 6)
+    assert not torch.allclose(scores[0], scores[2]) and not torch.allclose(scores[1], scores[3])
+    torch.nn.init.zeros_(disc.class_embedding.weight)  # no class signal: the unconditional network's logits
+    assert torch.allclose(disc(images, labels), disc.layers(images))
+    with pytest.raises(ValueError, match="class_labels must be given"):
+        disc(images)
+    with pytest.raises(ValueError, match="class_labels must be None"):
+        PatchDiscriminator(base_channels=8, num_layers=3)(images, labels)
+
+
+def test_disc_classes_tunes_the_decoder_against_a_class_conditional_critic_and_saves_a_stock_autoencoder(
+    trained, tmp_path
+):
+    data, first = trained
+    second = train(
+        data, tmp_path / "decoder", "--init-from", str(first / "pipeline"), "--freeze-encoder", "--disc-classes",
+        "--max-steps", "2", "--disc-start", "0", "--checkpoint-every", "1", "--keep-checkpoints", "2",
+    )  # fmt: skip
+    checkpoints = sorted((second.parent / "checkpoints").glob("checkpoint-*"))
+    embeddings = [tensors(c)["discriminator.class_embedding.weight"] for c in checkpoints]
+    assert embeddings[0].shape == (8, 4 * 2**2)  # one vector per class, as wide as the last features
+    assert not torch.equal(embeddings[0], embeddings[1])  # the labels reach the critic: its class vectors learn
+    start, after = AutoencoderKL.from_pretrained(first / "pipeline"), AutoencoderKL.from_pretrained(second)
+    assert set(after.state_dict()) == set(start.state_dict())  # nothing of the labels in the saved model
+    assert json.loads((second.parent / "train_config.json").read_text())["extra"]["disc_classes"] is True
+
+
 def test_an_unknown_disc_norm_is_refused():
     with pytest.raises(ValueError, match="norm must be one of batch, spectral, none"):
         PatchDiscriminator(norm="layer")
@@ -356,6 +389,7 @@ def test_reconstruction_report_class_accuracy_counts_reconstructions_kept_in_the
         ShiftingAutoencoder(0), images, BrightnessClassifier(), reconstructions=darker, labels=labels
     )
     assert report["class_accuracy"] == 0.5
+    assert report["class_accuracy_by_class"] == {"0": 1.0, "1": 0.0}  # the average hides the class it loses
     assert "class_accuracy" not in reconstruction_report(ShiftingAutoencoder(0), images, BrightnessClassifier())
     assert "class_accuracy" not in reconstruction_report(ShiftingAutoencoder(0), images, PixelFeatures(), labels=labels)
 
@@ -405,5 +439,8 @@ def test_the_reconstruction_report_scores_each_autoencoder_and_pictures_the_same
     assert [r["label"] for r in rows] == ["a", "b"] and rows[0]["split"] == "test"
     assert rows[0]["psnr"] == rows[1]["psnr"] and 0 < rows[0]["ssim"] <= 1
     assert "| a |" in (out / "report.md").read_text()
+    row = {**rows[0], "fd_bloodnet": 3.5, "class_accuracy": 0.9, "class_accuracy_by_class": {"0": 0.6, "1": 0.95}}
+    with_classifier = autoencoder_report.report_markdown([row], "val", 0.98, ["basophil", "eosinophil"])
+    assert "| 3.500 | 0.9000 | basophil 0.600 |" in with_classifier  # the worst-kept class, named
     with Image.open(out / "reconstructions.png") as picture:
         assert picture.width > 3 * 32  # at least real, a and b side by side in each class row

@@ -7,6 +7,10 @@ Its inner layers are batch-normalised by default, as in pix2pix and taming-trans
 at 64 px the logits of a fresh one spread by about 0.003, the adaptive weight (the ratio of reconstruction
 and adversarial gradients) then reaches the hundreds, and the autoencoder, which the adversarial term then
 drives alone, kept the discriminator at chance for 600 steps (experiments/runs/autoencoder-64, 2026-12-05).
+With `num_classes` it is class-conditional by projection (Miyato & Koyama 2018), patch by patch: each patch's
+logit gains the inner product of a learnt class embedding with the patch's last features, so it judges a cell's
+texture against real cells of the cell's class. The autoencoder it trains stays unconditional; the labels steer
+only what its decoder is pushed towards (a basophil's latent decoded with a basophil's granules, not generic ones).
 Used only while training: it is saved in checkpoints, never in the final model folder.
 """
 
@@ -16,6 +20,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import spectral_norm
 
 PATCH_NORMS = ("batch", "spectral", "none")
@@ -40,6 +45,7 @@ class PatchDiscriminator(ModelMixin, ConfigMixin):
         base_channels: int = 64,
         num_layers: int = 3,
         norm: str = "batch",
+        num_classes: int = 0,
     ):
         super().__init__()
         if norm not in PATCH_NORMS:
@@ -58,6 +64,20 @@ class PatchDiscriminator(ModelMixin, ConfigMixin):
         layers += inner(widths[num_layers - 1], widths[num_layers], 1)
         layers += [sn(nn.Conv2d(widths[num_layers], 1, 4, padding=1))]
         self.layers = nn.Sequential(*layers)
+        self.class_embedding = nn.Embedding(num_classes, widths[num_layers]) if num_classes > 0 else None
+        if self.class_embedding is not None:
+            nn.init.normal_(self.class_embedding.weight, std=0.02)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.layers(images)
+    def forward(self, images: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if (class_labels is None) != (self.class_embedding is None):
+            raise ValueError(
+                f"this discriminator is {'un' if self.class_embedding is None else ''}conditional: "
+                f"class_labels must be {'None' if self.class_embedding is None else 'given'}"
+            )
+        features = self.layers[:-1](images)
+        logits = self.layers[-1](features)
+        if self.class_embedding is None:
+            return logits
+        # the last 4x4 conv (padding 1) maps each 2x2 window of features to one logit: project each window's mean
+        window = F.avg_pool2d(features, kernel_size=2, stride=1)
+        return logits + (window * self.class_embedding(class_labels)[:, :, None, None]).sum(1, keepdim=True)

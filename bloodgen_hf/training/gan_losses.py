@@ -70,28 +70,41 @@ def reconstruction_adversarial_term(
     decoded: torch.Tensor,
     weight: float,
     adaptive: bool,
+    labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | float]:
     """An autoencoder's hinge generator loss on its reconstructions, and its weight (times the adaptive gradient
-    ratio at the decoder's last layer when `adaptive`).
+    ratio at the decoder's last layer when `adaptive`). `labels` (the batch's classes) go to a class-conditional
+    discriminator.
 
     The frozen discriminator scores the same real + reconstructed batch as in its own step
     (`hinge_discriminator_step`): a batch-normalised one judges a batch of reconstructions alone on other
     statistics. The 64 px autoencoder's first batch-norm run did, from step 2,000 to 2,400: its generator loss
     stayed near 0 while the discriminator's step scored the reconstructions at -5."""
     with frozen(accelerator, discriminator) as critic:
-        adv = generator_loss("hinge", critic(torch.cat([real, decoded]))[real.shape[0] :])
+        adv = generator_loss("hinge", critic(torch.cat([real, decoded]), *doubled(labels))[real.shape[0] :])
     if adaptive:
         return adv, weight * adaptive_weight(rec_loss, adv, decoder_last_layer)
     return adv, weight
 
 
+def doubled(labels: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The extra arguments of a discriminator scoring real and fake halves of one batch: none, or their labels."""
+    return () if labels is None else (torch.cat([labels, labels]),)
+
+
 def hinge_discriminator_step(
-    accelerator, discriminator: torch.nn.Module, optimizer, real: torch.Tensor, fake: torch.Tensor
+    accelerator,
+    discriminator: torch.nn.Module,
+    optimizer,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One update of an unconditional (patch) discriminator on real and detached fake images with the hinge loss,
-    in one forward (which DDP needs); returns what to log."""
+    """One update of a (patch) discriminator on real and detached fake images with the hinge loss, in one forward
+    (which DDP needs); `labels` (of the real images, which the fakes reconstruct) for a class-conditional one.
+    Returns what to log."""
     n = real.shape[0]
-    scores = discriminator(torch.cat([real, fake]))
+    scores = discriminator(torch.cat([real, fake]), *doubled(labels))
     d_loss = discriminator_loss("hinge", scores[:n], scores[n:])
     accelerator.backward(d_loss)
     optimizer.step()
