@@ -4,6 +4,7 @@ its latent scale, exact resume, shape refusals, and the reconstruction metrics (
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -176,6 +177,20 @@ def test_freeze_encoder_tunes_the_decoder_and_keeps_the_latents(trained, tmp_pat
     assert all(torch.equal(before_w[k], after_w[k]) for k in encoder_keys)
     assert any(not torch.equal(before_w[k], after_w[k]) for k in decoder_keys)
     assert after.config.scaling_factor == start.config.scaling_factor
+
+
+def test_freeze_encoder_keeps_the_first_stages_scaling_factor_exactly(trained, tmp_path):
+    """The factor is the first stage's, not measured again: measured on another CPU it moved in the ninth digit,
+    and replace-decoder (rightly) refused the decoder as making other latents."""
+    data, first = trained
+    marked = tmp_path / "first"
+    shutil.copytree(first / "pipeline", marked)
+    config = json.loads((marked / "config.json").read_text())
+    (marked / "config.json").write_text(json.dumps({**config, "scaling_factor": 1.2345678901234567}))
+    second = train(data, tmp_path / "decoder", "--init-from", str(marked), "--freeze-encoder", "--max-steps", "1")
+    assert AutoencoderKL.from_pretrained(second).config.scaling_factor == 1.2345678901234567
+    third = train(data, tmp_path / "again", "--init-from", str(marked), "--max-steps", "1")  # encoder trains: measured
+    assert AutoencoderKL.from_pretrained(third).config.scaling_factor != 1.2345678901234567
 
 
 def test_freeze_encoder_without_init_from_is_refused_in_one_line(trained, tmp_path, capsys):

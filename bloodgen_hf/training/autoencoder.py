@@ -221,6 +221,16 @@ def stock_autoencoder(model: AutoencoderKL, scaling_factor: float) -> Autoencode
     return stock.to(model.device).eval()
 
 
+def pretrained_scaling_factor(source: str) -> float:
+    """The scaling_factor saved with the autoencoder `source` (--init-from). A frozen encoder makes that
+    autoencoder's latents, so a decoder tuned on them keeps its factor exactly: measured again, on another CPU,
+    it moves in the ninth digit, and a latent model takes a new decoder only with the same latents to the bit
+    (training/replace_decoder.py)."""
+    from bloodgen_hf.registry import load_pretrained_component  # lazily, as core.init_from_pretrained does
+
+    return float(load_pretrained_component(source, "", AutoencoderKL).config.scaling_factor)
+
+
 @torch.no_grad()
 def posterior_means(
     vae: AutoencoderKL,
@@ -278,6 +288,7 @@ class AutoencoderTask(TrainTask):
     step: int = 0  # optimizer steps taken: the discriminator switches on at --disc-start
     grid_images: torch.Tensor | None = None  # uint8 NHWC, fixed real images for the progress grid
     scale_source: torch.Tensor | None = None  # uint8 NHWC training images that set scaling_factor
+    kept_scaling_factor: float | None = None  # --freeze-encoder: the --init-from autoencoder's, saved unchanged
 
     @classmethod
     def build(cls, config: TrainConfig, dataset: LabelledImages) -> AutoencoderTask:
@@ -303,6 +314,7 @@ class AutoencoderTask(TrainTask):
             options=o,
             grid_images=grid_images(dataset),
             scale_source=scale_images(dataset, o.scale_images, config.seed),
+            kept_scaling_factor=pretrained_scaling_factor(config.init_from) if o.freeze_encoder else None,
         )
 
     @property
@@ -383,9 +395,13 @@ class AutoencoderTask(TrainTask):
         return make_grid(torch.cat(rows).numpy(), nrow=GRID_ROW)
 
     def save_pipeline(self, accelerator: Accelerator, path: Path) -> None:
-        """A stock AutoencoderKL (safetensors) with the measured scaling_factor, and provenance.json."""
+        """A stock AutoencoderKL (safetensors) with the measured scaling_factor (under --freeze-encoder, the first
+        stage's), and provenance.json."""
         live = accelerator.unwrap_model(self.models["autoencoder"])
-        vae = stock_autoencoder(live, latent_scaling_factor(live, self.scale_source))
+        scale = self.kept_scaling_factor
+        if scale is None:
+            scale = latent_scaling_factor(live, self.scale_source)
+        vae = stock_autoencoder(live, scale)
         vae.save_pretrained(path, safe_serialization=True)
         write_provenance(self.provenance, path)
 
