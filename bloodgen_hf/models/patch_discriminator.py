@@ -10,7 +10,7 @@ drives alone, kept the discriminator at chance for 600 steps (experiments/runs/a
 With `num_classes` it is class-conditional by projection (Miyato & Koyama 2018), patch by patch: each patch's
 logit gains the inner product of a learnt class embedding with the patch's last features, so it judges a cell's
 texture against real cells of the cell's class. The autoencoder it trains stays unconditional; the labels steer
-only what its decoder is pushed towards (a basophil's latent decoded with a basophil's granules, not generic ones).
+only what its decoder is pushed towards. (At 64 px that made the decoder worse: training/autoencoder.py.)
 Used only while training: it is saved in checkpoints, never in the final model folder.
 """
 
