@@ -126,8 +126,13 @@ class Checkpointable(Protocol):
     def load_extra_state(self, state: dict[str, Any]) -> None: ...
 
 
+def checkpoint_folders(out: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest first (their seven-digit step names sort as the steps do)."""
+    return sorted((out / "checkpoints").glob("checkpoint-???????"))
+
+
 def checkpoint_steps(out: Path) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-???????"))
+    return [int(p.name.split("-")[1]) for p in checkpoint_folders(out)]
 
 
 def save_checkpoint(
@@ -154,7 +159,7 @@ def save_checkpoint(
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         fsync_dir(final.parent)
-        for old in sorted(final.parent.glob("checkpoint-???????"))[:-keep]:
+        for old in checkpoint_folders(out)[:-keep]:
             if not cpu_marks(old):
                 remove(old)
     accelerator.wait_for_everyone()
@@ -189,7 +194,7 @@ def write_checkpoint(task: Checkpointable, accelerator: Accelerator, tmp: Path, 
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The run's last checkpoint folder, or None if it has none."""
-    found = sorted((out / "checkpoints").glob("checkpoint-???????"))
+    found = checkpoint_folders(out)
     return found[-1] if found else None
 
 
