@@ -16,7 +16,9 @@ reconstructions' and the originals' BloodNet features (evaluation/reconstruction
 reconstructions that BloodNet puts in their cell's class beside its accuracy on the originals: how much of each
 cell's class the decoder keeps (a guided latent model can score above it by drawing only typical cells). Writes
 results.json, report.md and reconstructions.png: rows of real cells (one per class), each above every
-autoencoder's reconstructions of them.
+autoencoder's reconstructions of them. `--latent-probe` adds, for each AutoencoderKL, the class accuracy of a linear
+classifier fitted on the train split's latents (evaluation/reconstruction.py `latent_probe`): what the latents keep
+of each class before the decoder, so that a class the reconstructions lose can be put on the encoder or the decoder.
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ from diffusers import AutoencoderKL
 
 from bloodgen_hf.data import load_data
 from bloodgen_hf.evaluation.features import BloodNetExtractor
-from bloodgen_hf.evaluation.reconstruction import reconstruct, reconstruct_conditional, reconstruction_report
+from bloodgen_hf.evaluation.reconstruction import (
+    latent_probe,
+    reconstruct,
+    reconstruct_conditional,
+    reconstruction_report,
+)
 from bloodgen_hf.io import atomic_path, labelled_class_grid, write_durably
 from bloodgen_hf.process import cpu_name
 from bloodgen_hf.registry import bundled_models, load_component, load_pipeline
@@ -65,10 +72,10 @@ def picture_indices(labels: np.ndarray, per_class: int) -> np.ndarray:
     return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
 
 
-def worst_class(row: dict, class_names: list[str]) -> str:
-    """'basophil 0.623': the class whose reconstructions BloodNet recognises least (rows from before the per-class
-    accuracies were recorded: '-')."""
-    by_class = row.get("class_accuracy_by_class")
+def worst_class(row: dict, class_names: list[str], key: str = "class_accuracy_by_class") -> str:
+    """'basophil 0.623': the class whose reconstructions BloodNet recognises least, or with `key`
+    'probe_accuracy_by_class' the class the latent probe finds least (rows without it: '-')."""
+    by_class = row.get(key)
     if not by_class:
         return "-"
     index, accuracy = min(by_class.items(), key=lambda item: item[1])
@@ -77,7 +84,9 @@ def worst_class(row: dict, class_names: list[str]) -> str:
 
 def report_markdown(rows: list[dict], split: str, real_accuracy: float | None, class_names: list[str]) -> str:
     has_fd = real_accuracy is not None
+    has_probe = any("probe_accuracy" in row for row in rows)
     head = "| autoencoder | PSNR (dB) | SSIM |" + (" FD_bloodnet | class accuracy | worst class |" if has_fd else "")
+    head += " latent probe | its worst class |" if has_probe else ""
     lines = [
         f"# Autoencoder reconstructions: {split} split, {rows[0]['num_images']:,} images at {rows[0]['resolution']} px",
         "",
@@ -89,12 +98,23 @@ def report_markdown(rows: list[dict], split: str, real_accuracy: float | None, c
         "typical cells)" + (f" (BloodNet on the originals: {real_accuracy:.4f})." if has_fd else "."),
         "",
         head,
-        "|---|---|---|" + ("---|---|---|" if has_fd else ""),
+        "|---|---|---|" + ("---|---|---|" if has_fd else "") + ("---|---|" if has_probe else ""),
     ]
     for row in rows:
         worst = worst_class(row, class_names)
         fd = f" {row['fd_bloodnet']:.3f} | {row['class_accuracy']:.4f} | {worst} |" if has_fd else ""
-        lines.append(f"| {row['label']} | {row['psnr']:.2f} | {row['ssim']:.4f} |{fd}")
+        probe = ""
+        if has_probe:
+            accuracy = f"{row['probe_accuracy']:.4f}" if "probe_accuracy" in row else "-"
+            probe = f" {accuracy} | {worst_class(row, class_names, 'probe_accuracy_by_class')} |"
+        lines.append(f"| {row['label']} | {row['psnr']:.2f} | {row['ssim']:.4f} |{fd}{probe}")
+    if has_probe:
+        lines += [
+            "",
+            "Latent probe: the accuracy on this split of a linear classifier fitted on the train split's posterior "
+            "means, what the latents keep of each class before any decoder (a lower bound; class-conditional VAEs: "
+            "-). A class the probe finds and the reconstructions lose is lost in the decoder.",
+        ]
     lines += ["", "![real cells above each autoencoder's reconstructions](reconstructions.png)", ""]
     return "\n".join(lines)
 
@@ -106,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--bloodnet", default=None, help="a BloodNet folder at the autoencoders' size: adds the FD")
     parser.add_argument("--bundled-bloodnet", action="store_true", help="the bundled BloodNet at that size instead")
+    parser.add_argument("--latent-probe", action="store_true", help="a linear probe of each AutoencoderKL's latents")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     items = [parse_item(item) for item in args.autoencoders]
@@ -121,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     images, labels, names = np.asarray(data.images), np.asarray(data.labels), list(data.class_names)
     real = extractor.extract(images, progress=False, desc="real") if extractor else None
     real_accuracy = float((real.probs.argmax(1) == labels).mean()) if real else None  # the reference
+    train = load_data("bloodmnist", "train", resolution, args.data_dir) if args.latent_probe else None
     chosen = picture_indices(labels, PER_CLASS)
     rows, pictures = [], [images[chosen]]
     for label, model, autoencoder, _, conditional in autoencoders:
@@ -136,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
             real_features=real.features if real else None,
             labels=labels,
         )
+        if train is not None and not conditional:
+            report.update(latent_probe(autoencoder, np.asarray(train.images), np.asarray(train.labels), images, labels))
         rows.append({"label": label, "model": model, "split": args.split, "resolution": resolution, **report})
         pictures.append(reconstructions[chosen])
         print(f"{label}: PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}", flush=True)

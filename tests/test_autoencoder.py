@@ -17,8 +17,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bloodgen_hf.data import load_data, to_model_range
+from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.features import FeatureExtractor, Features
-from bloodgen_hf.evaluation.reconstruction import evaluate_autoencoder, reconstruct, reconstruction_report
+from bloodgen_hf.evaluation.reconstruction import (
+    evaluate_autoencoder,
+    latent_probe,
+    reconstruct,
+    reconstruction_report,
+)
 from bloodgen_hf.image_quality import psnr, ssim
 from bloodgen_hf.models.patch_discriminator import PatchDiscriminator
 from bloodgen_hf.training import TRAIN_ENTRY_POINTS
@@ -409,6 +415,33 @@ def test_reconstruction_report_class_accuracy_counts_reconstructions_kept_in_the
     assert "class_accuracy" not in reconstruction_report(ShiftingAutoencoder(0), images, PixelFeatures(), labels=labels)
 
 
+class ForgetfulAutoencoder(ShiftingAutoencoder):
+    """Its latents are all zero: they keep nothing of the image."""
+
+    def encode(self, x: torch.Tensor):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: torch.zeros_like(x)))
+
+
+def test_latent_probe_finds_the_class_the_latents_keep_and_not_one_they_lose():
+    """A linear probe of the latents: perfect where they are the pixels and the classes differ in brightness, no
+    better than the train split's first class where they are all zero; the same scores every time."""
+    rng = np.random.default_rng(0)
+
+    def cells(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(n) % 2
+        base = np.where(labels == 1, 170, 80)[:, None, None, None]
+        return np.clip(base + rng.normal(0, 20, (n, 8, 8, 3)), 0, 255).astype(np.uint8), labels
+
+    (train, train_labels), (test, test_labels) = cells(40), cells(20)
+    keeps = latent_probe(ShiftingAutoencoder(0), train, train_labels, test, test_labels)
+    assert keeps == {"probe_accuracy": 1.0, "probe_accuracy_by_class": {"0": 1.0, "1": 1.0}}
+    assert latent_probe(ShiftingAutoencoder(0), train, train_labels, test, test_labels) == keeps
+    loses = latent_probe(ForgetfulAutoencoder(0), train, train_labels, test, test_labels)
+    assert loses == {"probe_accuracy": 0.5, "probe_accuracy_by_class": {"0": 1.0, "1": 0.0}}
+    with pytest.raises(UsageError, match="every image needs a label"):
+        latent_probe(ShiftingAutoencoder(0), train, train_labels[:-1], test, test_labels)
+
+
 def test_reconstruction_report_psnr_ssim_and_fd():
     rng = np.random.default_rng(0)
     images = rng.integers(30, 220, size=(6, 32, 32, 3), dtype=np.uint8)
@@ -448,13 +481,16 @@ def test_the_reconstruction_report_scores_each_autoencoder_and_pictures_the_same
     folder = str(run / "pipeline")
     out = tmp_path / "report"
     autoencoder_report.main(
-        ["--autoencoders", f"a={folder}", f"b={folder}", "--data-dir", str(data), "--out", str(out)]
+        ["--autoencoders", f"a={folder}", f"b={folder}", "--data-dir", str(data), "--out", str(out), "--latent-probe"]
     )
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["a", "b"] and rows[0]["split"] == "test"
+    assert 0 <= rows[0]["probe_accuracy"] <= 1 and rows[0]["probe_accuracy"] == rows[1]["probe_accuracy"]
+    assert "| latent probe | its worst class |" in (out / "report.md").read_text()
     assert rows[0]["psnr"] == rows[1]["psnr"] and 0 < rows[0]["ssim"] <= 1
     assert "| a |" in (out / "report.md").read_text()
-    row = {**rows[0], "fd_bloodnet": 3.5, "class_accuracy": 0.9, "class_accuracy_by_class": {"0": 0.6, "1": 0.95}}
+    unprobed = {key: value for key, value in rows[0].items() if not key.startswith("probe_")}
+    row = {**unprobed, "fd_bloodnet": 3.5, "class_accuracy": 0.9, "class_accuracy_by_class": {"0": 0.6, "1": 0.95}}
     with_classifier = autoencoder_report.report_markdown([row], "val", 0.98, ["basophil", "eosinophil"])
     assert "| 3.500 | 0.9000 | basophil 0.600 |" in with_classifier  # the worst-kept class, named
     with Image.open(out / "reconstructions.png") as picture:

@@ -23,7 +23,7 @@ from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.features import FeatureExtractor
 from bloodgen_hf.evaluation.metrics import fd_from_features
 from bloodgen_hf.image_quality import psnr, ssim
-from bloodgen_hf.training.autoencoder import posterior_mean_reconstructions
+from bloodgen_hf.training.autoencoder import posterior_mean_reconstructions, posterior_means
 
 
 def reconstruct(vae, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -77,6 +77,51 @@ def accuracy_by_class(predicted: np.ndarray, labels: np.ndarray) -> dict[str, fl
     """{class index (as a JSON key): share of that class's images predicted as it}, for the classes present. The
     decoder can keep one class's look far worse than the average shows (basophils' granules at 64 px)."""
     return {str(c): float((predicted[labels == c] == c).mean()) for c in np.unique(labels).tolist()}
+
+
+def latent_probe(
+    vae,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int = 256,
+    weight_decay: float = 1e-3,
+    max_iter: int = 200,
+) -> dict:
+    """What the latents alone keep of each cell's class, with no decoder: a linear softmax classifier fitted on the
+    flattened posterior means of `train_images` (standardised with their statistics; full-batch L-BFGS, L2
+    `weight_decay`), scored on those of `images`. Beside the reconstructions' class accuracy it tells the encoder's
+    losses from the decoder's: a class the probe finds and the reconstructions lose is lost in the decoder. Linear,
+    so a lower bound of what the latents hold. No random numbers: the same inputs give the same scores."""
+    if len(train_images) != len(train_labels) or len(images) != len(labels):
+        raise UsageError("latent_probe: every image needs a label")
+
+    def latents(x: np.ndarray) -> torch.Tensor:
+        return posterior_means(vae, torch.from_numpy(np.ascontiguousarray(x)), batch_size).flatten(1).double()
+
+    train, test = latents(train_images), latents(images)
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    train, test = (train - mean) / std, (test - mean) / std
+    targets = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
+    num_classes = int(max(targets.max().item(), int(np.max(labels))) + 1)
+    weight = torch.zeros(train.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(train @ weight + bias, targets) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)  # L-BFGS runs the closure with gradients on, even under torch.no_grad()
+    predicted = (test @ weight + bias).argmax(1).numpy()
+    labels = np.asarray(labels)
+    return {
+        "probe_accuracy": float((predicted == labels).mean()),
+        "probe_accuracy_by_class": accuracy_by_class(predicted, labels),
+    }
 
 
 def reconstruction_report(
