@@ -100,11 +100,12 @@ def latent_probe(
     def latents(x: np.ndarray) -> torch.Tensor:
         return posterior_means(vae, torch.from_numpy(np.ascontiguousarray(x)), batch_size).flatten(1).double()
 
+    labels = np.asarray(labels)
     train, test = latents(train_images), latents(images)
     mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
     train, test = (train - mean) / std, (test - mean) / std
     targets = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
-    num_classes = int(max(targets.max().item(), int(np.max(labels))) + 1)
+    num_classes = int(max(targets.max().item(), labels.max())) + 1
     weight = torch.zeros(train.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -117,7 +118,6 @@ def latent_probe(
 
     optimizer.step(closure)  # L-BFGS runs the closure with gradients on, even under torch.no_grad()
     predicted = (test @ weight + bias).argmax(1).numpy()
-    labels = np.asarray(labels)
     return {
         "probe_accuracy": float((predicted == labels).mean()),
         "probe_accuracy_by_class": accuracy_by_class(predicted, labels),
