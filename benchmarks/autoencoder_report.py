@@ -18,7 +18,8 @@ cell's class the decoder keeps (a guided latent model can score above it by draw
 results.json, report.md and reconstructions.png: rows of real cells (one per class), each above every
 autoencoder's reconstructions of them. `--latent-probe` adds, for each AutoencoderKL, the class accuracy of a linear
 classifier fitted on the train split's latents (evaluation/reconstruction.py `latent_probe`): what the latents keep
-of each class before the decoder, so that a class the reconstructions lose can be put on the encoder or the decoder.
+of each class before the decoder, so that a class the reconstructions lose can be put on the encoder or the decoder
+(autoencoders with the same encoder, such as a `--freeze-encoder` stage 2 and its stage 1, share one probe).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from diffusers import AutoencoderKL
 from bloodgen_hf.data import load_data
 from bloodgen_hf.evaluation.features import BloodNetExtractor
 from bloodgen_hf.evaluation.reconstruction import (
+    encoder_fingerprint,
     latent_probe,
     reconstruct,
     reconstruct_conditional,
@@ -85,7 +87,8 @@ def worst_class(row: dict, class_names: list[str], key: str = "class_accuracy_by
 def report_markdown(rows: list[dict], split: str, real_accuracy: float | None, class_names: list[str]) -> str:
     has_fd = real_accuracy is not None
     has_probe = any("probe_accuracy" in row for row in rows)
-    head = "| autoencoder | PSNR (dB) | SSIM |" + (" FD_bloodnet | class accuracy | worst class |" if has_fd else "")
+    fd_columns = " FD_bloodnet | class accuracy | worst class | precision / recall |"
+    head = "| autoencoder | PSNR (dB) | SSIM |" + (fd_columns if has_fd else "")
     head += " latent probe | its worst class |" if has_probe else ""
     lines = [
         f"# Autoencoder reconstructions: {split} split, {rows[0]['num_images']:,} images at {rows[0]['resolution']} px",
@@ -95,14 +98,22 @@ def report_markdown(rows: list[dict], split: str, real_accuracy: float | None, c
         "decoder (a latent model's, or a VAE's own from its prior) can reach. Class accuracy: the share of "
         "reconstructions that BloodNet puts in their cell's class, what the decoder keeps of a cell's class "
         "(a guided latent model can score above it by drawing "
-        "typical cells)" + (f" (BloodNet on the originals: {real_accuracy:.4f})." if has_fd else "."),
+        "typical cells)"
+        + (f" (BloodNet on the originals: {real_accuracy:.4f})." if has_fd else ".")
+        + (
+            " Precision / recall: k-NN (k = 5) in the same features against the originals, as `evaluate` scores "
+            "samples; a kind of cell the decoder cannot draw is one a latent model's samples cannot cover."
+            if has_fd
+            else ""
+        ),
         "",
         head,
-        "|---|---|---|" + ("---|---|---|" if has_fd else "") + ("---|---|" if has_probe else ""),
+        "|---|---|---|" + ("---|---|---|---|" if has_fd else "") + ("---|---|" if has_probe else ""),
     ]
     for row in rows:
         worst = worst_class(row, class_names)
-        fd = f" {row['fd_bloodnet']:.3f} | {row['class_accuracy']:.4f} | {worst} |" if has_fd else ""
+        manifold = f"{row['precision']:.3f} / {row['recall']:.3f}" if "recall" in row else "-"
+        fd = f" {row['fd_bloodnet']:.3f} | {row['class_accuracy']:.4f} | {worst} | {manifold} |" if has_fd else ""
         probe = ""
         if has_probe:
             accuracy = f"{row['probe_accuracy']:.4f}" if "probe_accuracy" in row else "-"
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     real_accuracy = float((real.probs.argmax(1) == labels).mean()) if real else None  # the reference
     train = load_data("bloodmnist", "train", resolution, args.data_dir) if args.latent_probe else None
     chosen = picture_indices(labels, PER_CLASS)
-    rows, pictures = [], [images[chosen]]
+    rows, pictures, probes = [], [images[chosen]], {}  # probes: {encoder fingerprint: its latent probe}
     for label, model, autoencoder, _, conditional in autoencoders:
         if conditional:
             reconstructions = reconstruct_conditional(autoencoder, images, labels)
@@ -159,7 +170,12 @@ def main(argv: list[str] | None = None) -> None:
             labels=labels,
         )
         if train is not None and not conditional:
-            report.update(latent_probe(autoencoder, np.asarray(train.images), np.asarray(train.labels), images, labels))
+            key = encoder_fingerprint(autoencoder)
+            if key not in probes:
+                probes[key] = latent_probe(
+                    autoencoder, np.asarray(train.images), np.asarray(train.labels), images, labels
+                )
+            report.update(probes[key], encoder_sha256=key)
         rows.append({"label": label, "model": model, "split": args.split, "resolution": resolution, **report})
         pictures.append(reconstructions[chosen])
         print(f"{label}: PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}", flush=True)

@@ -20,6 +20,7 @@ from bloodgen_hf.data import load_data, to_model_range
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.features import FeatureExtractor, Features
 from bloodgen_hf.evaluation.reconstruction import (
+    encoder_fingerprint,
     evaluate_autoencoder,
     latent_probe,
     reconstruct,
@@ -460,6 +461,29 @@ def test_reconstruction_report_psnr_ssim_and_fd():
         ShiftingAutoencoder(10), images, PixelFeatures(), reconstructions=shifted, real_features=real
     )
     assert given == noisy
+    assert exact["precision"] == exact["recall"] == 1.0  # every original lies on its own reconstruction
+
+
+def test_reconstruction_report_recall_falls_when_the_decoder_draws_one_cell_for_all():
+    rng = np.random.default_rng(1)
+    images = rng.integers(30, 220, size=(8, 16, 16, 3), dtype=np.uint8)
+    one_cell = np.repeat(images[:1], len(images), axis=0)
+    report = reconstruction_report(ShiftingAutoencoder(0), images, PixelFeatures(), reconstructions=one_cell)
+    assert report["precision"] == 1.0 and report["recall"] == 0.0
+    few = reconstruction_report(ShiftingAutoencoder(0), images[:5], PixelFeatures(), nearest_k=5)
+    assert "recall" not in few and "fd_pixels" in few  # k-NN balls need more than k images
+
+
+def test_encoder_fingerprint_follows_the_encoder_and_ignores_the_decoder(trained):
+    """A stage 2 trained with --freeze-encoder has its stage 1's latents: the same fingerprint, so one probe."""
+    _, run = trained
+    vae = AutoencoderKL.from_pretrained(run / "pipeline")
+    fingerprint = encoder_fingerprint(vae)
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.add_(1.0)
+        assert encoder_fingerprint(vae) == fingerprint
+        vae.quant_conv.bias.add_(1e-3)
+        assert encoder_fingerprint(vae) != fingerprint
 
 
 def test_evaluate_autoencoder_on_the_test_split(trained):
@@ -486,6 +510,7 @@ def test_the_reconstruction_report_scores_each_autoencoder_and_pictures_the_same
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["a", "b"] and rows[0]["split"] == "test"
     assert 0 <= rows[0]["probe_accuracy"] <= 1 and rows[0]["probe_accuracy"] == rows[1]["probe_accuracy"]
+    assert rows[0]["encoder_sha256"] == rows[1]["encoder_sha256"]  # one encoder: one probe for both
     assert "| latent probe | its worst class |" in (out / "report.md").read_text()
     assert rows[0]["psnr"] == rows[1]["psnr"] and 0 < rows[0]["ssim"] <= 1
     assert "| a |" in (out / "report.md").read_text()

@@ -7,10 +7,14 @@ test split, which the autoencoder never trained on (training/autoencoder.py refu
 
 Reconstructions use the posterior mean (no sampling) and are rounded to uint8 as saved images are; PSNR
 and SSIM compare them with the originals in [0, 1] (image_quality.py), per image, then averaged.
+The k-NN recall of the reconstructions against the originals guides a latent model's recall the same way: a kind
+of cell the decoder cannot draw is one its samples cannot cover (a guide, not a bound: k-NN recall also depends
+on how the samples spread).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -21,7 +25,7 @@ import torch
 from bloodgen_hf.data import DEFAULT_DATASET, load_data, to_uint8
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.features import FeatureExtractor
-from bloodgen_hf.evaluation.metrics import fd_from_features
+from bloodgen_hf.evaluation.metrics import fd_from_features, precision_recall_density_coverage
 from bloodgen_hf.image_quality import psnr, ssim
 from bloodgen_hf.training.autoencoder import posterior_mean_reconstructions, posterior_means
 
@@ -79,6 +83,18 @@ def accuracy_by_class(predicted: np.ndarray, labels: np.ndarray) -> dict[str, fl
     return {str(c): float((predicted[labels == c] == c).mean()) for c in np.unique(labels).tolist()}
 
 
+def encoder_fingerprint(vae) -> str:
+    """sha256 of the weights that make the latents (an AutoencoderKL's `encoder.*` and `quant_conv.*`): equal for a
+    stage-2 decoder trained with `--freeze-encoder` and its stage 1, whose latents are the same, so one latent
+    probe serves both."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def latent_probe(
     vae,
     train_images: np.ndarray,
@@ -132,13 +148,16 @@ def reconstruction_report(
     reconstructions: np.ndarray | None = None,
     real_features: np.ndarray | None = None,
     labels: np.ndarray | None = None,
+    nearest_k: int = 5,
 ) -> dict[str, float]:
     """PSNR and SSIM of `vae`'s reconstructions of uint8 NHWC `images`, and with an `extractor` (e.g.
     BloodNetExtractor.load()) the FD between the reconstructions' and the originals' features, keyed
     `fd_<extractor.name>`; with `labels` too, and an extractor that classifies, the share of reconstructions
     it puts in their image's class (`class_accuracy`: the ceiling for a latent model's class accuracy, to
     compare with the extractor's accuracy on the originals), and that share class by class
-    (`class_accuracy_by_class`). Pass `reconstructions` (from `reconstruct`) to
+    (`class_accuracy_by_class`). With more than `nearest_k` images, the k-NN `precision` and `recall` of the
+    reconstructions' features against the originals' (as `evaluate --metrics pr` with the same k and as many
+    images). Pass `reconstructions` (from `reconstruct`) to
     score ones already made, and `real_features` (the extractor's of `images`) when several autoencoders are
     scored on the same images."""
     if len(images) < 2:
@@ -152,6 +171,9 @@ def reconstruction_report(
             real = extractor.extract(images, progress=False, desc="real").features
         fake = extractor.extract(reconstructions, progress=False, desc="reconstructions")
         report[f"fd_{extractor.name}"] = fd_from_features(real, fake.features)
+        if len(images) > nearest_k:
+            manifold = precision_recall_density_coverage(real, fake.features, nearest_k)
+            report.update(precision=manifold["precision"], recall=manifold["recall"])
         if labels is not None and fake.probs is not None:
             predicted, labels = fake.probs.argmax(1), np.asarray(labels)
             report["class_accuracy"] = float((predicted == labels).mean())
