@@ -34,6 +34,7 @@ from diffusers import AutoencoderKL
 
 from bloodgen_hf.data import load_data
 from bloodgen_hf.evaluation.features import BloodNetExtractor
+from bloodgen_hf.evaluation.protocol import Protocol
 from bloodgen_hf.evaluation.reconstruction import (
     encoder_fingerprint,
     latent_probe,
@@ -101,8 +102,9 @@ def report_markdown(rows: list[dict], split: str, real_accuracy: float | None, c
         "typical cells)"
         + (f" (BloodNet on the originals: {real_accuracy:.4f})." if has_fd else ".")
         + (
-            " Precision / recall: k-NN (k = 5) in the same features against the originals, as `evaluate` scores "
-            "samples; a kind of cell the decoder cannot draw is one a latent model's samples cannot cover."
+            f" Precision / recall: k-NN (k = {Protocol.nearest_k}) in the same features against the originals, as "
+            "`evaluate` scores samples; a kind of cell the decoder cannot draw is one a latent model's samples "
+            "cannot cover."
             if has_fd
             else ""
         ),

@@ -26,8 +26,9 @@ from bloodgen_hf.data import DEFAULT_DATASET, load_data, to_uint8
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.evaluation.features import FeatureExtractor
 from bloodgen_hf.evaluation.metrics import fd_from_features, precision_recall_density_coverage
+from bloodgen_hf.evaluation.protocol import Protocol
 from bloodgen_hf.image_quality import psnr, ssim
-from bloodgen_hf.training.autoencoder import posterior_mean_reconstructions, posterior_means
+from bloodgen_hf.training.autoencoder import ENCODER_PREFIXES, posterior_mean_reconstructions, posterior_means
 
 
 def reconstruct(vae, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -89,7 +90,7 @@ def encoder_fingerprint(vae) -> str:
     probe serves both."""
     digest = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
-        if name.startswith(("encoder.", "quant_conv.")):
+        if name.startswith(ENCODER_PREFIXES):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -148,7 +149,7 @@ def reconstruction_report(
     reconstructions: np.ndarray | None = None,
     real_features: np.ndarray | None = None,
     labels: np.ndarray | None = None,
-    nearest_k: int = 5,
+    nearest_k: int = Protocol.nearest_k,
 ) -> dict[str, float]:
     """PSNR and SSIM of `vae`'s reconstructions of uint8 NHWC `images`, and with an `extractor` (e.g.
     BloodNetExtractor.load()) the FD between the reconstructions' and the originals' features, keyed

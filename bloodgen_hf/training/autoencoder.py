@@ -193,6 +193,9 @@ def build_autoencoder(o: AutoencoderOptions, resolution: int) -> TrainingAutoenc
     )
 
 
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # the weights that make the latents: what freeze_encoder stops
+
+
 def freeze_encoder(vae: AutoencoderKL) -> None:
     """Stop the encoder (and its quant_conv) learning: no gradient, so no optimizer state either."""
     for module in (vae.encoder, vae.quant_conv):

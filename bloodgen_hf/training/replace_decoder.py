@@ -21,9 +21,9 @@ from bloodgen_hf.io import atomic_path
 from bloodgen_hf.pipelines import BloodLDMPipeline
 from bloodgen_hf.provenance import content_sha256, pipeline_provenance, portable_provenance
 from bloodgen_hf.registry import load_pipeline, save_pipeline
+from bloodgen_hf.training.autoencoder import ENCODER_PREFIXES
 from bloodgen_hf.training.latent import autoencoder_provenance, load_autoencoder
 
-ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # the weights that make the latents
 LATENT_CONFIG = (
     "in_channels",
     "latent_channels",
