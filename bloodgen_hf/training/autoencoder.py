@@ -193,14 +193,14 @@ def build_autoencoder(o: AutoencoderOptions, resolution: int) -> TrainingAutoenc
     )
 
 
-ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # the weights that make the latents: what freeze_encoder stops
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # the weights that make the latents; freeze_encoder stops them
 
 
 def freeze_encoder(vae: AutoencoderKL) -> None:
-    """Stop the encoder (and its quant_conv) learning: no gradient, so no optimizer state either."""
-    for module in (vae.encoder, vae.quant_conv):
-        if module is not None:
-            module.requires_grad_(False)
+    """Stop the weights that make the latents (ENCODER_PREFIXES) learning: no gradient, so no optimizer state."""
+    for name, parameter in vae.named_parameters():
+        if name.startswith(ENCODER_PREFIXES):
+            parameter.requires_grad_(False)
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
