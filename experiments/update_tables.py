@@ -10,6 +10,8 @@ A table is marked in the markdown by two comments; the first names the study's r
     python experiments/update_tables.py --check    # exit 1 if one differs from its results.json (tests/test_docs.py)
 
 `key=` accuracy or macro_f1 (mean ± std, change against real), or classwise (F1 per class, `fractions=0.01,0.1`).
+`key=sampling` compares studies that differ in their generator or its sampling settings, one line each, on one
+row at one fraction: `studies=PATH;PATH fraction=0.1 row=real+synthetic (2x)` (val and test macro-F1).
 `rows=` (';'-separated row labels, in order; default every row), `cpu=1` (CPU minutes in each cell), `label=` (the
 first column's heading; '_' for spaces).
 """
@@ -22,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-from bloodgen_hf.evaluation.augment_study import classwise_table, study_table, summarize_study
+from bloodgen_hf.evaluation.augment_study import classwise_table, sampling_table, study_table, summarize_study
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKED = re.compile(r"(<!-- augment-table (.*?) -->\n)(.*?)(<!-- /augment-table -->)", re.S)
@@ -41,6 +43,9 @@ def settings(text: str) -> dict[str, str]:
 def table(text: str) -> str:
     """The table a marker asks for, from its results.json."""
     options = settings(text)
+    if options["key"] == "sampling":
+        studies = [json.loads((ROOT / path).read_text()) for path in options["studies"].split(";")]
+        return "\n".join(sampling_table(studies, float(options["fraction"]), options["row"])) + "\n"
     results = json.loads((ROOT / options["results"]).read_text())
     rows = options["rows"].split(";") if "rows" in options else None
     label = options.get("label", "training_set").replace("_", " ")

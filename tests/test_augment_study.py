@@ -218,6 +218,34 @@ def test_the_change_against_real_is_paired_by_seed():
     assert "0.910 ± 0.000 (+1.0) [seeds 0]" in table[-1]
 
 
+def test_the_sampling_table_pairs_each_study_with_its_own_real_runs_and_reports_val_beside_test():
+    def run(setting, recipe, seed, val, test):
+        scores = {"val_at_chosen": {"macro_f1": val}, "macro_f1": test}
+        return {"setting": setting, "recipe": recipe, "fraction": 0.1, "seed": seed, **scores}
+
+    default = {
+        "model": "ddpm-fast",
+        "sampling": {"precision": "bf16"},
+        "runs": [run("real", "real", 0, 0.90, 0.80), run("real+synthetic", "2x", 0, 0.92, 0.83)],
+    }
+    guided = {
+        "model": "ddpm",
+        "sampling": {"precision": "bf16", "guidance_scale": 2.0, "num_inference_steps": 4},
+        "runs": [  # its own real runs differ from the other study's: each change is against its own
+            run("real", "real", 0, 0.80, 0.70),
+            run("real", "real", 1, 0.80, 0.70),
+            run("real+synthetic", "2x", 0, 0.81, 0.74),
+            run("real+synthetic", "2x", 1, 0.83, 0.72),
+            run("real+synthetic", "2x", 2, 0.99, 0.99),  # no real run of seed 2: left out
+        ],
+    }
+    lines = augment_study.sampling_table([default, guided], 0.1, "real+synthetic (2x)")
+    assert lines[2] == "| `ddpm-fast` | its defaults | 0.920 ± 0.000 (+2.0) | 0.830 ± 0.000 (+3.0) |"
+    assert lines[3] == "| `ddpm` | guidance 2, steps 4 | 0.820 ± 0.014 (+2.0) | 0.730 ± 0.014 (+3.0) |"
+    with pytest.raises(ValueError, match="no 'real\\+synthetic \\(4x\\)' run at 0.1"):
+        augment_study.sampling_table([default], 0.1, "real+synthetic (4x)")
+
+
 def test_converged_results_record_every_cell(train_split_gan, fake_data_dir, tmp_path):
     config = StudyConfig(fractions=(0.5, 1.0), settings=("real", "real+synthetic"), epochs=2, **TINY)
     results = run_study(train_split_gan, tmp_path / "s", config, fake_data_dir, log=lambda *_: None)

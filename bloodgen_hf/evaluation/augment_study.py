@@ -880,6 +880,51 @@ def study_table(
     return lines
 
 
+SAMPLING_WORDS = {
+    "num_inference_steps": "steps {}",
+    "guidance_scale": "guidance {}",
+    "guidance_interval": "interval {}",
+}
+
+
+def sampling_words(results: dict) -> str:
+    """A study's sampling settings in words ('guidance 2, steps 4'); 'its defaults' where none was set."""
+    settings = {k: v for k, v in (results.get("sampling") or {}).items() if k != "precision"}
+    words = [
+        SAMPLING_WORDS.get(k, k + " {}").format(v if not isinstance(v, float) else f"{v:g}")
+        for k, v in settings.items()
+    ]
+    return ", ".join(words) or "its defaults"
+
+
+def sampling_table(studies: list[dict], fraction: float, row: str) -> list[str]:
+    """One line per study, that is per generator and sampling settings: the val and test macro-F1 of `row` at
+    `fraction`, each with its change against real only of the same study and seeds. Val chooses the settings (it
+    chose each classifier's epoch as well); test is scored once and only reported."""
+    lines = ["| generator | sampling | val macro-F1 (change) | test macro-F1 (change) |", "|---|---|---|---|"]
+    for results in studies:
+        runs = {
+            (row_label(r["setting"], r.get("recipe")), r["seed"]): r
+            for r in results["runs"]
+            if r["fraction"] == fraction
+        }
+        seeds = sorted(seed for label, seed in runs if label == row and ("real", seed) in runs)
+        if not seeds:
+            raise ValueError(f"no {row!r} run at {fraction:g} beside a real-only one of its seed ({results['model']})")
+        pairs = [(runs[row, seed], runs["real", seed]) for seed in seeds]
+        val = paired_cell(pairs, lambda r: r["val_at_chosen"]["macro_f1"])
+        test = paired_cell(pairs, lambda r: r["macro_f1"])
+        lines.append(f"| `{results['model']}` | {sampling_words(results)} | {val} | {test} |")
+    return lines
+
+
+def paired_cell(pairs: list[tuple[dict, dict]], score) -> str:
+    """'mean ± std (change)' of score over (recipe run, real-only run) pairs of one seed each; change in points."""
+    values = summarize([score(recipe) for recipe, _ in pairs])
+    change = 100 * np.mean([score(recipe) - score(real) for recipe, real in pairs])
+    return f"{values['mean']:.3f} ± {values['std']:.3f} ({change:+.1f})"
+
+
 def paired_change(entry: dict, real: dict | None, key: str) -> float | None:
     """The change against real only, in points, on the seeds both cells have (a recipe run on fewer seeds is
     compared with real on those seeds, not with real's mean over all of them)."""
