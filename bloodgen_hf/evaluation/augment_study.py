@@ -887,9 +887,14 @@ SAMPLING_WORDS = {
 }
 
 
+def chosen_sampling(results: dict) -> dict:
+    """The sampling options a study was given that choose its images: all but the precision, which sets speed."""
+    return {k: v for k, v in (results.get("sampling") or {}).items() if k != "precision"}
+
+
 def sampling_words(results: dict) -> str:
     """A study's sampling settings in words ('guidance 2, steps 4'); 'its defaults' where none was set."""
-    settings = {k: v for k, v in (results.get("sampling") or {}).items() if k != "precision"}
+    settings = chosen_sampling(results)
     words = [
         SAMPLING_WORDS.get(k, k + " {}").format(v if not isinstance(v, float) else f"{v:g}")
         for k, v in settings.items()
@@ -945,7 +950,7 @@ def write_study_report(results: dict, out: Path, html: bool = False) -> None:
     lines[-1] += f" {max(len(e['seeds']) for e in summary)} seeds; mean ± std over seeds."
     if results.get("model"):
         lines[-1] += f" Synthetic images from `{results['model']}`"
-        settings = {k: v for k, v in (results.get("sampling") or {}).items() if k != "precision"}
+        settings = chosen_sampling(results)
         lines[-1] += f" ({', '.join(f'{k}={v}' for k, v in settings.items())})." if settings else "."
     if results.get("provenance"):
         lines[-1] += f" It was trained on {describe_provenance(results['provenance'])}."
