@@ -302,14 +302,19 @@ def test_the_bundled_64_px_model_records_its_autoencoder_and_teacher_all_on_the_
     assert (provenance["split"], provenance["resolution"], provenance["num_images"]) == ("train", 64, 11959)
     assert "adversarial" not in provenance
     teacher = provenance["distilled_from"]
-    assert teacher["pairs"]["space"] == "latent" and teacher["pairs"]["guidance_scale"] == 4.0
+    assert teacher["pairs"]["space"] == "latent" and teacher["pairs"]["guidance_scale"] == 3.0
     assert teacher["pairs"]["guidance_interval"] == [0.0, 0.7]  # the teacher's defaults, set on val
-    assert teacher["provenance"]["sampling_defaults"]["copied_from"] == "experiments/runs/ldm-64-long/pipeline"
+    assert teacher["provenance"]["sampling_defaults"]["copied_from"] == "experiments/runs/ldm-64-4k/pipeline"
     for link in (provenance["autoencoder"], teacher["provenance"]["autoencoder"]):
-        assert link["model"] == "experiments/runs/autoencoder-64/pipeline"
-        assert (
-            link["provenance"]["split"] == "train" and link["provenance"]["init_from"]["provenance"]["split"] == "train"
-        )
+        assert link["model"] == "experiments/runs/autoencoder-64-4k/pipeline"
+        stages = [link]  # stage 2 <- stage 1 continued <- stage 1: every one on the train split
+        while stages[-1]["provenance"].get("init_from"):
+            stages.append(stages[-1]["provenance"]["init_from"])
+        assert [stage["model"] for stage in stages[1:]] == [
+            "experiments/runs/autoencoder-64-l1-4k/pipeline",
+            "experiments/runs/autoencoder-64-l1/pipeline",
+        ]
+        assert {stage["provenance"]["split"] for stage in stages} == {"train"}
     check_unseen(provenance, "ldm-64", "test", "bloodmnist", "augment-study")
     with pytest.raises(LeakError):
         leaky_teacher = {**teacher, "provenance": {**teacher["provenance"], "split": "all"}}
