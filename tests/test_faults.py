@@ -119,9 +119,12 @@ def holds_lock(process: subprocess.Popen, out: Path) -> bool:
     return False
 
 
-def kill_after_step(process: subprocess.Popen, out: Path, step: int, delay: float, sig=signal.SIGKILL) -> int:
-    """Send `sig` `delay` seconds after metrics.jsonl shows `step`; the exit status. SIGTERM also waits until
-    `process` holds the lock (a resumed run's log shows earlier steps from its start)."""
+def kill_after_step(
+    process: subprocess.Popen, out: Path, step: int, delay: float, sig=signal.SIGKILL
+) -> tuple[int, str]:
+    """Send `sig` `delay` seconds after metrics.jsonl shows `step`; the exit status and stderr (why a run that
+    ended before the signal ended). SIGTERM also waits until `process` holds the lock (a resumed run's log
+    shows earlier steps from its start)."""
     metrics = out / "metrics.jsonl"
     while process.poll() is None:
         if sig == signal.SIGTERM and not holds_lock(process, out):
@@ -131,7 +134,7 @@ def kill_after_step(process: subprocess.Popen, out: Path, step: int, delay: floa
             process.send_signal(sig)
             break
         time.sleep(0.002)
-    return finish(process)[0]
+    return finish(process)
 
 
 def next_run_args(data_dir: Path, out: Path) -> list[str]:
@@ -156,11 +159,12 @@ def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(data_d
     for number, (mode, at, delay) in enumerate(kills):
         where = f"seed {seed}, kill {number} ({mode} {at})"
         if mode == "term":
-            code = kill_after_step(start(args), out, at, delay, signal.SIGTERM)
-            assert code == SIGTERM_EXIT_CODE, f"{where}: {code}"
+            code, stderr = kill_after_step(start(args), out, at, delay, signal.SIGTERM)
+            assert code == SIGTERM_EXIT_CODE, f"{where}: {code} {stderr[-2000:]}"
             assert not lock_path(out).exists(), where
         elif mode == "step":
-            assert kill_after_step(start(args), out, at, delay) == -signal.SIGKILL, f"{where}: it ended first"
+            code, stderr = kill_after_step(start(args), out, at, delay)
+            assert code == -signal.SIGKILL, f"{where}: it ended first ({code}) {stderr[-2000:]}"
         else:
             code, stderr = finish(start(args, driver, FAULT_MODE=mode, FAULT_AT=str(at)))
             assert code == -signal.SIGKILL, f"{where}: {stderr[-2000:]}"
