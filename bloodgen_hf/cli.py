@@ -791,6 +791,11 @@ def augment_study(
     synthetic_weight: float = typer.Option(
         1.0, help="Recipe: the loss weight of each synthetic image in real+synthetic (a real image's is 1)."
     ),
+    finetune_epochs: int = typer.Option(
+        0,
+        help="Recipe: then this many more epochs on the real images alone, from the val-chosen weights at a tenth of "
+        "the learning rate (synthetic pre-training, real fine-tuning); every setting, real only too (its control).",
+    ),
     protocol: str = typer.Option(
         "converged",
         help="converged: --epochs over the real images, the epoch chosen on the val split; fixed-steps: the earlier "
@@ -836,6 +841,7 @@ def augment_study(
         balance=balance,
         filter_threshold=filter_threshold,
         synthetic_weight=synthetic_weight,
+        finetune_epochs=finetune_epochs,
         protocol=protocol,
         min_steps=min_steps,
         classifier=classifier or ("bloodnet-small" if protocol == "fixed-steps" else "bloodnet"),

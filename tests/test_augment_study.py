@@ -473,3 +473,81 @@ def test_a_stopped_classifier_continues_exactly_from_its_last_val_evaluation(
         for name in ("whole", "stopped")
     ]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_finetune_continues_every_classifier_on_its_real_images_alone(
+    train_split_gan, fake_data_dir, tmp_path, monkeypatch
+):
+    calls, train = [], augment_study.train_classifier
+
+    def spy(images, labels, *args, **kwargs):
+        calls.append((len(labels), kwargs.get("epochs"), kwargs.get("init_from")))
+        return train(images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(augment_study, "train_classifier", spy)
+    config = StudyConfig(fractions=(1.0,), settings=("real", "real+synthetic"), epochs=2, finetune_epochs=3, **TINY)
+    results = run_study(train_split_gan, tmp_path / "s", config, fake_data_dir, log=lambda *_: None)
+
+    runs = {r["recipe"]: r for r in results["runs"]}
+    assert sorted(runs) == ["1x+ft3", "real+ft3"]
+    n = runs["real+ft3"]["num_real"]
+    assert [c[:2] for c in calls] == [(n, None), (n, 3), (2 * n, None), (n, 3)]  # each base, then real alone
+    folders = [tmp_path / "s" / "runs" / name for name in ("real-ft3-1-seed0", "real+synthetic-1x+ft3-1-seed0")]
+    assert [calls[1][2], calls[3][2]] == [f / "pipeline" / MODEL_FOLDER for f in folders]  # the base's chosen weights
+    for run in runs.values():
+        fine = run["finetune"]
+        assert run["epochs"] == 5 and [e["epoch"] for e in fine["val_curve"]] == [1, 2, 3]
+        candidates = [e for e in fine["base_val_curve"] if e["epoch"] == fine["from_epoch"]] + fine["val_curve"]
+        assert run["val_at_chosen"]["macro_f1"] == max(e["macro_f1"] for e in candidates)  # val chooses again
+        assert run["chosen_epoch"] == fine["from_epoch"] + fine["chosen_epoch"]
+        assert set(run["before_finetune"]) == {"accuracy", "macro_f1"}
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "| real (ft3) |" in report and "| real+synthetic (1x+ft3) |" in report
+
+
+def test_a_finetune_that_val_does_not_prefer_is_dropped(train_split_gan, fake_data_dir, tmp_path):
+    from bloodgen_hf.data import CLASS_NAMES, load_data
+
+    config = StudyConfig(fractions=(1.0,), settings=("real",), epochs=2, finetune_epochs=1, **TINY)
+    run_study(train_split_gan, tmp_path / "s", config, fake_data_dir, log=lambda *_: None)
+    folder = tmp_path / "s" / "runs" / "real-ft1-1-seed0"
+    base = json.loads((folder / augment_study.BASE_RECORD).read_text())
+    base["val_at_chosen"] = {**base["val_at_chosen"], "macro_f1": 1.0}  # a base no fine-tune can beat
+    images, labels = load_data("bloodmnist", "train", 28, fake_data_dir)[:2]
+    holdout = load_data("bloodmnist", "val", 28, fake_data_dir)[:2]
+    model, record = augment_study.finetune_on_real(
+        base, images, labels, holdout, config, 0, folder, CLASS_NAMES, log=lambda *_: None
+    )
+    assert not record["finetune"]["kept"] and record["chosen_epoch"] == base["chosen_epoch"]
+    kept = load_classifier(folder / "pipeline" / MODEL_FOLDER).state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_resumed_finetune_keeps_its_finished_base(train_split_gan, fake_data_dir, tmp_path, monkeypatch):
+    config = StudyConfig(fractions=(1.0,), settings=("real",), epochs=2, finetune_epochs=2, **TINY)
+    whole = run_study(train_split_gan, tmp_path / "s", config, fake_data_dir, log=lambda *_: None)["runs"][0]
+    (tmp_path / "s" / "runs" / "real-ft2-1-seed0" / "result.json").unlink()  # stopped after its base and fine-tune
+    calls, train = [], augment_study.train_classifier
+    monkeypatch.setattr(augment_study, "train_classifier", lambda *a, **k: calls.append(k) or train(*a, **k))
+    logged = []
+    run = run_study(train_split_gan, tmp_path / "s", config, fake_data_dir, log=logged.append, resume=True)["runs"][0]
+    assert len(calls) == 1 and calls[0]["epochs"] == 2 and calls[0]["resume"]  # the fine-tune only, continued
+    assert any("before its fine-tune" in line for line in logged)
+    assert (run["accuracy"], run["chosen_epoch"], run["val_curve"]) == (
+        whole["accuracy"],
+        whole["chosen_epoch"],
+        whole["val_curve"],
+    )
+
+
+def test_finetune_flags_are_checked():
+    with pytest.raises(ValueError, match="--finetune-epochs must be at least 0"):
+        StudyConfig(finetune_epochs=-1).check()
+    with pytest.raises(ValueError, match="needs --protocol converged"):
+        StudyConfig(finetune_epochs=2, protocol="fixed-steps").check()
+    with pytest.raises(ValueError, match="separate recipes"):
+        StudyConfig(finetune_epochs=2, filter_threshold=0.5).check()
+    assert StudyConfig(synthetic_ratio=2, finetune_epochs=5).recipe == "2x+ft5"
+    assert augment_study.run_name("real", StudyConfig(finetune_epochs=5), 0.1, 0) == "real-ft5-0.1-seed0"
+    assert augment_study.run_name("real", StudyConfig(), 0.1, 0) == "real-0.1-seed0"
+    assert augment_study.row_label("real", "real+ft5") == "real (ft5)"

@@ -9,6 +9,9 @@ classifier is trained on
                   (seed, f) gives at least that probability of their class (a classifier trained on R_f alone)
   synthetic       as many synthetic images as R_f has (R_f's proportions, or equal per class with `balance`)
 and scored once on the real test split (accuracy, macro-F1, class-wise precision/recall/F1, confusion).
+With `finetune_epochs` K (converged only), every setting's classifier, real only too (its control), then
+trains K more epochs on R_f's real images alone, from its chosen weights at a tenth of the learning rate
+(synthetic pre-training, real fine-tuning), and val chooses again among the base's choice and those epochs.
 
 Two protocols:
   converged    (default) a fixed number of epochs over the real images (synthetic images ride along in
@@ -91,11 +94,14 @@ CLASSIFIERS = {
     "resnet18": {"arch": "resnet18"},
 }
 # What a resumed study may change: the recipe of its real+synthetic runs (each recipe's runs are kept apart).
-RECIPE_KEYS = ("synthetic_ratio", "balance", "filter_threshold", "synthetic_weight")
+RECIPE_KEYS = ("synthetic_ratio", "balance", "filter_threshold", "synthetic_weight", "finetune_epochs")
 # ... and its fractions and seeds: a costly recipe may run on the cheap fractions only, a later session may add
 # seeds or fractions (their real runs first). Cells are compared on the seeds they share (paired_change).
 SUBSET_KEYS = ("fractions", "seeds")
 FILTER_OVERSAMPLE = 1.5  # a filtered recipe's pool holds this many candidates per image it needs
+FINETUNE_LR_FACTOR = 0.1  # --finetune-epochs: the fine-tune's peak learning rate, as a share of the study's
+FINETUNE_FOLDER = "finetune"  # runs/<name>/finetune/: the fine-tune's checkpoints and model (the base's: runs/<name>)
+BASE_RECORD = "base.json"  # runs/<name>/base.json: the base classifier's record, so a resumed study keeps it
 # Train-script flags the study sets for a per-fraction generator: its data (R_f), budget and folder.
 STUDY_FLAGS = (
     "--output-dir",
@@ -122,6 +128,7 @@ class StudyConfig:
     balance: bool = False
     filter_threshold: float = 0.0  # 0: no filter
     synthetic_weight: float = 1.0  # real+synthetic: the loss weight of a synthetic image (a real one's is 1)
+    finetune_epochs: int = 0  # converged: then this many epochs on R_f's real images alone (every setting)
     # how every classifier is trained
     protocol: str = "converged"
     classifier: str = "bloodnet"
@@ -155,13 +162,27 @@ class StudyConfig:
             raise UsageError(f"--synthetic-weight must be in (0, 1], got {self.synthetic_weight}")
         if self.filter_threshold and "real" not in self.settings:
             raise UsageError("--filter-threshold filters with the real-only classifiers: keep 'real' in --settings")
+        if self.finetune_epochs < 0:
+            raise UsageError(f"--finetune-epochs must be at least 0 (0: no fine-tune), got {self.finetune_epochs}")
+        if self.finetune_epochs and self.protocol != "converged":
+            raise UsageError("--finetune-epochs needs --protocol converged: its epoch is chosen on the val split")
+        if self.finetune_epochs and self.filter_threshold:
+            raise UsageError("--finetune-epochs and --filter-threshold are separate recipes: pass one of them")
 
     @property
     def recipe(self) -> str:
         """The recipe's name, part of its runs' names: '1x', '0.5x', 'balance', '2x+filter0.9'."""
         name = "balance" if self.balance else f"{self.synthetic_ratio:g}x"
         name += f"+filter{self.filter_threshold:g}" if self.filter_threshold else ""
-        return name + (f"+w{self.synthetic_weight:g}" if self.synthetic_weight != 1 else "")
+        name += f"+w{self.synthetic_weight:g}" if self.synthetic_weight != 1 else ""
+        return name + (f"+ft{self.finetune_epochs}" if self.finetune_epochs else "")
+
+    def run_recipe(self, setting: str) -> str:
+        """The recipe a run of `setting` records: 'real' for real only (one run serves every recipe), or
+        'real+ft5' when fine-tuned (the control of a fine-tuned recipe); the recipe for the other settings."""
+        if setting != "real":
+            return self.recipe
+        return f"real+ft{self.finetune_epochs}" if self.finetune_epochs else "real"
 
     def classifier_options(self) -> BloodNetOptions:
         """BloodNetTask's options: the architecture and the optimiser every study classifier shares."""
@@ -363,13 +384,17 @@ def train_classifier(
     num_real: int | None = None,
     weights: np.ndarray | None = None,
     resume: bool = False,
+    epochs: int | None = None,
+    lr: float | None = None,
+    init_from: Path | None = None,
 ):
     """One classifier through the shared loop, with flips + transposes and no trackers.
 
     converged: `config.epochs` passes over the images (batch by `num_real`, the real images among them),
     the best val epoch kept, with a checkpoint at every val evaluation, from which `resume` continues a
     stopped classifier exactly (a ResNet-18 on the whole split takes an hour). fixed-steps: `config.steps`
-    optimizer steps, the last weights kept. `weights`: each image's loss weight.
+    optimizer steps, the last weights kept. `weights`: each image's loss weight. `epochs`, `lr` and
+    `init_from` (a saved classifier's weights to start from) replace the study's for a fine-tune.
     Returns (classifier in eval mode, its BloodNetTask: the val curve and the chosen epoch)."""
     from accelerate.utils import set_seed
 
@@ -377,9 +402,9 @@ def train_classifier(
     num_real = len(labels) if num_real is None else num_real
     batch = config.classifier_batch(len(labels), num_real)
     steps = None if converged else config.steps
-    epochs = config.epochs_for(num_real)
+    epochs = epochs or config.epochs_for(num_real)
     every = config.epochs_per_evaluation(epochs)  # converged: score val after every `every` epochs
-    options = replace(config.classifier_options(), epochs_per_evaluation=every)
+    options = replace(config.classifier_options(), epochs_per_evaluation=every, lr=lr or config.lr)
     evaluation_steps = every * (len(labels) // batch)
     train_config = TrainConfig(
         output_dir=str(folder),
@@ -397,6 +422,7 @@ def train_classifier(
         sample_every=evaluation_steps if converged else config.steps,
         log_every=20 if converged else max(1, config.steps // 10),
         log_with="none",
+        init_from=None if init_from is None else str(init_from),
         extra=options,
     )
     accelerator = make_accelerator(train_config)
@@ -516,29 +542,38 @@ def run_study(
             if setting == "real+synthetic" and config.synthetic_weight != 1:
                 weights = np.r_[np.ones(num_real), np.full(len(labels) - num_real, config.synthetic_weight)]
             log(f"== {name}: {num_real} real + {int(counts.sum())} synthetic")
-            earlier = stopped_classifier(out / "runs" / name) if resume and not done.exists() else None
-            if earlier:
-                log(f"   continuing its classifier from the checkpoint at step {earlier['step']}")
-            cpu, wall = time.process_time(), time.time()
-            classifier, task = train_classifier(
-                images,
-                labels,
-                holdout,
-                config,
-                seed,
-                out / "runs" / name,
-                names,
-                num_real or len(labels),
-                weights,
-                resume=earlier is not None,
-            )
-            cpu, wall = time.process_time() - cpu, time.time() - wall
+            folder = out / "runs" / name
+            record = base_done = finished_base(folder, config, resume and not done.exists())
+            if base_done is None:
+                earlier = stopped_classifier(folder) if resume and not done.exists() else None
+                if earlier:
+                    log(f"   continuing its classifier from the checkpoint at step {earlier['step']}")
+                cpu, wall = time.process_time(), time.time()
+                classifier, task = train_classifier(
+                    images,
+                    labels,
+                    holdout,
+                    config,
+                    seed,
+                    folder,
+                    names,
+                    num_real or len(labels),
+                    weights,
+                    resume=earlier is not None,
+                )
+                cpu, wall = time.process_time() - cpu, time.time() - wall
+                record = training_record(config, task, len(labels), num_real or len(labels), cpu, wall, earlier)
+            if config.finetune_epochs:
+                record = record_base(folder, record, classifier_scores(folder, test_images, test_labels), log)
+                subset_data = (train_images[subset], train_labels[subset])
+                fine_tune = (holdout, config, seed, folder, names, base_done is not None, log)
+                classifier, record = finetune_on_real(record, *subset_data, *fine_tune)
             predicted = predict(classifier, test_images, with_features=False)[1].argmax(axis=1)
             report = classification_report(test_labels, predicted, num_classes)
             log(f"   test accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}")
-            run = {"setting": setting, "recipe": "real" if setting == "real" else config.recipe}
+            run = {"setting": setting, "recipe": config.run_recipe(setting)}
             run.update(fraction=fraction, seed=seed, num_real=int(real_counts.sum()), num_synthetic=int(counts.sum()))
-            run.update(training_record(config, task, len(labels), num_real or len(labels), cpu, wall, earlier))
+            run.update(record)
             if accepted is not None:
                 run["filter_acceptance"] = filter_acceptance(pool, accepted, num_classes)
             write_json({**run, **report}, done)
@@ -589,9 +624,9 @@ def write_results(
 
 
 def run_name(setting: str, config: StudyConfig, fraction: float, seed: int) -> str:
-    """runs/<name>: real-0.1-seed0, real+synthetic-2x-0.1-seed0 (real runs serve every recipe)."""
-    recipe = "" if setting == "real" else f"-{config.recipe}"
-    return f"{setting}{recipe}-{fraction:g}-seed{seed}"
+    """runs/<name>: real-0.1-seed0, real+synthetic-2x-0.1-seed0 (real runs serve every recipe), real-ft5-0.1-seed0."""
+    recipe = config.run_recipe(setting).removeprefix("real").removeprefix("+")
+    return f"{setting}{'-' if recipe else ''}{recipe}-{fraction:g}-seed{seed}"
 
 
 def classifier_precision(config: StudyConfig) -> str:
@@ -620,6 +655,91 @@ def training_record(
     else:
         record.update(steps=config.steps)
     return {**record, "cpu_minutes": cpu / 60, "wall_minutes": wall / 60}
+
+
+def finished_base(folder: Path, config: StudyConfig, resume: bool) -> dict | None:
+    """--finetune-epochs: the record of the base classifier that an earlier session finished (its weights and
+    base.json both there), or None: it is trained (or continued) first."""
+    record = folder / BASE_RECORD
+    if not (config.finetune_epochs and resume and record.is_file() and (folder / "pipeline" / MODEL_FOLDER).is_dir()):
+        return None
+    return json.loads(record.read_text())
+
+
+def classifier_scores(folder: Path, images: np.ndarray, labels: np.ndarray) -> dict:
+    """Accuracy and macro-F1 of the classifier saved in `folder` (reported only: nothing is chosen on them)."""
+    logits = predict(load_classifier(folder / "pipeline" / MODEL_FOLDER), images, with_features=False)[1]
+    report = classification_report(labels, logits.argmax(1), logits.shape[1])
+    return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
+
+
+def record_base(folder: Path, record: dict, test: dict, log) -> dict:
+    """base.json: how the base classifier trained and what it scored on test before its fine-tune."""
+    record = {**record, "before_finetune": test}
+    write_json(record, folder / BASE_RECORD)
+    log(f"   before its fine-tune: test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}")
+    return record
+
+
+def finetune_on_real(
+    base: dict,
+    images: np.ndarray,
+    labels: np.ndarray,
+    holdout,
+    config: StudyConfig,
+    seed: int,
+    folder: Path,
+    class_names: tuple[str, ...],
+    resume: bool = False,
+    log=print,
+) -> tuple[torch.nn.Module, dict]:
+    """Synthetic pre-training, real fine-tuning (He et al., ICLR 2023): `finetune_epochs` more epochs on R_f's
+    real images alone, from the base classifier's chosen weights, at FINETUNE_LR_FACTOR of the learning rate. Val
+    chooses again, among the base's choice and every fine-tune epoch (ties keep the base), so a fine-tune that val
+    does not prefer is dropped. Returns the chosen classifier and the run's record: the base's curve up to its
+    choice continued by the fine-tune's, epochs counted from the start of the base. `resume` continues a stopped
+    fine-tune of the same base (a base trained again starts its fine-tune afresh)."""
+    run = folder / FINETUNE_FOLDER
+    earlier = stopped_classifier(run) if resume else None
+    log(f"   fine-tuning on the {len(labels)} real images for {config.finetune_epochs} epochs")
+    cpu, wall = time.process_time(), time.time()
+    model, task = train_classifier(
+        images,
+        labels,
+        holdout,
+        config,
+        seed,
+        run,
+        class_names,
+        resume=earlier is not None,
+        epochs=config.finetune_epochs,
+        lr=config.lr * FINETUNE_LR_FACTOR,
+        init_from=folder / "pipeline" / MODEL_FOLDER,
+    )
+    cpu = time.process_time() - cpu + (earlier or {}).get("cpu_seconds", 0.0)
+    start, key, best = base["chosen_epoch"], config.select_on, task.chosen()
+    kept = best[key] > base["val_at_chosen"][key]
+    if not kept:
+        model = load_classifier(folder / "pipeline" / MODEL_FOLDER)
+    curve = [e for e in base["val_curve"] if e["epoch"] <= start] + [
+        {**e, "epoch": start + e["epoch"]} for e in task.curve
+    ]
+    record = {**base, "epochs": base["epochs"] + config.finetune_epochs, "val_curve": curve}
+    record["chosen_epoch"] = start + best["epoch"] if kept else start
+    record["val_at_chosen"] = {**best, "epoch": start + best["epoch"]} if kept else base["val_at_chosen"]
+    record["cpu_minutes"] = base["cpu_minutes"] + cpu / 60
+    record["wall_minutes"] = base["wall_minutes"] + (time.time() - wall) / 60
+    record["finetune"] = {
+        "epochs": config.finetune_epochs,
+        "lr": config.lr * FINETUNE_LR_FACTOR,
+        "from_epoch": start,
+        "kept": kept,
+        "chosen_epoch": best["epoch"] if kept else 0,
+        "val_curve": task.curve,
+        "base_val_curve": base["val_curve"],
+        "cpu_minutes": cpu / 60,
+    }
+    return model.eval(), record
 
 
 def stopped_classifier(run: Path) -> dict | None:
@@ -787,8 +907,11 @@ def generator_record(plan: GeneratorPlan, pipeline: Path, provenance: dict) -> d
 
 
 def row_label(setting: str, recipe: str | None) -> str:
-    """A table row: 'real', 'synthetic' or 'real+synthetic (2x)'; runs from before recipes count as 1x."""
-    return setting if setting == "real" else f"{setting} ({recipe or '1x'})"
+    """A table row: 'real', 'real (ft5)', 'synthetic (1x)' or 'real+synthetic (2x)'; runs from before recipes
+    count as 1x."""
+    if setting == "real":
+        return f"real ({recipe.removeprefix('real+')})" if (recipe or "").startswith("real+") else "real"
+    return f"{setting} ({recipe or '1x'})"
 
 
 def summarize_study(runs: list[dict]) -> list[dict]:
@@ -869,7 +992,7 @@ def study_table(
                 continue
             text = f"{e[key]['mean']:.3f} ± {e[key]['std']:.3f}"
             change = paired_change(e, cell.get(("real", f)), key)
-            if e["setting"] == "real+synthetic" and change is not None:
+            if e["row"] != "real" and e["setting"] != "synthetic" and change is not None:
                 text += f" ({change:+.1f})"
             if len(e["seeds"]) < most_seeds:
                 text += f" [seeds {', '.join(map(str, sorted(e['seeds'])))}]"
