@@ -61,9 +61,9 @@ def load_pair(teacher: str, student: str) -> tuple[object, object, tuple[str, ..
     t, s = load_pipeline(teacher, "cpu"), load_pipeline(student, "cpu")
     if t.resolution != s.resolution:
         raise UsageError(f"the teacher makes {t.resolution} px images, the student {s.resolution} px")
-    names = pipeline_class_names(t)
-    if pipeline_class_names(s) != names:
-        raise UsageError(f"the teacher's classes {list(names)} are not the student's {list(pipeline_class_names(s))}")
+    names, theirs = pipeline_class_names(t), pipeline_class_names(s)
+    if theirs != names:
+        raise UsageError(f"the teacher's classes {list(names)} are not the student's {list(theirs)}")
     return t, s, names
 
 
@@ -99,12 +99,12 @@ def agreement(labels: np.ndarray, teacher: dict, student: dict, names: tuple[str
     return {"per_class": rows, "mean_over_classes": overall}
 
 
-def report_lines(args, teacher_steps: int, results: dict) -> list[str]:
+def report_lines(args, results: dict) -> list[str]:
     lines = [
         f"# Student against teacher: {args.student}",
         "",
-        f"Teacher `{args.teacher}` ({teacher_steps} steps, its defaults); {args.n_per_class} images per class, the "
-        "same labels and seeds in both. Command: `python benchmarks/student_agreement.py --teacher "
+        f"Teacher `{args.teacher}` ({results['teacher_steps']} steps, its defaults); {args.n_per_class} images per "
+        "class, the same labels and seeds in both. Command: `python benchmarks/student_agreement.py --teacher "
         f"{args.teacher} --student {args.student} --student-steps {','.join(map(str, results['steps']))} "
         f"--n-per-class {args.n_per_class} --seed {args.seed}"
         f"{' --bloodnet ' + args.bloodnet if args.bloodnet else ''} --out {args.out}`.",
@@ -181,7 +181,7 @@ def run(args) -> dict:
     picture = lost_picture(labels, teacher, students, names, worst)
     with atomic_path(args.out, is_dir=True, overwrite=args.overwrite) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        lines = report_lines(args, results["teacher_steps"], results)
+        lines = report_lines(args, results)
         if picture is not None:
             picture.save(tmp / "lost.png")
             lines += [f"![lost cells of {names[worst]}](lost.png)", ""]
