@@ -296,13 +296,17 @@ def absolute_paths(value) -> list[str]:
 
 
 def test_the_bundled_64_px_model_records_its_autoencoder_and_teacher_all_on_the_train_split():
-    """ldm-64 learnt from its teacher's latent pairs only (no adversarial term): the student, its teacher and
-    both autoencoder stages saw the 64 px train split alone, so augment-study may score it on the test split."""
+    """ldm-64 learnt from its teacher's latent pairs and, through its adversarial term, from real train-split images,
+    starting from an earlier student of the same teacher: the student, its start, its teacher and both autoencoder
+    stages saw the 64 px train split alone, so augment-study may score it on the test split."""
     provenance = read_model_index(bundled_models()["ldm-64"])["provenance"]
     assert (provenance["split"], provenance["resolution"], provenance["num_images"]) == ("train", 64, 11959)
-    assert "adversarial" not in provenance
+    assert provenance["adversarial"]["split"] == "train"
+    start = provenance["init_from"]
+    assert start["model"] == "experiments/runs/ldm-64-4k-fast-g4/pipeline" and start["provenance"]["split"] == "train"
     teacher = provenance["distilled_from"]
-    assert teacher["pairs"]["space"] == "latent" and teacher["pairs"]["guidance_scale"] == 3.0
+    assert start["provenance"]["distilled_from"]["pairs"] == teacher["pairs"]  # the same teacher's same pairs
+    assert teacher["pairs"]["space"] == "latent" and teacher["pairs"]["guidance_scale"] == 4.0
     assert teacher["pairs"]["guidance_interval"] == [0.0, 0.7]  # the teacher's defaults, set on val
     assert teacher["provenance"]["sampling_defaults"]["copied_from"] == "experiments/runs/ldm-64-4k/pipeline"
     for link in (provenance["autoencoder"], teacher["provenance"]["autoencoder"]):

@@ -32,8 +32,9 @@ later student reads the same files, refused if other weights drew them. The nois
 for pixels. The student UNet (the teacher's, copied) trains on them exactly as on pixels. `--adversarial-weight`
 decodes the one-step latent estimates through the teacher's frozen decoder, gradients passing through it, and
 scores the decoded images against real images at the teacher's image size (`--resolution 64` for 16x16 latents
-of a 4x autoencoder): one more decoder pass, forward and backward, per step. Consistency distillation needs a
-pixel teacher.
+of a 4x autoencoder): one more decoder pass, forward and backward, per step, which costs about ten times the rest of
+a step at 64 px on a CPU (`ldm-64`'s card): there it fine-tunes a finished student (`--init-from`). Consistency
+distillation needs a pixel teacher.
 
 Both save the teacher's pipeline class (an LDM teacher's: BloodLDMPipeline with its autoencoder, the same weights
 and latent scale): flow DPM-Solver++ (a plain Euler step at 1 step), guidance 1,

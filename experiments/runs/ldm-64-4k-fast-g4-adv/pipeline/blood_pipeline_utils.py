@@ -1,0 +1,1 @@
+../../../../pipelines/blood_pipeline_utils.py

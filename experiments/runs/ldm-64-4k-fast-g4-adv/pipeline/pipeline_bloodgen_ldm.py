@@ -1,0 +1,1 @@
+../../../../pipelines/pipeline_bloodgen_ldm.py
