@@ -28,7 +28,7 @@ import numpy as np
 from bloodgen_hf.errors import UsageError
 from bloodgen_hf.io import atomic_path, labelled_class_grid
 from bloodgen_hf.registry import ModelLoadError, load_pipeline
-from bloodgen_hf.sampling import configure_sampling, generate, model_labels, pipeline_class_names
+from bloodgen_hf.sampling import check_output, configure_sampling, generate, model_labels, pipeline_class_names
 
 SHOWN = 8  # lost cells in the picture
 
@@ -80,7 +80,8 @@ def unit_rows(features: np.ndarray) -> np.ndarray:
 
 def agreement(labels: np.ndarray, teacher: dict, student: dict, names: tuple[str, ...]) -> dict:
     """Per class and overall: recognised shares, lost/gained shares, and the same-seed against other-seed
-    feature distance (class c's images in plan order; 'other seed' pairs image k with image k+1 of its class)."""
+    feature distance (class c's images in plan order; 'other seed' pairs image k with image k-1 of its class,
+    cyclically)."""
     t_ok, s_ok = teacher["pred"] == labels, student["pred"] == labels
     same = np.linalg.norm(teacher["features"] - student["features"], axis=1)
     rows = {}
@@ -146,8 +147,7 @@ def lost_picture(labels, teacher: dict, students: dict, names: tuple[str, ...], 
 def run(args) -> dict:
     from bloodgen_hf.evaluation.features import BloodNetExtractor
 
-    if args.out.exists() and not args.overwrite:
-        raise UsageError(f"{args.out} exists; pass --overwrite to replace it")
+    check_output(args.out, args.overwrite)  # before the sampling, not after it
     teacher_pipe, student_pipe, names = load_pair(args.teacher, args.student)
     bloodnet = BloodNetExtractor.load(args.bloodnet, resolution=teacher_pipe.resolution)
     if tuple(bloodnet.class_names) != names:
